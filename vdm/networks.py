@@ -24,9 +24,15 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-def _group_norm(channels: int, dtype: Dtype) -> nn.GroupNorm:
-  # 32 groups as in the paper; fewer when a tiny test model has fewer channels.
-  return nn.GroupNorm(num_groups=math.gcd(32, channels), dtype=dtype)
+def _num_groups(channels: int) -> int:
+  # 32 groups as in the paper (128 channels: 4 per group). Narrow models keep
+  # at least 4 channels per group: with one channel per group the norm would
+  # subtract the per-channel conditioning offset entirely.
+  return math.gcd(32, max(channels // 4, 1))
+
+
+def _group_norm(channels: int, dtype: Dtype, name: Optional[str] = None) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=_num_groups(channels), dtype=dtype, name=name)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
@@ -168,7 +174,7 @@ class ScoreUNet(nn.Module):
     skips = jnp.concatenate([skips[0][None], down])[::-1]  # [N + 1, B, H, W, C]
     h, _ = self._stack("up", h, skips, cond, deterministic)
 
-    h = nn.swish(nn.GroupNorm(math.gcd(32, self.channels), dtype=self.dtype, name="norm_out")(h))
+    h = nn.swish(_group_norm(self.channels, self.dtype, "norm_out")(h))
     out = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
                   name="conv_out")(h)
     return z.astype(jnp.float32) + out.astype(jnp.float32)

@@ -1,0 +1,108 @@
+"""The VDM loss at initialisation against its closed form; gradients; time sampling."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from vdm import losses, model, networks, schedules
+
+
+def _vdm(schedule="fixed_linear", **kw):
+  net = networks.ScoreUNet(channels=16, num_blocks=1, dropout=0.0, fourier_exponents=())
+  return model.VDM(schedules.get_schedule(schedule, -13.3, 5.0), net, **kw)
+
+
+def _expected_loss_at_init(x, gamma_min=-13.3, gamma_max=5.0, vocab_size=256):
+  """E[loss] in nats when ε̂ = z_t, fixed linear γ, by float64 quadrature.
+
+  E_ε ‖ε − z_t‖² = Σ_d (1 − σ_t)² + α_t² f_d², so the diffusion term is
+  ½ ∫ γ' Σ_d [(1 − σ_t)² + α_t² f_d²] dt.
+  """
+  f = 2 * (x.astype(np.float64) + 0.5) / vocab_size - 1
+  t = (np.arange(100_000) + 0.5) / 100_000
+  g = gamma_min + (gamma_max - gamma_min) * t
+  alpha_sq, sigma = 1 / (1 + np.exp(g)), np.sqrt(1 / (1 + np.exp(-g)))
+  per_t = (1 - sigma)[:, None] ** 2 + alpha_sq[:, None] * (f.reshape(len(f), -1) ** 2).mean(0)
+  diff = 0.5 * (gamma_max - gamma_min) * f[0].size * per_t.mean(0).mean()
+  return diff
+
+
+def test_loss_at_init_matches_closed_form():
+  x = jax.random.randint(jax.random.key(0), (16, 8, 8, 1), 0, 256)
+  vdm = _vdm()
+  params = jax.jit(vdm.init)(jax.random.key(1), x, jax.random.key(2))
+  run = jax.jit(lambda k: vdm.apply(params, x, k))
+  draws = [run(jax.random.key(i)) for i in range(40)]
+  diff = np.concatenate([d["loss_diff"] for d in draws])
+  expected = _expected_loss_at_init(np.asarray(x))
+  assert abs(diff.mean() - expected) < 4 * diff.std() / np.sqrt(len(diff))
+  # The whole bound: reconstruction and prior are exact given eps_0.
+  out = draws[0]
+  np.testing.assert_allclose(out["loss_prior"], losses.prior_loss(x, 5.0), rtol=1e-5)
+  np.testing.assert_allclose(out["loss"], out["loss_recon"] + out["loss_prior"] + out["loss_diff"],
+                             rtol=1e-6)
+  assert out["loss"].shape == (16,)
+  bpd = float(losses.bits_per_dim(out["loss"], 64).mean())
+  print(f"bpd at init: {bpd:.3f} (diffusion closed form {expected / 64 / np.log(2):.3f})")
+
+
+@pytest.mark.parametrize("schedule,num_steps,decoder", [
+    ("learned_linear", 0, "softmax"), ("monotone_net", 10, "cdf"), ("monotone_net", 0, "softmax")])
+def test_gradients_are_finite_and_reach_every_parameter(schedule, num_steps, decoder):
+  x = jax.random.randint(jax.random.key(0), (4, 8, 8, 3), 0, 256)
+  vdm = model.VDM(schedules.get_schedule(schedule, -13.3, 5.0, **({"hidden": 8} if schedule == "monotone_net" else {})),
+                  networks.ScoreUNet(channels=16, num_blocks=1, dropout=0.1, fourier_exponents=(6,)),
+                  num_steps=num_steps, decoder=decoder)
+  params = jax.jit(vdm.init)(jax.random.key(1), x, jax.random.key(2))["params"]
+  loss = lambda p: vdm.apply({"params": p}, x, jax.random.key(3), train=True,  # noqa: E731
+                             rngs={"dropout": jax.random.key(4)})["loss"].mean()
+  grads = jax.jit(jax.grad(loss))(params)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert bool(jnp.all(jnp.isfinite(g))), path
+  assert float(grads["schedule"]["gamma_min"]) != 0 and float(grads["schedule"]["gamma_max"]) != 0
+  assert float(jnp.abs(grads["network"]["conv_out"]["kernel"]).max()) > 0
+
+
+def test_continuous_loss_expectation_depends_only_on_endpoints():
+  """Paper §5: for ε̂ = z_t the expected T=∞ loss is the same for any γ shape with the same ends."""
+  x = jax.random.randint(jax.random.key(0), (8, 4, 4, 1), 0, 256)
+  results = {}
+  for name in ["fixed_linear", "cosine"]:
+    vdm = _vdm(name)
+    params = jax.jit(vdm.init)(jax.random.key(1), x, jax.random.key(2))
+    run = jax.jit(lambda k: vdm.apply(params, x, k)["loss_diff"])
+    d = np.concatenate([run(jax.random.key(i)) for i in range(200)])
+    results[name] = (d.mean(), d.std() / np.sqrt(len(d)))
+  (m1, s1), (m2, s2) = results.values()
+  assert abs(m1 - m2) < 4 * np.hypot(s1, s2)
+
+
+def test_antithetic_times_cover_the_unit_interval_evenly():
+  t = np.sort(np.asarray(model.sample_times(jax.random.key(0), 64, antithetic=True)))
+  np.testing.assert_allclose(np.diff(t), 1 / 64, atol=1e-6)
+  assert 0 <= t.min() < 1 / 64 and t.max() < 1
+  firsts = np.array([model.sample_times(jax.random.key(i), 4)[0] for i in range(2000)])
+  assert abs(firsts.mean() - 0.5) < 4 * np.sqrt(1 / 12 / 2000)  # each t is still uniform
+  plain = model.sample_times(jax.random.key(0), 64, antithetic=False)
+  assert plain.shape == (64,) and float(jnp.diff(jnp.sort(plain)).std()) > 1e-3
+
+
+def test_discrete_time_uses_grid_times():
+  x = jax.random.randint(jax.random.key(0), (4, 4, 4, 1), 0, 256)
+  vdm = _vdm(num_steps=1)
+  params = jax.jit(vdm.init)(jax.random.key(1), x, jax.random.key(2))
+  # T = 1: t = 1, s = 0 always; the weight is ½ T expm1(γ_max − γ_min).
+  out = jax.jit(vdm.apply)(params, x, jax.random.key(3))
+  key_eps = jax.random.split(jax.random.key(3), 3)[1]
+  eps = jax.random.normal(key_eps, x.shape)
+  g1 = 5.0
+  z = np.sqrt(1 / (1 + np.exp(g1))) * losses.encode(x) + np.sqrt(1 / (1 + np.exp(-g1))) * eps
+  want = 0.5 * np.expm1(18.3) * ((eps - z) ** 2).reshape(4, -1).sum(1)
+  np.testing.assert_allclose(out["loss_diff"], want, rtol=1e-4)
+
+
+def test_unknown_decoder_is_refused():
+  vdm = _vdm(decoder="nope")
+  with pytest.raises(ValueError, match="unknown decoder 'nope'"):
+    jax.jit(vdm.init)(jax.random.key(0), jnp.zeros((1, 4, 4, 1), jnp.int32), jax.random.key(1))
