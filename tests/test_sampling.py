@@ -1,0 +1,145 @@
+"""Reverse steps against the Gaussian posterior; whole samplers on toy data."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from vdm import losses, sampling
+
+
+def _sig(g):
+  return 1 / (1 + np.exp(-g))
+
+
+def _posterior(x, z_t, g_t, g_s):
+  """Mean and variance of q(z_s│z_t, x), float64 (paper eq. 6)."""
+  a_t, a_s = np.sqrt(_sig(-g_t)), np.sqrt(_sig(-g_s))
+  s2_t, s2_s = _sig(g_t), _sig(g_s)
+  a_ts = a_t / a_s
+  s2_ts = s2_t - a_ts**2 * s2_s
+  mean = a_ts * s2_s / s2_t * z_t + a_s * s2_ts / s2_t * x
+  return mean, s2_ts * s2_s / s2_t
+
+
+@pytest.mark.parametrize("g_t,g_s", [(5.0, 4.0), (-2.0, -3.5), (-12.0, -13.3), (0.0, -13.3)])
+def test_ancestral_step_is_the_posterior_given_the_true_noise(g_t, g_s):
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (2, 4, 4, 3))
+  eps = rng.standard_normal(x.shape)
+  z_t = np.sqrt(_sig(-g_t)) * x + np.sqrt(_sig(g_t)) * eps
+  mean, var = _posterior(x, z_t, g_t, g_s)
+  zero, one = np.zeros_like(x), np.ones_like(x)
+  got_mean = sampling.ancestral_step(z_t, eps, g_t, g_s, zero)
+  np.testing.assert_allclose(got_mean, mean, rtol=1e-4, atol=1e-5)
+  got_std = sampling.ancestral_step(z_t, eps, g_t, g_s, one) - got_mean
+  np.testing.assert_allclose(got_std, np.sqrt(var) * one, rtol=1e-3, atol=1e-6)
+  # DDIM with η = 1 has the same variance; η = 0 none.
+  ddim_1 = sampling.ddim_step(z_t, eps, g_t, g_s, 1.0, one) - sampling.ddim_step(z_t, eps, g_t, g_s, 1.0, zero)
+  np.testing.assert_allclose(ddim_1, np.sqrt(var) * one, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("g_t,g_s", [(5.0, 4.0), (-2.0, -3.5), (3.0, -13.3)])
+def test_ddim_step_with_the_true_noise_is_exact(g_t, g_s):
+  rng = np.random.default_rng(1)
+  x = rng.uniform(-1, 1, (3, 5))
+  eps = rng.standard_normal(x.shape)
+  z_t = np.sqrt(_sig(-g_t)) * x + np.sqrt(_sig(g_t)) * eps
+  want = np.sqrt(_sig(-g_s)) * x + np.sqrt(_sig(g_s)) * eps
+  np.testing.assert_allclose(sampling.ddim_step(z_t, eps, g_t, g_s), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(sampling.ddim_step(z_t, eps, g_t, g_s, 0.0, np.ones_like(x)), want,
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_steps_accept_per_example_gamma():
+  rng = np.random.default_rng(2)
+  z, e, n = rng.standard_normal((3, 2, 4, 4, 1))
+  g_t, g_s = np.array([1.0, -3.0]), np.array([0.0, -5.0])
+  batched = sampling.ancestral_step(z, e, g_t, g_s, n)
+  for i in range(2):
+    np.testing.assert_allclose(batched[i:i + 1], sampling.ancestral_step(z[i:i + 1], e[i:i + 1], g_t[i], g_s[i],
+                                                                         n[i:i + 1]), rtol=1e-6)
+
+
+def test_clip_eps_hat_bounds_x_hat_and_keeps_inner_predictions():
+  g = 1.0
+  a, s = np.sqrt(_sig(-g)), np.sqrt(_sig(g))
+  z = np.array([[3.0, 0.2]])
+  eps_hat = np.array([[-1.0, 0.1]])  # x̂ = (z − σ ε̂)/α: far outside, then inside
+  clipped = np.asarray(sampling.clip_eps_hat(z, eps_hat, g))
+  x_hat = (z - s * clipped) / a
+  np.testing.assert_allclose(x_hat[0, 0], 1.0, rtol=1e-5)
+  np.testing.assert_allclose(clipped[0, 1], eps_hat[0, 1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", ["softmax", "cdf"])
+def test_decode_recovers_the_data_at_low_noise(decoder):
+  x = jax.random.randint(jax.random.key(0), (2, 6, 6, 3), 0, 256)
+  g0 = -13.3
+  z0 = np.sqrt(_sig(-g0)) * losses.encode(x) + 0.5 * np.sqrt(_sig(g0)) * jax.random.normal(jax.random.key(1), x.shape)
+  np.testing.assert_array_equal(sampling.decode(z0, g0, 256, decoder), x)
+  drawn = sampling.decode(z0, g0, 256, decoder, key=jax.random.key(2))
+  assert drawn.dtype == jnp.int32 and float(jnp.mean(drawn == x)) > 0.9
+
+
+def _gamma_fn(t):
+  return -13.3 + 18.3 * t
+
+
+def _oracle(points, weights=None):
+  """The exact ε̂ for data that are a mixture of point masses ``points`` [K, D]."""
+  log_w = jnp.log(jnp.full(len(points), 1 / len(points)) if weights is None else jnp.asarray(weights))
+
+  def eps_fn(z, gamma):
+    alpha = jnp.sqrt(jax.nn.sigmoid(-gamma))[:, None]
+    sigma_sq = jax.nn.sigmoid(gamma)[:, None]
+    d = -0.5 * jnp.sum(jnp.square(z[:, None, :] - alpha[..., None] * points), -1) / sigma_sq
+    post = jax.nn.softmax(d + log_w, axis=-1)  # [B, K]
+    x_mean = post @ points
+    return (z - alpha * x_mean) / jnp.sqrt(sigma_sq)
+
+  return eps_fn
+
+
+@pytest.mark.parametrize("sampler,eta", [("ancestral", 1.0), ("ddim", 0.0), ("ddim", 0.5)])
+def test_samplers_with_the_oracle_land_on_a_single_point(sampler, eta):
+  point = losses.encode(jnp.array([[3, 128, 250, 77]]))
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(16))
+  z_1 = jax.random.normal(jax.random.key(1), (16, 4))
+  run = jax.jit(lambda z: sampling.sample_loop(_oracle(point), _gamma_fn, z, keys, 50, sampler=sampler, eta=eta))
+  z_0 = run(z_1)
+  images = sampling.decode(z_0, _gamma_fn(0.0), 256)
+  np.testing.assert_array_equal(images, jnp.broadcast_to(jnp.array([3, 128, 250, 77]), (16, 4)))
+
+
+@pytest.mark.parametrize("sampler,eta", [("ancestral", 1.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_samplers_with_the_oracle_recover_a_two_point_distribution(sampler, eta):
+  values = jnp.array([[10, 200, 30], [240, 5, 100]])
+  points = losses.encode(values)
+  n = 1000
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(n))
+  z_1 = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 10_000), (3,)))(keys)
+  z_0 = jax.jit(lambda z: sampling.sample_loop(_oracle(points, [0.3, 0.7]), _gamma_fn, z, keys, 100,
+                                               sampler=sampler, eta=eta))(z_1)
+  images = np.asarray(sampling.decode(z_0, _gamma_fn(0.0), 256))
+  is_first = (images == np.asarray(values[0])).all(1)
+  is_second = (images == np.asarray(values[1])).all(1)
+  # z_0 keeps σ_0 ≈ 1.3e-3 of noise, 1/3 of a bin: ~0.3% of values decode to a neighbour.
+  assert (is_first | is_second).mean() > 0.97
+  assert abs(is_first.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / n)
+
+
+def test_ddim_eta_zero_is_deterministic_given_z1_and_the_keys_matter_otherwise():
+  point = losses.encode(jnp.array([[3, 128], [200, 1]]))
+  z_1 = jax.random.normal(jax.random.key(1), (4, 2))
+  run = lambda keys, sampler, eta: sampling.sample_loop(_oracle(point), _gamma_fn, z_1, keys, 20,  # noqa: E731
+                                                        sampler=sampler, eta=eta)
+  k1 = jax.random.split(jax.random.key(0), 4)
+  k2 = jax.random.split(jax.random.key(7), 4)
+  np.testing.assert_array_equal(run(k1, "ddim", 0.0), run(k2, "ddim", 0.0))
+  assert float(jnp.abs(run(k1, "ancestral", 1.0) - run(k2, "ancestral", 1.0)).max()) > 1e-4
+
+
+def test_unknown_sampler_is_refused():
+  with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+    sampling.sample_loop(None, None, jnp.zeros((1, 2)), None, 10, sampler="euler")
