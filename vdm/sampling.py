@@ -12,10 +12,13 @@ Steps go from t to s < t on the grid ``1 = t_N > … > t_0 = 0``. With
 α² and σ² always come from ``sigmoid(∓γ)``, never ``1 − …``.
 """
 
+import functools
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import tqdm
 from jax.typing import ArrayLike
 
 from vdm import losses
@@ -140,3 +143,54 @@ def sample_loop(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
     return ddim_step(z_t, eps_hat, gamma_t, gamma_s, eta, noise)
 
   return jax.lax.fori_loop(0, num_steps, body, z_1)
+
+
+def _sample_batch(model, params, sample_keys, image_shape, num_steps, sampler, eta, clip_denoised,
+                  decode_draw):
+  keys = jax.vmap(jax.random.split)(sample_keys)  # [B, 2]
+  z_keys, step_keys = keys[:, 0], keys[:, 1]
+  z_1 = jax.vmap(lambda k: jax.random.normal(k, image_shape))(z_keys)
+  variables = {"params": params}
+  eps_fn = lambda z, g: model.apply(variables, z, g, method=model.eps_hat)  # noqa: E731
+  gamma_fn = lambda t: model.apply(variables, t, method=model.gamma)  # noqa: E731
+  z_0 = sample_loop(eps_fn, gamma_fn, z_1, step_keys, num_steps, sampler=sampler, eta=eta,
+                    clip_denoised=clip_denoised)
+  gamma_0 = gamma_fn(jnp.zeros((1,)))[0]
+  if decode_draw:  # step 0 is never used inside the loop: its key is free
+    draw = lambda z, k: decode(z[None], gamma_0, model.vocab_size, model.decoder,  # noqa: E731
+                               key=jax.random.fold_in(k, 0))[0]
+    images = jax.vmap(draw)(z_0, step_keys)
+  else:
+    images = decode(z_0, gamma_0, model.vocab_size, model.decoder)
+  return images, z_0
+
+
+def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple, *,
+             num_steps: int = 1000, sampler: str = "ancestral", eta: float = 1.0,
+             clip_denoised: bool = False, decode_draw: bool = False,
+             batch_size: Optional[int] = None, progress: bool = False):
+  """Draws ``num_samples`` images from a VDM, ``batch_size`` at a time.
+
+  Sample k depends only on (key, k): its key is ``fold_in(key, k)``, so the
+  images do not change with the batch size.
+
+  Args:
+    model: a :class:`vdm.model.VDM`; params: its parameters (the EMA ones).
+    image_shape: ``(H, W, C)``.
+    num_steps, sampler, eta, clip_denoised: see :func:`sample_loop`.
+    decode_draw: draw the image from the decoder at t = 0 instead of its argmax.
+  Returns:
+    ``(images, z_0)``: int32 ``[N, H, W, C]`` and float32 latents.
+  """
+  batch_size = min(batch_size or num_samples, num_samples)
+  run = jax.jit(functools.partial(_sample_batch, model, image_shape=tuple(image_shape),
+                                  num_steps=num_steps, sampler=sampler, eta=eta,
+                                  clip_denoised=clip_denoised, decode_draw=decode_draw))
+  images, latents = [], []
+  for start in tqdm.trange(0, num_samples, batch_size, desc="sample", disable=not progress, leave=False):
+    idx = jnp.arange(start, start + batch_size)  # the last batch is padded, then cut
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+    batch_images, batch_z = jax.device_get(run(params, keys))
+    images.append(batch_images)
+    latents.append(batch_z)
+  return np.concatenate(images)[:num_samples], np.concatenate(latents)[:num_samples]

@@ -1,0 +1,65 @@
+"""The base config: every field defined once, with its meaning and units.
+
+Experiment configs import :func:`get_config` and change only what differs.
+Any field can be overridden from the shell, e.g.
+``python train.py --config=configs/mnist.py --config.training.num_steps=1000``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # seeds parameter init, data order and all training noise
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = "mnist5k"  # "mnist5k" (embedded) or "npz:/path/file.npz"
+  config.data.data_dir = ""  # root for datasets that need one ("" = default)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.vocab_size = 256  # values per dimension (256 for 8-bit images)
+  config.model.schedule = "learned_linear"  # fixed_linear|learned_linear|monotone_net|linear_beta|cosine
+  config.model.gamma_min = -13.3  # γ(0) (initial value, if learned): log SNR⁻¹ at t = 0
+  config.model.gamma_max = 5.0  # γ(1) (initial value, if learned)
+  config.model.schedule_hidden = 1024  # hidden units of the monotone_net schedule
+  config.model.num_diffusion_steps = 0  # T of the discrete-time loss; 0 = continuous time
+  config.model.antithetic_time_sampling = True  # low-discrepancy t over the batch
+  config.model.decoder = "softmax"  # "softmax" (the paper's) or "cdf" (binned Gaussian)
+  config.model.channels = 128  # width of every U-Net block
+  config.model.num_blocks = 32  # ResNet blocks going down (up has one more)
+  config.model.dropout = 0.1  # dropout rate in the blocks
+  config.model.attention_everywhere = False  # self-attention after every block
+  config.model.fourier_exponents = (6, 7)  # base-2 exponents of Fourier features; () = none
+  config.model.scan_blocks = True  # compile identical blocks once (nn.scan)
+  config.model.remat = False  # recompute activations in the backward pass
+  config.model.dtype = "float32"  # network compute dtype: float32 or bfloat16
+
+  config.training = ml_collections.ConfigDict()
+  config.training.num_steps = 10_000_000  # optimiser steps in total
+  config.training.batch_size = 128  # global batch, all devices together
+  config.training.steps_per_call = 1  # steps per jitted call (lax.scan); divides the intervals below
+  config.training.log_every = 100  # steps between metric writes
+  config.training.eval_every = 10_000  # steps between evaluations + sample grids; 0 = never
+  config.training.checkpoint_every = 10_000  # steps between checkpoints
+  config.training.checkpoints_to_keep = 3  # older checkpoints are deleted
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 2e-4  # peak learning rate
+  config.optimizer.b1 = 0.9  # Adam β1
+  config.optimizer.b2 = 0.99  # Adam β2
+  config.optimizer.eps = 1e-8  # Adam ε
+  config.optimizer.weight_decay = 0.01  # AdamW decay; not applied to biases or norm scales
+  config.optimizer.warmup_steps = 100  # linear warm-up from 0 to the peak rate
+  config.optimizer.decay = "constant"  # after warm-up: constant|cosine|linear (to 0 at num_steps)
+  config.optimizer.grad_clip_norm = 0.0  # global-norm clipping; 0 = off
+  config.optimizer.ema_rate = 0.9999  # EMA decay of the evaluated params; 0 = EMA equals params
+  config.optimizer.ema_warmup = True  # decay min(rate, (1 + n)/(10 + n)) at step n
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.split = "test"  # split evaluated by --mode=eval and at the end of training
+  config.eval.batch_size = 256  # evaluation batch, all devices together
+  config.eval.draws = 1  # independent (t, ε) draws per example (R)
+  config.eval.periodic_examples = 0  # examples in periodic evals during training; 0 = all
+  config.eval.num_samples = 64  # images in each sample grid written during training
+  config.eval.sample_steps = 250  # ancestral steps for those samples
+  return config

@@ -1,0 +1,30 @@
+"""The embedded default: 5,000 real MNIST digits, trained on a CPU in minutes.
+
+    python train.py --config=configs/mnist.py --workdir=runs/mnist
+
+A small U-Net trained briefly; the EMA warms up (decay min(0.999, (1+n)/(10+n)))
+so its parameters are usable after a few hundred steps.
+"""
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.data.dataset = "mnist5k"
+  config.model.channels = 32
+  config.model.num_blocks = 2
+  config.model.dropout = 0.0
+  config.training.num_steps = 1000
+  config.training.batch_size = 32
+  config.training.log_every = 50
+  config.training.eval_every = 0
+  config.training.checkpoint_every = 250
+  config.optimizer.learning_rate = 2e-3
+  config.optimizer.warmup_steps = 50
+  config.optimizer.ema_rate = 0.999
+  config.eval.batch_size = 250
+  config.eval.draws = 4
+  config.eval.num_samples = 64
+  config.eval.sample_steps = 200
+  return config

@@ -1,0 +1,40 @@
+"""Train or evaluate a VDM.
+
+    python train.py --config=configs/mnist.py --workdir=runs/mnist
+    python train.py --config=configs/mnist.py --workdir=runs/mnist --mode=eval
+
+Running the same training command again resumes from the latest checkpoint.
+``--mode=eval`` prints one JSON object as the last line of stdout.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vdm import cli, training
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics, samples.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (then evaluate) or only evaluate.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Checkpoint to evaluate (default: latest in --workdir).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  with cli.user_errors():
+    if _MODE.value == "train":
+      record = training.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      record = training.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
+  print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
+  sys.exit(0)

@@ -1,0 +1,66 @@
+"""Orbax save/restore of everything needed to resume, plus the run's config.
+
+Each checkpoint ``<workdir>/checkpoints/<step>/`` holds the whole TrainState
+(step, params, EMA params, optimiser state, PRNG key) and the config as JSON,
+so it can be loaded alone. Orbax writes to a temporary folder and renames it
+when complete; half-written folders are never listed as checkpoints.
+"""
+
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def manager(directory: str, keep: Optional[int] = None, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "config"))
+
+
+def _to_saveable(state: Any) -> Any:
+  # Typed PRNG keys are stored as their raw uint32 data.
+  return state.replace(key=jax.random.key_data(state.key))
+
+
+def save(mngr: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict) -> None:
+  step = int(jax.device_get(state.step))
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(state)),
+                                          config=ocp.args.JsonSave(config.to_dict())), force=True)
+  mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, like: Any, step: Optional[int] = None) -> Any:
+  """Restores the state at ``step`` (default: latest) into the structure of ``like``."""
+  step = mngr.latest_step() if step is None else step
+  abstract = jax.eval_shape(_to_saveable, like)  # works for concrete and abstract ``like``
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  state = restored["state"]
+  return state.replace(key=jax.random.wrap_key_data(state.key))
+
+
+def restore_config(mngr: ocp.CheckpointManager, step: Optional[int] = None) -> ml_collections.ConfigDict:
+  step = mngr.latest_step() if step is None else step
+  restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return ml_collections.ConfigDict(restored["config"])
+
+
+def resolve(path: str) -> tuple[str, Optional[int]]:
+  """Maps a workdir, its checkpoints/ folder or one step's folder to (dir, step).
+
+  Raises FileNotFoundError with what was looked for when nothing is there.
+  """
+  path = os.path.abspath(path)
+  base = os.path.basename(path.rstrip("/"))
+  if base.isdigit() and os.path.isdir(path):
+    return os.path.dirname(path), int(base)
+  for candidate in (os.path.join(path, "checkpoints"), path):
+    if os.path.isdir(candidate) and any(d.isdigit() for d in os.listdir(candidate)):
+      return candidate, None
+  raise FileNotFoundError(f"no checkpoint under {path!r} (expected <workdir>/checkpoints/<step>/)")

@@ -1,0 +1,107 @@
+"""Config → objects, in one place: validation, the model, the optimiser.
+
+Every check names the field and what was expected, and runs before any
+compilation.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from vdm import model as model_lib
+from vdm import networks, schedules
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LR_DECAYS = ("constant", "cosine", "linear")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the library cannot use."""
+
+
+def _check(ok: bool, field: str, expected: str, value) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}: expected {expected}, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field that is out of range."""
+  m, tr, opt, ev = config.model, config.training, config.optimizer, config.eval
+  _check(m.schedule in schedules.SCHEDULES, "model.schedule", f"one of {tuple(schedules.SCHEDULES)}",
+         m.schedule)
+  _check(m.gamma_min < m.gamma_max, "model.gamma_min", f"< model.gamma_max ({m.gamma_max})", m.gamma_min)
+  _check(m.decoder in model_lib.DECODERS, "model.decoder", f"one of {model_lib.DECODERS}", m.decoder)
+  _check(m.dtype in DTYPES, "model.dtype", f"one of {tuple(DTYPES)}", m.dtype)
+  _check(m.vocab_size >= 2, "model.vocab_size", "an integer ≥ 2", m.vocab_size)
+  _check(m.num_diffusion_steps >= 0, "model.num_diffusion_steps", "≥ 0 (0 = continuous time)",
+         m.num_diffusion_steps)
+  for field in ("channels", "num_blocks", "schedule_hidden"):
+    _check(m[field] >= 1, f"model.{field}", "a positive integer", m[field])
+  _check(0.0 <= m.dropout < 1.0, "model.dropout", "a rate in [0, 1)", m.dropout)
+  for field in ("num_steps", "batch_size", "steps_per_call", "log_every", "checkpoint_every",
+                "checkpoints_to_keep"):
+    _check(tr[field] >= 1, f"training.{field}", "a positive integer", tr[field])
+  _check(tr.eval_every >= 0, "training.eval_every", "≥ 0 (0 = never)", tr.eval_every)
+  for field in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
+    _check(tr[field] % tr.steps_per_call == 0, f"training.{field}",
+           f"a multiple of training.steps_per_call ({tr.steps_per_call})", tr[field])
+  _check(opt.learning_rate > 0, "optimizer.learning_rate", "> 0", opt.learning_rate)
+  _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", "≥ 0", opt.warmup_steps)
+  _check(opt.decay in LR_DECAYS, "optimizer.decay", f"one of {LR_DECAYS}", opt.decay)
+  _check(opt.weight_decay >= 0, "optimizer.weight_decay", "≥ 0", opt.weight_decay)
+  _check(opt.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "≥ 0 (0 = off)", opt.grad_clip_norm)
+  _check(0.0 <= opt.ema_rate < 1.0, "optimizer.ema_rate", "a decay in [0, 1)", opt.ema_rate)
+  _check(ev.batch_size >= 1, "eval.batch_size", "a positive integer", ev.batch_size)
+  _check(ev.draws >= 1, "eval.draws", "a positive integer", ev.draws)
+  _check(ev.num_samples >= 0, "eval.num_samples", "≥ 0", ev.num_samples)
+  _check(ev.sample_steps >= 1, "eval.sample_steps", "a positive integer", ev.sample_steps)
+
+
+def build_model(config: ml_collections.ConfigDict) -> model_lib.VDM:
+  """The VDM of ``config.model``."""
+  m = config.model
+  extra = {"hidden": m.schedule_hidden} if m.schedule == "monotone_net" else {}
+  schedule = schedules.get_schedule(m.schedule, m.gamma_min, m.gamma_max, **extra)
+  network = networks.ScoreUNet(
+      channels=m.channels, num_blocks=m.num_blocks, dropout=m.dropout,
+      attention_everywhere=m.attention_everywhere, fourier_exponents=tuple(m.fourier_exponents),
+      gamma_min=m.gamma_min, gamma_max=m.gamma_max, scan_blocks=m.scan_blocks, remat=m.remat,
+      dtype=DTYPES[m.dtype])
+  return model_lib.VDM(schedule, network, vocab_size=m.vocab_size,
+                       num_steps=m.num_diffusion_steps,
+                       antithetic_time_sampling=m.antithetic_time_sampling, decoder=m.decoder)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  opt, total = config.optimizer, config.training.num_steps
+  peak, warmup = opt.learning_rate, opt.warmup_steps
+  after = max(total - warmup, 1)
+  if opt.decay == "cosine":
+    decay = optax.cosine_decay_schedule(peak, after)
+  elif opt.decay == "linear":
+    decay = optax.linear_schedule(peak, 0.0, after)
+  else:
+    decay = optax.constant_schedule(peak)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on kernels only: not on biases, norm scales or γ endpoints."""
+  def decays(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return name in ("kernel", "embedding") and leaf.ndim >= 2
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with warm-up and decay in the chain, optional global-norm clipping."""
+  opt = config.optimizer
+  adamw = optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                      weight_decay=opt.weight_decay, mask=_decay_mask)
+  if opt.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw)
+  return adamw
+

@@ -1,0 +1,28 @@
+"""Image grids and PNG files."""
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def grid(images: np.ndarray, columns: int = 0, pad: int = 1) -> np.ndarray:
+  """Tiles uint8 images ``[N, H, W, C]`` into one ``[H', W', C]`` image."""
+  n, h, w, c = images.shape
+  columns = columns or math.ceil(math.sqrt(n))
+  rows = math.ceil(n / columns)
+  out = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, columns)
+    out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+  return out
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+  """Writes a uint8 ``[H, W, C]`` image atomically (temporary name, then rename)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  image = image[..., 0] if image.shape[-1] == 1 else image
+  tmp = f"{path}.tmp-{os.getpid()}"
+  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
+  os.replace(tmp, path)
