@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.channels = 128  # width of every U-Net block
   config.model.num_blocks = 32  # ResNet blocks going down (up has one more)
   config.model.dropout = 0.1  # dropout rate in the blocks
+  config.model.mid_attention = True  # self-attention between the two middle blocks
   config.model.attention_everywhere = False  # self-attention after every block
   config.model.fourier_exponents = (6, 7)  # base-2 exponents of Fourier features; () = none
   config.model.scan_blocks = True  # compile identical blocks once (nn.scan)

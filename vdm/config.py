@@ -64,7 +64,7 @@ def build_model(config: ml_collections.ConfigDict) -> model_lib.VDM:
   extra = {"hidden": m.schedule_hidden} if m.schedule == "monotone_net" else {}
   schedule = schedules.get_schedule(m.schedule, m.gamma_min, m.gamma_max, **extra)
   network = networks.ScoreUNet(
-      channels=m.channels, num_blocks=m.num_blocks, dropout=m.dropout,
+      channels=m.channels, num_blocks=m.num_blocks, dropout=m.dropout, mid_attention=m.mid_attention,
       attention_everywhere=m.attention_everywhere, fourier_exponents=tuple(m.fourier_exponents),
       gamma_min=m.gamma_min, gamma_max=m.gamma_max, scan_blocks=m.scan_blocks, remat=m.remat,
       dtype=DTYPES[m.dtype])

@@ -121,6 +121,7 @@ class ScoreUNet(nn.Module):
     channels: width of every block (the paper: 128 for CIFAR-10).
     num_blocks: ResNet blocks going down (the paper: 32); up has one more.
     dropout: dropout rate inside the blocks.
+    mid_attention: self-attention between the two middle blocks (the paper's).
     attention_everywhere: self-attention after every block, not only in the middle.
     fourier_exponents: base-2 exponents of Fourier features; empty for none.
     gamma_min, gamma_max: the range mapped to [0, 1] before the embedding.
@@ -131,6 +132,7 @@ class ScoreUNet(nn.Module):
   channels: int = 128
   num_blocks: int = 32
   dropout: float = 0.1
+  mid_attention: bool = True
   attention_everywhere: bool = False
   fourier_exponents: Sequence[int] = (6, 7)
   gamma_min: float = -13.3
@@ -167,7 +169,7 @@ class ScoreUNet(nn.Module):
 
     mid_layer = lambda name, attention: _Layer(  # noqa: E731
         self.channels, self.dropout, attention, deterministic, self.dtype, name=name)
-    h, _ = mid_layer("mid_0", True)(h, None, cond)
+    h, _ = mid_layer("mid_0", self.mid_attention or self.attention_everywhere)(h, None, cond)
     h, _ = mid_layer("mid_1", False)(h, None, cond)
 
     # Up consumes the down activations last-in first-out, conv_in's last.

@@ -1,0 +1,158 @@
+"""Training pieces: EMA, optimiser mask, learning rate, evaluation statistics, resume."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import optax
+from configs import smoke
+from vdm import config as config_lib
+from vdm import checkpoints, evaluation, input_pipeline, training
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = smoke.get_config()
+  model = config_lib.build_model(config)
+  optimizer = config_lib.build_optimizer(config)
+  state = training.create_train_state(config, model, optimizer, (8, 8, 1))
+  return config, model, optimizer, state
+
+
+def _batch(n=8, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (1, n, 8, 8, 1)).astype(np.uint8)
+
+
+def test_ema_decay_warms_up_and_is_capped():
+  steps = jnp.array([0, 1, 10, 1000, 100_000])
+  np.testing.assert_allclose(training.ema_decay(steps, 0.999, True), [0.1, 2 / 11, 11 / 20, 1001 / 1010, 0.999],
+                             rtol=1e-6)
+  np.testing.assert_allclose(training.ema_decay(steps, 0.999, False), 0.999)
+  assert float(training.ema_decay(steps, 0.0, True)[4]) == 0.0
+
+
+@pytest.mark.parametrize("ema_rate", [0.999, 0.0])
+def test_ema_update_is_exact(setup, ema_rate):
+  config, model, optimizer, state = setup
+  config = config.copy_and_resolve_references()
+  config.optimizer.ema_rate = ema_rate
+  fn = training.make_train_fn(config, model, optimizer)
+  state = jax.tree.map(jnp.copy, state)
+  ema_sequence = [jax.device_get(state.ema_params)]  # host copies: the state is donated
+  params_sequence = []
+  for i in range(3):
+    state, _ = fn(state, _batch(seed=i))
+    ema_sequence.append(jax.device_get(state.ema_params))
+    params_sequence.append(jax.device_get(state.params))
+  for n in range(3):
+    d = float(training.ema_decay(jnp.array(n), ema_rate, True))
+    want = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_sequence[n], params_sequence[n])
+    for a, b in zip(jax.tree.leaves(ema_sequence[n + 1]), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  if ema_rate == 0.0:
+    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_weight_decay_skips_biases_norm_scales_and_schedule_endpoints(setup):
+  config, _, _, state = setup
+  config = config.copy_and_resolve_references()
+  config.optimizer.warmup_steps = 0
+  optimizer = config_lib.build_optimizer(config)
+  zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+  updates, _ = optimizer.update(zero_grads, optimizer.init(state.params), state.params)
+  moved = {jax.tree_util.keystr(p): float(jnp.abs(u).max())
+           for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+  assert moved["['schedule']['gamma_min']"] == 0 and moved["['schedule']['gamma_max']"] == 0
+  assert all(v == 0 for k, v in moved.items() if "bias" in k or "scale" in k)
+  size = {jax.tree_util.keystr(p): float(jnp.abs(x).max()) for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+  kernels = [k for k in moved if "kernel" in k and size[k] > 0]  # zero-initialised ones have nothing to decay
+  assert len(kernels) > 5 and all(moved[k] > 0 for k in kernels)
+
+
+def test_learning_rate_warms_up_then_decays():
+  config = smoke.get_config()
+  config.training.num_steps = 110
+  config.optimizer.warmup_steps = 10
+  config.optimizer.learning_rate = 1.0
+  for decay, end in [("constant", 1.0), ("cosine", 0.0), ("linear", 0.0)]:
+    config.optimizer.decay = decay
+    lr = config_lib.learning_rate_schedule(config)
+    np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(110)], [0.0, 0.5, 1.0, end], atol=1e-6)
+
+
+def test_gradient_clipping_bounds_the_update(setup):
+  config, _, _, state = setup
+  config = config.copy_and_resolve_references()
+  config.optimizer.grad_clip_norm = 1e-3
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.warmup_steps = 0
+  optimizer = config_lib.build_optimizer(config)
+  huge = jax.tree.map(lambda p: jnp.full_like(p, 1e6), state.params)
+  inner = optax.clip_by_global_norm(1e-3)
+  clipped, _ = inner.update(huge, inner.init(state.params))
+  np.testing.assert_allclose(optax.tree.norm(clipped), 1e-3, rtol=1e-5)
+  assert optimizer.update(huge, optimizer.init(state.params), state.params)[0] is not None
+
+
+def test_evaluation_counts_every_example_once_and_masks_padding():
+  n = 37
+  images = np.zeros((n, 2, 2, 1), np.uint8)
+  images[:, 0, 0, 0] = np.arange(n)
+  split = input_pipeline.Split(images)
+
+  def fake_step(params, batch, key):  # loss = the example's own index, in nats
+    v = jnp.asarray(batch[:, 0, 0, 0], jnp.float32)
+    return {"loss": v, "loss_recon": v, "loss_prior": 0 * v, "loss_diff": 0 * v}
+
+  out = evaluation.evaluate(None, None, split, batch_size=8, draws=3, key=jax.random.key(0), eval_step=fake_step)
+  assert out["num_examples"] == n
+  np.testing.assert_allclose(out["bpd"] * 4 * np.log(2), np.arange(n).mean(), rtol=1e-6)
+  assert out["bpd_stderr"] == 0.0  # no Monte-Carlo noise in this fake
+
+
+def test_standard_error_shrinks_with_more_draws(setup):
+  config, model, _, state = setup
+  split = input_pipeline.Split(np.random.default_rng(0).integers(0, 256, (64, 8, 8, 1)).astype(np.uint8))
+  step = evaluation.make_eval_step(model)
+  errs = [evaluation.evaluate(model, state.params, split, batch_size=64, draws=r, key=jax.random.key(1),
+                              eval_step=step)["bpd_stderr"] for r in (2, 8)]
+  assert errs[1] < 0.75 * errs[0]  # ~1/√R: expect 0.5
+
+
+def test_training_resumed_from_a_checkpoint_equals_uninterrupted(setup, tmp_path):
+  config, model, optimizer, state0 = setup
+  fn = training.make_train_fn(config, model, optimizer)
+  batches = [_batch(seed=i) for i in range(4)]
+  a = jax.tree.map(jnp.copy, state0)
+  for b in batches:
+    a, _ = fn(a, b)
+  b_state = jax.tree.map(jnp.copy, state0)
+  for b in batches[:2]:
+    b_state, _ = fn(b_state, b)
+  mngr = checkpoints.manager(str(tmp_path / "ckpt"), keep=2)
+  checkpoints.save(mngr, b_state, config)
+  b_state = checkpoints.restore(checkpoints.manager(str(tmp_path / "ckpt"), read_only=True), state0)
+  assert int(b_state.step) == 2
+  for b in batches[2:]:
+    b_state, _ = fn(b_state, b)
+  raw = lambda s: s.replace(key=jax.random.key_data(s.key))  # noqa: E731
+  for x, y in zip(jax.tree.leaves(raw(a)), jax.tree.leaves(raw(b_state))):
+    np.testing.assert_array_equal(x, y)  # bitwise: params, EMA, optimiser state, step, key
+
+
+def test_validation_names_the_field():
+  config = smoke.get_config()
+  config.model.gamma_min = 6.0
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.gamma_min: expected < model.gamma_max"):
+    config_lib.validate(config)
+  config = smoke.get_config()
+  config.training.log_every = 3
+  config.training.steps_per_call = 2
+  with pytest.raises(config_lib.ConfigError, match="config.training.log_every: expected a multiple of"):
+    config_lib.validate(config)
+  config = smoke.get_config()
+  config.model.schedule = "wobbly"
+  with pytest.raises(config_lib.ConfigError, match="config.model.schedule: expected one of"):
+    config_lib.validate(config)
