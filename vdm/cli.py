@@ -29,7 +29,8 @@ def parse_flags(argv):
     _fail(str(e))
   except (AttributeError, KeyError) as e:  # ml_collections: a field the config does not define
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    _fail(f"unknown config field {e} (overrides given: {', '.join(overrides)})")
+    name = str(e).strip("'\"")
+    _fail(f"unknown config field {name!r} (overrides given: {', '.join(overrides)})")
 
 
 @contextlib.contextmanager
