@@ -1,6 +1,7 @@
 """vdm: continuous-time Variational Diffusion Models in JAX/Flax."""
 
 from vdm import losses, model, networks, sampling, schedules
+from vdm.pretrained import TrainedVDM, load
 
-__all__ = ["losses", "model", "networks", "sampling", "schedules"]
+__all__ = ["losses", "model", "networks", "sampling", "schedules", "load", "TrainedVDM"]
 __version__ = "0.1.0"

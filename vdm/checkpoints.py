@@ -21,7 +21,7 @@ def checkpoint_dir(workdir: str) -> str:
 def manager(directory: str, keep: Optional[int] = None, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "config"))
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "config", "metadata"))
 
 
 def _to_saveable(state: Any) -> Any:
@@ -29,10 +29,13 @@ def _to_saveable(state: Any) -> Any:
   return state.replace(key=jax.random.key_data(state.key))
 
 
-def save(mngr: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict) -> None:
+def save(mngr: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict,
+         metadata: Optional[dict] = None) -> None:
+  """Saves ``state`` at its step, with the config and ``metadata`` (e.g. image_shape) as JSON."""
   step = int(jax.device_get(state.step))
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(state)),
-                                          config=ocp.args.JsonSave(config.to_dict())), force=True)
+                                          config=ocp.args.JsonSave(config.to_dict()),
+                                          metadata=ocp.args.JsonSave(metadata or {})), force=True)
   mngr.wait_until_finished()
 
 
@@ -45,10 +48,13 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: Optional[int] = None) 
   return state.replace(key=jax.random.wrap_key_data(state.key))
 
 
-def restore_config(mngr: ocp.CheckpointManager, step: Optional[int] = None) -> ml_collections.ConfigDict:
+def restore_config(mngr: ocp.CheckpointManager, step: Optional[int] = None
+                   ) -> tuple[ml_collections.ConfigDict, dict]:
+  """The config and metadata saved with a checkpoint."""
   step = mngr.latest_step() if step is None else step
-  restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored["config"])
+  restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                        metadata=ocp.args.JsonRestore()))
+  return ml_collections.ConfigDict(restored["config"]), dict(restored["metadata"] or {})
 
 
 def resolve(path: str) -> tuple[str, Optional[int]]:

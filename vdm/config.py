@@ -17,7 +17,7 @@ LR_DECAYS = ("constant", "cosine", "linear")
 
 
 class ConfigError(ValueError):
-  """A config field holds a value the library cannot use."""
+  """A config field or an argument holds a value the library cannot use."""
 
 
 def _check(ok: bool, field: str, expected: str, value) -> None:

@@ -21,7 +21,7 @@ def make_eval_step(model):
 
 def evaluate(model, params, split: input_pipeline.Split, *, batch_size: int, draws: int,
              key: jax.Array, limit: Optional[int] = None, eval_step=None,
-             progress: bool = False) -> dict:
+             progress: bool = False, return_per_example: bool = False) -> dict:
   """The negative ELBO of every example of ``split`` in bits per dimension.
 
   Each example gets ``draws`` (R) independent draws of (t, ε, ε_0). The
@@ -31,7 +31,8 @@ def evaluate(model, params, split: input_pipeline.Split, *, batch_size: int, dra
   an upper bound).
 
   Returns: ``num_examples``, ``bpd``, ``bpd_stderr``, ``bpd_recon``,
-  ``bpd_prior``, ``bpd_diff``.
+  ``bpd_prior``, ``bpd_diff``; with ``return_per_example``, also
+  ``per_example``: each example's bpd averaged over the draws, ``[N]``.
   """
   eval_step = eval_step or make_eval_step(model)
   num_dims = int(np.prod(split.images.shape[1:]))
@@ -57,4 +58,6 @@ def evaluate(model, params, split: input_pipeline.Split, *, batch_size: int, dra
   result = {"num_examples": int(total.shape[1]), "bpd": to_bpd(total.mean()), "bpd_stderr": to_bpd(stderr)}
   for k in TERMS[1:]:
     result["bpd_" + k[len("loss_"):]] = to_bpd(np.mean(per_draw[k]))
+  if return_per_example:
+    result["per_example"] = np.asarray(losses.bits_per_dim(total.mean(axis=0), num_dims))
   return result

@@ -26,3 +26,11 @@ def write_png(path: str, image: np.ndarray) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
   os.replace(tmp, path)
+
+
+def write_npz(path: str, **arrays: np.ndarray) -> None:
+  """Writes compressed arrays atomically (temporary name, then rename)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)

@@ -148,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     state = checkpoints.restore(mngr, state)
     _echo(f"resuming from step {int(state.step)} ({checkpoints.checkpoint_dir(workdir)})")
   is_main = jax.process_index() == 0
+  metadata = {"image_shape": list(image_shape)}
   if is_main:
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())
   writer = MetricWriter(workdir, active=is_main, echo=_echo)
@@ -178,10 +179,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
       if config.eval.num_samples and is_main:
         write_samples(config, model, state.ema_params, image_shape, workdir, done)
     if done % tr.checkpoint_every == 0:
-      checkpoints.save(mngr, state, config)
+      checkpoints.save(mngr, state, config, metadata)
   bar.close()
   if mngr.latest_step() != int(state.step):
-    checkpoints.save(mngr, state, config)
+    checkpoints.save(mngr, state, config, metadata)
 
   record = evaluate_split(config, model, state.ema_params, eval_split, int(state.step),
                           eval_step=eval_step, progress=progress)

@@ -1,0 +1,106 @@
+"""vdm.load and sample.py on a smoke checkpoint."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import vdm
+from configs import smoke
+from vdm import config as config_lib
+from vdm import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("smoke"))
+  config = smoke.get_config()
+  config.eval.num_samples = 0
+  config.eval.periodic_examples = 16
+  config.eval.batch_size = 250
+  training.train_and_evaluate(config, path, progress=False)
+  return path
+
+
+def test_load_a_workdir_or_a_checkpoint_folder(workdir):
+  trained = vdm.load(workdir)
+  assert trained.step == 4 and trained.image_shape == (28, 28, 1)
+  assert trained.config.model.channels == 8
+  again = vdm.load(os.path.join(workdir, "checkpoints", "2"))
+  assert again.step == 2
+  moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(again.params))]
+  assert max(moved) > 0  # different steps, different EMA params
+  with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+    vdm.load(os.path.join(workdir, "nothing-here"))
+
+
+def test_samples_depend_only_on_key_and_index(workdir):
+  trained = vdm.load(workdir)
+  key = jax.random.key(3)
+  a = trained.sample(key, 3, num_steps=4)
+  assert a.dtype == np.uint8 and a.shape == (3, 28, 28, 1)
+  assert a.std() > 0  # not constant
+  np.testing.assert_array_equal(trained.sample(key, 3, num_steps=4), a)
+  one_at_a_time = trained.sample(key, 3, num_steps=4, batch_size=1)
+  np.testing.assert_array_equal(one_at_a_time, a)
+  np.testing.assert_array_equal(trained.sample(key, 2, num_steps=4, batch_size=2), a[:2])
+  assert not np.array_equal(trained.sample(jax.random.key(4), 3, num_steps=4), a)
+  images, latents = trained.sample(key, 2, num_steps=4, sampler="ddim", eta=0.0, return_latents=True)
+  assert latents.shape == (2, 28, 28, 1) and latents.dtype == np.float32
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(num_steps=0), "num_steps: expected ≥ 1"),
+    (dict(eta=1.5), "eta: expected a value in [0, 1]"),
+    (dict(sampler="euler"), "unknown sampler 'euler'"),
+    (dict(batch_size=0), "batch_size: expected ≥ 1"),
+])
+def test_bad_sampling_arguments_are_refused(workdir, kwargs, words):
+  trained = vdm.load(workdir)
+  with pytest.raises(config_lib.ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+    trained.sample(jax.random.key(0), 2, **kwargs)
+
+
+def test_evaluate_bpd_of_user_images(workdir):
+  trained = vdm.load(workdir)
+  images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
+  out = trained.evaluate_bpd(images, jax.random.key(0), draws=2)
+  assert out["num_examples"] == 5 and out["per_example"].shape == (5,)
+  np.testing.assert_allclose(out["per_example"].mean(), out["bpd"], rtol=1e-5)
+  with pytest.raises(config_lib.ConfigError, match="images: expected integers"):
+    trained.evaluate_bpd(np.zeros((2, 8, 8, 1), np.uint8), jax.random.key(0))
+
+
+def _sample_cli(*args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_sample_cli_writes_png_and_npz(workdir, tmp_path):
+  proc = _sample_cli(f"--workdir={workdir}", "--num_samples=4", "--num_steps=3", f"--output={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  npz = [f for f in os.listdir(tmp_path) if f.endswith(".npz")]
+  png = [f for f in os.listdir(tmp_path) if f.endswith(".png")]
+  assert len(npz) == 1 and len(png) == 1 and str(tmp_path) in proc.stdout
+  with np.load(tmp_path / npz[0]) as f:
+    assert f["samples"].shape == (4, 28, 28, 1) and f["samples"].dtype == np.uint8
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--checkpoint=/no/such/dir"], "no checkpoint under"),
+    (["--num_steps=0"], "num_steps: expected ≥ 1"),
+    (["--eta=1.5"], "eta: expected a value in [0, 1]"),
+    (["--sampler=euler"], "unknown sampler 'euler'"),
+    ([], "give --workdir or --checkpoint"),
+])
+def test_sample_cli_user_errors(workdir, tmp_path, args, words):
+  base = [] if not args or args[0].startswith("--checkpoint") else [f"--workdir={workdir}"]
+  proc = _sample_cli(*base, *args, f"--output={tmp_path}/out")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert words in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "out").exists()
