@@ -17,16 +17,16 @@ def get_config():
   config.model.dropout = 0.0
   config.model.mid_attention = False  # attention over 784 positions is half the step on a CPU
   config.model.scan_blocks = False  # XLA:CPU runs convolutions inside loops ~10× slower
-  config.training.num_steps = 1000
+  config.training.num_steps = 1500
   config.training.batch_size = 32
   config.training.log_every = 50
   config.training.eval_every = 0
-  config.training.checkpoint_every = 250
+  config.training.checkpoint_every = 500
   config.optimizer.learning_rate = 2e-3
   config.optimizer.warmup_steps = 50
   config.optimizer.ema_rate = 0.999
   config.eval.batch_size = 250
   config.eval.draws = 4
   config.eval.num_samples = 64
-  config.eval.sample_steps = 200
+  config.eval.sample_steps = 100
   return config

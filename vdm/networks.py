@@ -164,7 +164,7 @@ class ScoreUNet(nn.Module):
       h = jnp.concatenate([h, fourier_features(h, self.fourier_exponents)], axis=-1)
     h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(h)
 
-    skips = [h]
+    h_in = h
     h, down = self._stack("down", h, None, cond, deterministic)  # down: [N, B, H, W, C]
 
     mid_layer = lambda name, attention: _Layer(  # noqa: E731
@@ -173,7 +173,7 @@ class ScoreUNet(nn.Module):
     h, _ = mid_layer("mid_1", False)(h, None, cond)
 
     # Up consumes the down activations last-in first-out, conv_in's last.
-    skips = jnp.concatenate([skips[0][None], down])[::-1]  # [N + 1, B, H, W, C]
+    skips = jnp.concatenate([h_in[None], down])[::-1]  # [N + 1, B, H, W, C]
     h, _ = self._stack("up", h, skips, cond, deterministic)
 
     h = nn.swish(_group_norm(self.channels, self.dtype, "norm_out")(h))

@@ -1,0 +1,68 @@
+"""Sampler speed: compile time of the whole reverse loop for several N, and steps/s.
+
+    python benchmarks/sampler.py --config=configs/mnist.py --image_shape=28,28,1 --batch_size=64
+    python benchmarks/sampler.py --config=configs/cifar10.py --image_shape=32,32,3 --batch_size=8
+
+Random (untrained) weights: speed does not depend on them. Prints one JSON
+object per (sampler, N) and appends it to benchmarks/results.jsonl.
+"""
+
+import functools
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from vdm import config as config_lib  # noqa: E402
+from vdm import sampling  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Images per batch.")
+_SHAPE = flags.DEFINE_string("image_shape", "28,28,1", "H,W,C.")
+_STEPS = flags.DEFINE_list("num_steps", ["10", "100", "1000"], "Loop lengths N to compile.")
+_SAMPLERS = flags.DEFINE_list("samplers", ["ancestral", "ddim"], "Samplers.")
+_TIMED = flags.DEFINE_integer("timed_steps", 100, "Loop length N for the steps/s measurement.")
+_OUT = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results.jsonl"), "Append here.")
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  shape = tuple(int(s) for s in _SHAPE.value.split(","))
+  model = config_lib.build_model(config)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1,) + shape, jnp.int32), jax.random.key(1))["params"]
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(2), i))(jnp.arange(_BATCH.value))
+  for sampler in _SAMPLERS.value:
+    for n in sorted({int(s) for s in _STEPS.value} | {_TIMED.value}):
+      fn = jax.jit(functools.partial(sampling._sample_batch, model, image_shape=shape, num_steps=n,
+                                     sampler=sampler, eta=0.0, clip_denoised=False, decode_draw=False))
+      t0 = time.perf_counter()
+      compiled = fn.lower(params, keys).compile()
+      t1 = time.perf_counter()
+      result = {"benchmark": "sampler", "sampler": sampler, "num_steps": n, "batch_size": _BATCH.value,
+                "image_shape": list(shape), "channels": config.model.channels,
+                "num_blocks": config.model.num_blocks, "compile_s": t1 - t0,
+                "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+      if n == _TIMED.value:
+        jax.block_until_ready(compiled(params, keys))
+        t2 = time.perf_counter()
+        jax.block_until_ready(compiled(params, keys))
+        elapsed = time.perf_counter() - t2
+        result.update(steps_per_s=n / elapsed, images_steps_per_s=n * _BATCH.value / elapsed)
+      line = json.dumps(result)
+      print(line, flush=True)
+      with open(_OUT.value, "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
