@@ -8,7 +8,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 import vdm
 from vdm import cli, images
@@ -28,6 +28,7 @@ _OUTPUT = flags.DEFINE_string("output", "", "Output folder (default: <workdir>/s
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
   with cli.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value
     if not path:
