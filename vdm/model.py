@@ -30,6 +30,18 @@ def sample_times(key: jax.Array, batch: int, antithetic: bool = True) -> jax.Arr
   return jax.random.uniform(key, (batch,))
 
 
+def draw_noise(key: jax.Array, shape: tuple, antithetic: bool = True) -> dict[str, jax.Array]:
+  """The randomness of one loss evaluation for data of ``shape`` ``[B, …]``.
+
+  Returns ``t`` ``[B]``, ``eps`` and ``eps_0`` shaped like the data. Drawing
+  it apart from the loss lets a batch be split into micro-batches (gradient
+  accumulation) and still see exactly the same noise.
+  """
+  key_t, key_eps, key_eps_0 = jax.random.split(key, 3)
+  return {"t": sample_times(key_t, shape[0], antithetic), "eps": jax.random.normal(key_eps, shape),
+          "eps_0": jax.random.normal(key_eps_0, shape)}
+
+
 def alpha_sigma(gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
   """α = √sigmoid(−γ), σ = √sigmoid(γ): α² + σ² = 1 without cancellation."""
   return jnp.sqrt(jax.nn.sigmoid(-gamma)), jnp.sqrt(jax.nn.sigmoid(gamma))
@@ -60,32 +72,33 @@ class VDM(nn.Module):
               train: bool = False) -> jax.Array:
     return self.network(z_t, gamma_t, conditioning, train=train)
 
-  def __call__(self, x: jax.Array, key: jax.Array, conditioning: Optional[jax.Array] = None,
-               *, train: bool = False) -> dict[str, jax.Array]:
-    """Args: x integers ``[B, …]``; key a PRNG key; conditioning ``[B, K]``.
+  def __call__(self, x: jax.Array, key: Optional[jax.Array], conditioning: Optional[jax.Array] = None,
+               *, train: bool = False, noise: Optional[dict] = None) -> dict[str, jax.Array]:
+    """Args: x integers ``[B, …]``; key a PRNG key; conditioning ``[B, K]``;
+    noise: the draws of :func:`draw_noise` (then ``key`` is unused).
 
     Returns: ``loss_recon``, ``loss_prior``, ``loss_diff``, ``loss`` (their
     sum), each ``[B]`` nats; ``gamma_0``, ``gamma_1`` scalars.
     """
     if self.decoder not in DECODERS:
       raise ValueError(f"unknown decoder {self.decoder!r}; expected one of {DECODERS}")
-    key_t, key_eps, key_eps_0 = jax.random.split(key, 3)
-    batch = x.shape[0]
+    if noise is None:
+      noise = draw_noise(key, x.shape, self.antithetic_time_sampling)
     f = losses.encode(x, self.vocab_size)
 
     gamma_0, gamma_1 = self.schedule(jnp.array([0.0, 1.0]))
-    eps_0 = jax.random.normal(key_eps_0, f.shape)
+    eps_0 = noise["eps_0"]
     recon_fn = losses.reconstruction_loss if self.decoder == "softmax" else losses.reconstruction_loss_cdf
     loss_recon = recon_fn(x, eps_0, gamma_0, self.vocab_size)  # [B]
     loss_prior = losses.prior_loss(x, gamma_1, self.vocab_size)  # [B]
 
-    t = sample_times(key_t, batch, self.antithetic_time_sampling)
+    t = noise["t"]
     if self.num_steps > 0:
       t = (jnp.floor(t * self.num_steps) + 1.0) / self.num_steps  # t ∈ {1/T, …, 1}
     # γ_t and γ'(t) in one forward-mode pass.
     gamma_t, dgamma_dt = nn.jvp(lambda mdl, t: mdl(t), self.schedule, (t,), (jnp.ones_like(t),),
                                 variable_tangents={})
-    eps = jax.random.normal(key_eps, f.shape)
+    eps = noise["eps"]
     alpha_t, sigma_t = alpha_sigma(losses._per_example(gamma_t, f.ndim))
     z_t = alpha_t * f + sigma_t * eps
     eps_hat = self.network(z_t, gamma_t, conditioning, train=train)
