@@ -40,22 +40,22 @@ def main(argv):
   shape = tuple(int(s) for s in _SHAPE.value.split(","))
   model = config_lib.build_model(config)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1,) + shape, jnp.int32), jax.random.key(1))["params"]
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(2), i))(jnp.arange(_BATCH.value))
+  key, indices = jax.random.key(2), jnp.arange(_BATCH.value)
   for sampler in _SAMPLERS.value:
     for n in sorted({int(s) for s in _STEPS.value} | {_TIMED.value}):
       fn = jax.jit(functools.partial(sampling._sample_batch, model, image_shape=shape, num_steps=n,
                                      sampler=sampler, eta=0.0, clip_denoised=False, decode_draw=False))
       t0 = time.perf_counter()
-      compiled = fn.lower(params, keys).compile()
+      compiled = fn.lower(params, key, indices).compile()
       t1 = time.perf_counter()
       result = {"benchmark": "sampler", "sampler": sampler, "num_steps": n, "batch_size": _BATCH.value,
                 "image_shape": list(shape), "channels": config.model.channels,
                 "num_blocks": config.model.num_blocks, "compile_s": t1 - t0,
                 "device": jax.devices()[0].device_kind, "jax": jax.__version__}
       if n == _TIMED.value:
-        jax.block_until_ready(compiled(params, keys))
+        jax.block_until_ready(compiled(params, key, indices))
         t2 = time.perf_counter()
-        jax.block_until_ready(compiled(params, keys))
+        jax.block_until_ready(compiled(params, key, indices))
         elapsed = time.perf_counter() - t2
         result.update(steps_per_s=n / elapsed, images_steps_per_s=n * _BATCH.value / elapsed)
       line = json.dumps(result)

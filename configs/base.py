@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.training = ml_collections.ConfigDict()
   config.training.num_steps = 10_000_000  # optimiser steps in total
   config.training.batch_size = 128  # global batch, all devices together
+  config.training.grad_accum_steps = 1  # micro-batches per step (less memory, same update)
   config.training.steps_per_call = 1  # steps per jitted call (lax.scan); divides the intervals below
   config.training.log_every = 100  # steps between metric writes
   config.training.eval_every = 10_000  # steps between evaluations + sample grids; 0 = never

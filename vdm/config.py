@@ -39,9 +39,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("channels", "num_blocks", "schedule_hidden"):
     _check(m[field] >= 1, f"model.{field}", "a positive integer", m[field])
   _check(0.0 <= m.dropout < 1.0, "model.dropout", "a rate in [0, 1)", m.dropout)
-  for field in ("num_steps", "batch_size", "steps_per_call", "log_every", "checkpoint_every",
+  for field in ("num_steps", "batch_size", "grad_accum_steps", "steps_per_call", "log_every", "checkpoint_every",
                 "checkpoints_to_keep"):
     _check(tr[field] >= 1, f"training.{field}", "a positive integer", tr[field])
+  _check(tr.batch_size % tr.grad_accum_steps == 0, "training.batch_size",
+         f"a multiple of training.grad_accum_steps ({tr.grad_accum_steps})", tr.batch_size)
   _check(tr.eval_every >= 0, "training.eval_every", "≥ 0 (0 = never)", tr.eval_every)
   for field in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
     _check(tr[field] % tr.steps_per_call == 0, f"training.{field}",

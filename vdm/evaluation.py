@@ -6,22 +6,28 @@ import jax
 import numpy as np
 import tqdm
 
-from vdm import input_pipeline, losses
+from vdm import input_pipeline, losses, sharding
 
 TERMS = ("loss", "loss_recon", "loss_prior", "loss_diff")
 
 
-def make_eval_step(model):
-  """Jitted (params, images, key) → per-example loss terms ``[B]`` in nats."""
+def make_eval_step(model, mesh=None):
+  """Jitted (params, images, key) → per-example loss terms ``[B]`` in nats.
+
+  With a ``mesh``, images and results are sharded over its ``data`` axis.
+  """
   def step(params, images, key):
     out = model.apply({"params": params}, images, key, train=False)
     return {k: out[k] for k in TERMS}
-  return jax.jit(step)
+  if mesh is None:
+    return jax.jit(step)
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=data)
 
 
 def evaluate(model, params, split: input_pipeline.Split, *, batch_size: int, draws: int,
              key: jax.Array, limit: Optional[int] = None, eval_step=None,
-             progress: bool = False, return_per_example: bool = False) -> dict:
+             progress: bool = False, return_per_example: bool = False, mesh=None) -> dict:
   """The negative ELBO of every example of ``split`` in bits per dimension.
 
   Each example gets ``draws`` (R) independent draws of (t, ε, ε_0). The
@@ -34,15 +40,26 @@ def evaluate(model, params, split: input_pipeline.Split, *, batch_size: int, dra
   ``bpd_prior``, ``bpd_diff``; with ``return_per_example``, also
   ``per_example``: each example's bpd averaged over the draws, ``[N]``.
   """
-  eval_step = eval_step or make_eval_step(model)
+  eval_step = eval_step or make_eval_step(model, mesh)
+  if mesh is not None:
+    batch_size = sharding.round_up(batch_size)  # padded and masked anyway
   num_dims = int(np.prod(split.images.shape[1:]))
   n = len(split) if not limit else min(limit, len(split))
   per_draw = {k: [] for k in TERMS}  # R lists of [N]
   bar = tqdm.tqdm(total=draws * -(-n // batch_size), desc="eval", disable=not progress, leave=False)
   for r in range(draws):
     values = {k: [] for k in TERMS}
-    for b, (images, mask) in enumerate(input_pipeline.eval_batches(split, batch_size, limit=n)):
-      out = jax.device_get(eval_step(params, images, jax.random.fold_in(jax.random.fold_in(key, r), b)))
+    batches = input_pipeline.eval_batches(split, batch_size, limit=n, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    for b, (images, mask) in enumerate(batches):
+      batch_key = jax.random.fold_in(jax.random.fold_in(key, r), b)
+      if mesh is None:
+        out = jax.device_get(eval_step(params, images, batch_key))
+      else:
+        data = sharding.batch_sharding(mesh)
+        out = {k: sharding.to_host(v) for k, v in eval_step(params, sharding.to_global(images, data),
+                                                              batch_key).items()}
+        mask = sharding.to_host(sharding.to_global(mask, data))
       for k in TERMS:
         values[k].append(np.asarray(out[k], np.float64)[mask > 0])
       bar.update()

@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 from jax.typing import ArrayLike
 
-from vdm import losses
+from vdm import losses, sharding
 
 SAMPLERS = ("ancestral", "ddim")
 
@@ -145,8 +145,9 @@ def sample_loop(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
   return jax.lax.fori_loop(0, num_steps, body, z_1)
 
 
-def _sample_batch(model, params, sample_keys, image_shape, num_steps, sampler, eta, clip_denoised,
+def _sample_batch(model, params, key, indices, image_shape, num_steps, sampler, eta, clip_denoised,
                   decode_draw):
+  sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
   keys = jax.vmap(jax.random.split)(sample_keys)  # [B, 2]
   z_keys, step_keys = keys[:, 0], keys[:, 1]
   z_1 = jax.vmap(lambda k: jax.random.normal(k, image_shape))(z_keys)
@@ -168,29 +169,39 @@ def _sample_batch(model, params, sample_keys, image_shape, num_steps, sampler, e
 def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple, *,
              num_steps: int = 1000, sampler: str = "ancestral", eta: float = 1.0,
              clip_denoised: bool = False, decode_draw: bool = False,
-             batch_size: Optional[int] = None, progress: bool = False):
+             batch_size: Optional[int] = None, progress: bool = False, mesh=None):
   """Draws ``num_samples`` images from a VDM, ``batch_size`` at a time.
 
   Sample k depends only on (key, k): its key is ``fold_in(key, k)``, so the
-  images do not change with the batch size.
+  images do not change with the batch size or the number of devices.
 
   Args:
     model: a :class:`vdm.model.VDM`; params: its parameters (the EMA ones).
     image_shape: ``(H, W, C)``.
     num_steps, sampler, eta, clip_denoised: see :func:`sample_loop`.
     decode_draw: draw the image from the decoder at t = 0 instead of its argmax.
+    mesh: shard each batch over this mesh's ``data`` axis (every process
+      must call; each gets all the images).
   Returns:
-    ``(images, z_0)``: int32 ``[N, H, W, C]`` and float32 latents.
+    ``(images, z_0)``: int32 ``[N, H, W, C]`` and float32 latents, on the host.
   """
   batch_size = min(batch_size or num_samples, num_samples)
-  run = jax.jit(functools.partial(_sample_batch, model, image_shape=tuple(image_shape),
-                                  num_steps=num_steps, sampler=sampler, eta=eta,
-                                  clip_denoised=clip_denoised, decode_draw=decode_draw))
+  fn = functools.partial(_sample_batch, model, image_shape=tuple(image_shape), num_steps=num_steps,
+                         sampler=sampler, eta=eta, clip_denoised=clip_denoised, decode_draw=decode_draw)
+  key_data = np.asarray(jax.random.key_data(key))
+  unwrapped = lambda p, k, i: fn(p, jax.random.wrap_key_data(k), i)  # noqa: E731
+  if mesh is None:
+    run, rep, data = jax.jit(unwrapped), None, None
+    to_device, fetch = (lambda x, _: x), (lambda x: np.asarray(jax.device_get(x)))
+  else:
+    batch_size = sharding.round_up(batch_size)
+    rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    run = jax.jit(unwrapped, in_shardings=(rep, rep, data), out_shardings=(data, data))
+    to_device, fetch = sharding.from_host, sharding.to_host
   images, latents = [], []
   for start in tqdm.trange(0, num_samples, batch_size, desc="sample", disable=not progress, leave=False):
-    idx = jnp.arange(start, start + batch_size)  # the last batch is padded, then cut
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-    batch_images, batch_z = jax.device_get(run(params, keys))
-    images.append(batch_images)
-    latents.append(batch_z)
+    indices = np.arange(start, start + batch_size, dtype=np.int32)  # the last batch is padded, then cut
+    batch_images, batch_z = run(params, to_device(key_data, rep), to_device(indices, data))
+    images.append(fetch(batch_images))
+    latents.append(fetch(batch_z))
   return np.concatenate(images)[:num_samples], np.concatenate(latents)[:num_samples]

@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import tqdm
 
-from vdm import checkpoints, evaluation, images, input_pipeline, losses, sampling
+from vdm import checkpoints, evaluation, images, input_pipeline, losses, sampling, sharding
+from vdm import model as model_lib
 from vdm import config as config_lib
 from vdm.metric_writers import MetricWriter
 
@@ -47,17 +48,42 @@ def ema_decay(step: jax.Array, rate: float, warmup: bool) -> jax.Array:
   return jnp.minimum(rate, (1.0 + n) / (10.0 + n))
 
 
+def _loss_and_grads(model, params, batch, noise, dropout_key, num_dims):
+  def loss_fn(params):
+    out = model.apply({"params": params}, batch, None, train=True, noise=noise, rngs={"dropout": dropout_key})
+    return losses.bits_per_dim(out["loss"].mean(), num_dims), out
+  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
 def train_step(state: TrainState, batch: jax.Array, *, model, optimizer, lr_fn, ema_rate: float,
-               ema_warmup: bool) -> tuple[TrainState, dict]:
-  """One optimiser step on uint8 images ``batch`` ``[B, H, W, C]``; the loss is bits/dim."""
+               ema_warmup: bool, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """One optimiser step on uint8 images ``batch`` ``[B, H, W, C]``; the loss is bits/dim.
+
+  With ``grad_accum_steps`` = k the batch is processed as k micro-batches in
+  a ``lax.scan`` (k times less activation memory) and their gradients are
+  averaged: the same update as one pass, the same noise (drawn for the whole
+  batch first), only dropout masks differ.
+  """
   loss_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
   num_dims = int(np.prod(batch.shape[1:]))
+  noise = model_lib.draw_noise(loss_key, batch.shape, model.antithetic_time_sampling)
+  if grad_accum_steps == 1:
+    (bpd, out), grads = _loss_and_grads(model, state.params, batch, noise, dropout_key, num_dims)
+  else:
+    split = lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:])  # noqa: E731
 
-  def loss_fn(params):
-    out = model.apply({"params": params}, batch, loss_key, train=True, rngs={"dropout": dropout_key})
-    return losses.bits_per_dim(out["loss"].mean(), num_dims), out
+    def micro(carry, inputs):
+      i, micro_batch, micro_noise = inputs
+      (bpd, out), grads = _loss_and_grads(model, state.params, micro_batch, micro_noise,
+                                          jax.random.fold_in(dropout_key, i), num_dims)
+      return jax.tree.map(jnp.add, carry, grads), (bpd, out)
 
-  (bpd, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (bpds, outs) = jax.lax.scan(
+        micro, zeros, (jnp.arange(grad_accum_steps), split(batch), jax.tree.map(split, noise)))
+    grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+    bpd = bpds.mean()
+    out = {k: (v.reshape(-1) if k.startswith("loss") else v[0]) for k, v in outs.items()}
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay(state.step, ema_rate, ema_warmup)
@@ -76,11 +102,16 @@ def train_step(state: TrainState, batch: jax.Array, *, model, optimizer, lr_fn, 
   return state, metrics
 
 
-def make_train_fn(config: ml_collections.ConfigDict, model, optimizer):
-  """Jitted (state, batches ``[K, B, …]``) → (state, metrics averaged over the K steps)."""
+def make_train_fn(config: ml_collections.ConfigDict, model, optimizer, mesh=None):
+  """Jitted (state, batches ``[K, B, …]``) → (state, metrics averaged over the K steps).
+
+  With a ``mesh``, the batch axis is sharded over its devices and the state
+  and metrics are replicated.
+  """
   step = functools.partial(train_step, model=model, optimizer=optimizer,
                            lr_fn=config_lib.learning_rate_schedule(config),
-                           ema_rate=config.optimizer.ema_rate, ema_warmup=config.optimizer.ema_warmup)
+                           ema_rate=config.optimizer.ema_rate, ema_warmup=config.optimizer.ema_warmup,
+                           grad_accum_steps=config.training.grad_accum_steps)
 
   def steps(state, batches):
     if batches.shape[0] == 1:  # no loop: XLA:CPU runs convolutions inside loops slowly
@@ -88,7 +119,11 @@ def make_train_fn(config: ml_collections.ConfigDict, model, optimizer):
     state, metrics = jax.lax.scan(step, state, batches)
     return state, jax.tree.map(jnp.mean, metrics)
 
-  return jax.jit(steps, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(steps, donate_argnums=0)
+  rep = sharding.replicated(mesh)
+  return jax.jit(steps, donate_argnums=0, in_shardings=(rep, sharding.batch_sharding(mesh, 1)),
+                 out_shardings=(rep, rep))
 
 
 def _echo(message: str) -> None:
@@ -103,23 +138,28 @@ def _write_json(path: str, record: dict) -> None:
   os.replace(tmp, path)
 
 
-def write_samples(config, model, params, image_shape, workdir: str, step: int) -> str:
-  """Samples ``config.eval.num_samples`` images with the EMA params into a PNG grid."""
+def write_samples(config, model, params, image_shape, workdir: str, step: int, mesh=None,
+                  write: bool = True) -> str:
+  """Samples ``config.eval.num_samples`` images with the EMA params into a PNG grid.
+
+  Every process must call (the sampler runs on all devices); only ``write`` ones write.
+  """
   key = jax.random.fold_in(jax.random.key(config.seed), 2)
   samples, _ = sampling.generate(model, params, key, config.eval.num_samples, image_shape,
-                                 num_steps=config.eval.sample_steps)
+                                 num_steps=config.eval.sample_steps, mesh=mesh)
   path = os.path.join(workdir, "samples", f"step_{step}.png")
-  images.write_png(path, images.grid(samples.astype(np.uint8)))
+  if write:
+    images.write_png(path, images.grid(samples.astype(np.uint8)))
   return path
 
 
 def evaluate_split(config, model, params, split, step: int, *, limit=None, eval_step=None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, mesh=None) -> dict:
   """The eval record of DESIGN: step, split, num_examples, bpd, bpd_stderr and the three terms."""
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   result = evaluation.evaluate(model, params, split, batch_size=config.eval.batch_size,
                                draws=config.eval.draws, key=key, limit=limit, eval_step=eval_step,
-                               progress=progress)
+                               progress=progress, mesh=mesh)
   return {"step": int(step), "split": config.eval.split, **result}
 
 
@@ -129,68 +169,87 @@ def save_eval_record(workdir: str, record: dict) -> str:
   return path
 
 
+def _setup(config: ml_collections.ConfigDict, image_shape):
+  """Validates, builds the model and optimiser, and the mesh; checks the batch split."""
+  config_lib.validate(config)
+  mesh = sharding.make_mesh()
+  sharding.check_batch(config.training.batch_size // config.training.grad_accum_steps,
+                       "training.batch_size (per micro-batch: batch_size / grad_accum_steps)")
+  model = config_lib.build_model(config)
+  optimizer = config_lib.build_optimizer(config)
+  rep = sharding.replicated(mesh)
+  init = jax.jit(lambda: create_train_state(config, model, optimizer, image_shape), out_shardings=rep)
+  return model, optimizer, mesh, init
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
   """Trains (resuming from the latest checkpoint in ``workdir``), then evaluates the test split.
 
+  Uses every device (data parallel); in a multi-process run each process
+  feeds its own slice of every batch and only process 0 writes files.
   Returns the final eval record (see :func:`evaluate_split`).
   """
   config_lib.validate(config)
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
   train_split, eval_split = data["train"], data[config.eval.split]
   image_shape = train_split.images.shape[1:]
-  model = config_lib.build_model(config)
-  optimizer = config_lib.build_optimizer(config)
-  state = create_train_state(config, model, optimizer, image_shape)
+  model, optimizer, mesh, init = _setup(config, image_shape)
+  state = init()
 
   workdir = os.path.abspath(workdir)
   mngr = checkpoints.manager(checkpoints.checkpoint_dir(workdir), keep=config.training.checkpoints_to_keep)
   if mngr.latest_step() is not None:
-    state = checkpoints.restore(mngr, state)
+    state = checkpoints.restore(mngr, state, sharding=sharding.replicated(mesh))
     _echo(f"resuming from step {int(state.step)} ({checkpoints.checkpoint_dir(workdir)})")
   is_main = jax.process_index() == 0
   metadata = {"image_shape": list(image_shape)}
   if is_main:
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())
   writer = MetricWriter(workdir, active=is_main, echo=_echo)
-  train_fn = make_train_fn(config, model, optimizer)
-  eval_step = evaluation.make_eval_step(model)
+  train_fn = make_train_fn(config, model, optimizer, mesh)
+  eval_step = evaluation.make_eval_step(model, mesh)
+  batch_on_mesh = sharding.batch_sharding(mesh, 1)
 
   tr = config.training
   start = int(state.step)
-  batches = input_pipeline.train_batches(train_split, tr.batch_size, config.seed, start, tr.steps_per_call)
-  bar = tqdm.tqdm(total=tr.num_steps, initial=start, desc="train", unit="step", disable=not progress,
-                  dynamic_ncols=True)
+  batches = input_pipeline.train_batches(train_split, tr.batch_size, config.seed, start, tr.steps_per_call,
+                                         jax.process_index(), jax.process_count())
+  bar = tqdm.tqdm(total=tr.num_steps, initial=start, desc="train", unit="step",
+                  disable=not (progress and is_main), dynamic_ncols=True)
   pending, window_start, window_time = [], start, time.time()
   for step in range(start, tr.num_steps, tr.steps_per_call):
-    state, metrics = train_fn(state, next(batches))
+    state, metrics = train_fn(state, sharding.to_global(next(batches), batch_on_mesh))
     pending.append(metrics)
     done = step + tr.steps_per_call
     bar.update(tr.steps_per_call)
     if done % tr.log_every == 0 or done == tr.num_steps:
-      summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+      summary = {k: float(np.mean([sharding.to_host(m[k]) for m in pending])) for k in pending[0]}
       summary["train/steps_per_sec"] = (done - window_start) / (time.time() - window_time)
       pending, window_start, window_time = [], done, time.time()
       writer.write(done, summary)
       bar.set_postfix(bpd=f"{summary['train/bpd']:.3f}")
     if tr.eval_every and done % tr.eval_every == 0 and done != tr.num_steps:
-      record = evaluate_split(config, model, state.ema_params, eval_split, done,
-                              limit=config.eval.periodic_examples, eval_step=eval_step, progress=progress)
+      record = evaluate_split(config, model, state.ema_params, eval_split, done, mesh=mesh,
+                              limit=config.eval.periodic_examples, eval_step=eval_step,
+                              progress=progress and is_main)
       writer.write(done, {f"eval/{k}": v for k, v in record.items() if k.startswith("bpd")})
-      if config.eval.num_samples and is_main:
-        write_samples(config, model, state.ema_params, image_shape, workdir, done)
+      if config.eval.num_samples:
+        write_samples(config, model, state.ema_params, image_shape, workdir, done, mesh, write=is_main)
     if done % tr.checkpoint_every == 0:
       checkpoints.save(mngr, state, config, metadata)
   bar.close()
   if mngr.latest_step() != int(state.step):
     checkpoints.save(mngr, state, config, metadata)
 
-  record = evaluate_split(config, model, state.ema_params, eval_split, int(state.step),
-                          eval_step=eval_step, progress=progress)
+  record = evaluate_split(config, model, state.ema_params, eval_split, int(state.step), mesh=mesh,
+                          eval_step=eval_step, progress=progress and is_main)
+  writer.write(int(state.step), {f"eval/{k}": v for k, v in record.items() if k.startswith("bpd")})
   if is_main:
-    writer.write(int(state.step), {f"eval/{k}": v for k, v in record.items() if k.startswith("bpd")})
     save_eval_record(workdir, record)
-    if config.eval.num_samples:
-      path = write_samples(config, model, state.ema_params, image_shape, workdir, int(state.step))
+  if config.eval.num_samples:
+    path = write_samples(config, model, state.ema_params, image_shape, workdir, int(state.step), mesh,
+                         write=is_main)
+    if is_main:
       _echo(f"samples: {path}")
   writer.close()
   return record
@@ -203,12 +262,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   directory, step = checkpoints.resolve(checkpoint or workdir)
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
   split = data[config.eval.split]
-  model = config_lib.build_model(config)
-  optimizer = config_lib.build_optimizer(config)
-  like = jax.eval_shape(lambda: create_train_state(config, model, optimizer, split.images.shape[1:]))
-  state = checkpoints.restore(checkpoints.manager(directory, read_only=True), like, step)
-  record = evaluate_split(config, model, state.ema_params, split, int(state.step), progress=progress)
+  model, _, mesh, init = _setup(config, split.images.shape[1:])
+  state = checkpoints.restore(checkpoints.manager(directory, read_only=True), jax.eval_shape(init), step,
+                              sharding=sharding.replicated(mesh))
+  record = evaluate_split(config, model, state.ema_params, split, int(state.step), mesh=mesh,
+                          progress=progress and jax.process_index() == 0)
   if jax.process_index() == 0:
     save_eval_record(os.path.abspath(workdir), record)
   return record
-
