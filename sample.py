@@ -29,6 +29,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  cli.initialize_distributed()
   with cli.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value
     if not path:
@@ -37,6 +38,8 @@ def main(argv):
     samples = trained.sample(jax.random.key(_SEED.value), _NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
                              sampler=_SAMPLER.value, eta=_ETA.value, clip_denoised=_CLIP.value,
                              batch_size=_BATCH.value or None, progress=True)
+  if jax.process_index() != 0:
+    return
   out = _OUTPUT.value or os.path.join(_WORKDIR.value or os.path.dirname(os.path.dirname(
       os.path.abspath(_CHECKPOINT.value))), "samples")
   name = f"{_SAMPLER.value}_step{trained.step}_n{_NUM_STEPS.value}_seed{_SEED.value}"

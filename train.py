@@ -26,6 +26,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  cli.initialize_distributed()
   config = _CONFIG.value
   with cli.user_errors():
     if _MODE.value == "train":

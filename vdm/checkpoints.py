@@ -43,12 +43,14 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: Optional[int] = None,
             sharding: Optional[jax.sharding.Sharding] = None) -> Any:
   """Restores the state at ``step`` (default: latest) into the structure of ``like``.
 
-  ``sharding`` places every array (e.g. replicated over a mesh); default: one device.
+  ``sharding`` places every array (e.g. replicated over a mesh); default: the
+  first device. Either way the checkpoint may come from another topology
+  (say, 8 GPUs or 2 hosts) than the one restoring it.
   """
   step = mngr.latest_step() if step is None else step
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.eval_shape(_to_saveable, like)  # works for concrete and abstract ``like``
-  if sharding is not None:
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
   state = restored["state"]
   return state.replace(key=jax.random.wrap_key_data(state.key))

@@ -10,6 +10,7 @@ import sys
 
 from absl import flags
 
+from vdm import sharding
 from vdm.config import ConfigError
 from vdm.input_pipeline import DataError
 
@@ -39,3 +40,15 @@ def user_errors():
     yield
   except USER_ERRORS as e:
     _fail(str(e))
+
+
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-host runs "
+                                   "(default: auto-detected on SLURM, MPI and TPU pods).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+
+
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize`` from the flags, or auto-detected; nothing on one host."""
+  with user_errors():
+    sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

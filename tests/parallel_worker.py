@@ -1,0 +1,37 @@
+"""Trains the smoke model a few steps on however many devices JAX sees; saves params.
+
+Run by tests/test_parallel.py in subprocesses (device count and processes set
+from outside). Usage: python tests/parallel_worker.py OUT.npz NUM_STEPS [GRAD_ACCUM]
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import smoke  # noqa: E402
+from vdm import input_pipeline, sharding, training  # noqa: E402
+
+
+def main(out: str, num_steps: str, grad_accum: str = "1") -> None:
+  config = smoke.get_config()
+  config.model.dropout = 0.0
+  config.training.grad_accum_steps = int(grad_accum)
+  split = input_pipeline.load_dataset("mnist5k")["train"]
+  model, optimizer, mesh, init = training._setup(config, split.images.shape[1:])
+  state = init()
+  train_fn = training.make_train_fn(config, model, optimizer, mesh)
+  batches = input_pipeline.train_batches(split, config.training.batch_size, config.seed)
+  losses = []
+  for _ in range(int(num_steps)):
+    state, metrics = train_fn(state, sharding.to_global(next(batches), sharding.batch_sharding(mesh, 1)))
+    losses.append(float(sharding.to_host(metrics["train/bpd"])))
+  flat = {jax.tree_util.keystr(p): sharding.to_host(x) for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+  np.savez(out, losses=np.array(losses), num_devices=jax.device_count(), **flat)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])

@@ -1,0 +1,104 @@
+"""Data parallelism on faked CPU devices: 8 devices ≡ 1 device, two processes ≡ one, accumulation."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+from configs import smoke
+from vdm import config as config_lib
+from vdm import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices: int) -> dict:
+  # NPROC=16 keeps CPU collectives on 2 cores from deadlocking.
+  return dict(os.environ, JAX_PLATFORMS="cpu", NPROC="16",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _worker(tmp_path, devices, name, grad_accum=1):
+  out = tmp_path / f"{name}.npz"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_worker.py"), str(out), "3",
+                         str(grad_accum)], env=_env(devices), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return dict(np.load(out))
+
+
+def _assert_params_close(a, b, rtol=1e-5):
+  keys = [k for k in a if k.startswith("[")]
+  assert keys and set(keys) == {k for k in b if k.startswith("[")}
+  for k in keys:
+    scale = max(float(np.abs(a[k]).max()), 1e-6)
+    assert float(np.abs(a[k] - b[k]).max()) <= rtol * scale + 1e-7, k
+
+
+def test_eight_devices_equal_one(tmp_path):
+  one = _worker(tmp_path, 1, "one")
+  eight = _worker(tmp_path, 8, "eight")
+  assert int(one["num_devices"]) == 1 and int(eight["num_devices"]) == 8
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+  _assert_params_close(one, eight)
+
+
+def test_gradient_accumulation_equals_one_big_step(tmp_path):
+  whole = _worker(tmp_path, 1, "whole", grad_accum=1)
+  micro = _worker(tmp_path, 1, "micro", grad_accum=4)
+  np.testing.assert_allclose(micro["losses"], whole["losses"], rtol=1e-5)
+  _assert_params_close(whole, micro)
+
+
+def test_batch_that_does_not_split_over_devices_fails_before_compiling(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/smoke.py",
+                         f"--workdir={tmp_path / 'w'}", "--config.training.batch_size=6"],
+                        cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "config.training.batch_size" in proc.stderr and "multiple of the 4 devices" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  args = ["--config=configs/smoke.py", "--config.model.dropout=0.0", "--config.training.num_steps=3",
+          "--config.training.log_every=1", "--config.training.checkpoint_every=3",
+          "--config.eval.sample_steps=2", "--config.eval.periodic_examples=0"]
+  single = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'single'}", *args], cwd=ROOT,
+                          env=_env(4), capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "train.py", f"--workdir={tmp_path / 'multi'}", *args,
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                            cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  single_record = json.loads(single.stdout.strip().splitlines()[-1])
+  multi_record = json.loads(outs[0][0].strip().splitlines()[-1])
+  assert multi_record["num_examples"] == single_record["num_examples"] == 500
+  np.testing.assert_allclose(multi_record["bpd"], single_record["bpd"], rtol=1e-4)
+  # Only process 0 wrote the logs: one line per log step, one eval file.
+  with open(tmp_path / "multi" / "metrics.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f if "train/bpd" in line] == [1, 2, 3]
+
+  config = smoke.get_config()
+  model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
+  like = jax.eval_shape(lambda: training.create_train_state(config, model, optimizer, (28, 28, 1)))
+  from vdm import checkpoints
+  states = [checkpoints.restore(checkpoints.manager(str(tmp_path / w / "checkpoints"), read_only=True), like)
+            for w in ("single", "multi")]
+  assert int(states[0].step) == int(states[1].step) == 3
+  flat = [{jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(s.params)}
+          for s in states]
+  _assert_params_close(*flat)
