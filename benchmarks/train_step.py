@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py --config=configs/mnist.py
     python benchmarks/train_step.py --config=configs/cifar10.py --batch_size=8 --image_shape=32,32,3
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 NPROC=16 python benchmarks/train_step.py --config=configs/mnist.py
 
 Prints one JSON object per run and appends it to benchmarks/results.jsonl.
 """
@@ -21,8 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vdm import config as config_lib  # noqa: E402
-from vdm import training  # noqa: E402
+from vdm import sharding, training  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (default: the config's).")
@@ -34,11 +34,12 @@ flags.mark_flag_as_required("config")
 
 
 def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bool = False) -> dict:
-  model = config_lib.build_model(config)
-  optimizer = config_lib.build_optimizer(config)
-  state = training.create_train_state(config, model, optimizer, image_shape)
-  train_fn = training.make_train_fn(config, model, optimizer)
-  batch = np.random.default_rng(0).integers(0, 256, (1, batch_size) + tuple(image_shape)).astype(np.uint8)
+  config.training.batch_size = batch_size
+  model, optimizer, mesh, init = training._setup(config, image_shape)
+  state = init()
+  train_fn = training.make_train_fn(config, model, optimizer, mesh)
+  local = np.random.default_rng(0).integers(0, 256, (1, batch_size) + tuple(image_shape)).astype(np.uint8)
+  batch = sharding.to_global(local, sharding.batch_sharding(mesh, 1))
   t0 = time.perf_counter()
   lowered = train_fn.lower(state, batch)
   t1 = time.perf_counter()
