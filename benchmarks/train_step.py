@@ -35,7 +35,7 @@ flags.mark_flag_as_required("config")
 
 def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bool = False) -> dict:
   config.training.batch_size = batch_size
-  model, optimizer, mesh, init = training._setup(config, image_shape)
+  model, optimizer, mesh, init = training.setup(config, image_shape)
   state = init()
   train_fn = training.make_train_fn(config, model, optimizer, mesh)
   local = np.random.default_rng(0).integers(0, 256, (1, batch_size) + tuple(image_shape)).astype(np.uint8)

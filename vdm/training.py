@@ -169,7 +169,7 @@ def save_eval_record(workdir: str, record: dict) -> str:
   return path
 
 
-def _setup(config: ml_collections.ConfigDict, image_shape):
+def setup(config: ml_collections.ConfigDict, image_shape):
   """Validates, builds the model and optimiser, and the mesh; checks the batch split."""
   config_lib.validate(config)
   mesh = sharding.make_mesh()
@@ -193,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
   train_split, eval_split = data["train"], data[config.eval.split]
   image_shape = train_split.images.shape[1:]
-  model, optimizer, mesh, init = _setup(config, image_shape)
+  model, optimizer, mesh, init = setup(config, image_shape)
   state = init()
 
   workdir = os.path.abspath(workdir)
@@ -262,7 +262,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   directory, step = checkpoints.resolve(checkpoint or workdir)
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
   split = data[config.eval.split]
-  model, _, mesh, init = _setup(config, split.images.shape[1:])
+  model, _, mesh, init = setup(config, split.images.shape[1:])
   state = checkpoints.restore(checkpoints.manager(directory, read_only=True), jax.eval_shape(init), step,
                               sharding=sharding.replicated(mesh))
   record = evaluate_split(config, model, state.ema_params, split, int(state.step), mesh=mesh,
