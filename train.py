@@ -5,6 +5,8 @@
 
 Running the same training command again resumes from the latest checkpoint.
 ``--mode=eval`` prints one JSON object as the last line of stdout.
+SIGTERM or SIGINT: the current step finishes, a checkpoint is written, and
+the program exits with status 143 (SIGTERM) or 130 (SIGINT).
 """
 
 import json
@@ -28,11 +30,18 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   cli.initialize_distributed()
   config = _CONFIG.value
-  with cli.user_errors():
-    if _MODE.value == "train":
-      record = training.train_and_evaluate(config, _WORKDIR.value)
-    else:
-      record = training.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
+  try:
+    with cli.user_errors():
+      if _MODE.value == "train":
+        record = training.train_and_evaluate(config, _WORKDIR.value)
+      else:
+        record = training.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
+  except training.Preempted as e:  # SIGINT: exit 130; SIGTERM: exit 143
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except training.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   print(json.dumps(record), flush=True)
 
 

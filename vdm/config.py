@@ -44,6 +44,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(tr[field] >= 1, f"training.{field}", "a positive integer", tr[field])
   _check(tr.batch_size % tr.grad_accum_steps == 0, "training.batch_size",
          f"a multiple of training.grad_accum_steps ({tr.grad_accum_steps})", tr.batch_size)
+  _check(tr.on_nonfinite in ("skip", "stop"), "training.on_nonfinite", "'skip' or 'stop'", tr.on_nonfinite)
   _check(tr.eval_every >= 0, "training.eval_every", "≥ 0 (0 = never)", tr.eval_every)
   for field in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
     _check(tr[field] % tr.steps_per_call == 0, f"training.{field}",

@@ -1,9 +1,12 @@
 """Training: one pytree TrainState, a jitted (donated) step, and the loop."""
 
 import functools
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -48,34 +51,63 @@ def ema_decay(step: jax.Array, rate: float, warmup: bool) -> jax.Array:
   return jnp.minimum(rate, (1.0 + n) / (10.0 + n))
 
 
-def _loss_and_grads(model, params, batch, noise, dropout_key, num_dims):
+NONFINITE_TERMS = ("loss_recon", "loss_prior", "loss_diff", "gradient")
+
+
+class NonFiniteError(RuntimeError):
+  """Training met a NaN/Inf with ``on_nonfinite='stop'``."""
+
+  def __init__(self, step: int, term: str):
+    super().__init__(f"non-finite {term} at step {step} (training.on_nonfinite='stop'); that update was "
+                     "not applied and no non-finite state was saved")
+    self.step, self.term = step, term
+
+
+class Preempted(Exception):
+  """SIGTERM or SIGINT arrived; a checkpoint of ``step`` was written."""
+
+  def __init__(self, signum: int, step: int, directory: str):
+    name = signal.Signals(signum).name
+    super().__init__(f"stopped by {name} at step {step}; checkpoint in {directory}; "
+                     "run the same command to resume")
+    self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
+
+
+def _loss_and_grads(model, params, batch, noise, dropout_key, num_dims, poison=False):
   def loss_fn(params):
     out = model.apply({"params": params}, batch, None, train=True, noise=noise, rngs={"dropout": dropout_key})
+    out["loss_diff"] = jnp.where(poison, jnp.nan, out["loss_diff"])  # test hook; False in real runs
+    out["loss"] = out["loss_recon"] + out["loss_prior"] + out["loss_diff"]
     return losses.bits_per_dim(out["loss"].mean(), num_dims), out
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
 def train_step(state: TrainState, batch: jax.Array, *, model, optimizer, lr_fn, ema_rate: float,
-               ema_warmup: bool, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+               ema_warmup: bool, grad_accum_steps: int = 1, poison_step: int = -1) -> tuple[TrainState, dict]:
   """One optimiser step on uint8 images ``batch`` ``[B, H, W, C]``; the loss is bits/dim.
 
   With ``grad_accum_steps`` = k the batch is processed as k micro-batches in
   a ``lax.scan`` (k times less activation memory) and their gradients are
   averaged: the same update as one pass, the same noise (drawn for the whole
   batch first), only dropout masks differ.
+
+  A NaN/Inf in any loss term or the gradient skips the update (params, EMA
+  and optimiser state stay as they were; the step still advances) and is
+  reported in ``train/nonfinite`` and ``train/nonfinite_term``.
   """
+  poison = state.step == poison_step
   loss_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
   num_dims = int(np.prod(batch.shape[1:]))
   noise = model_lib.draw_noise(loss_key, batch.shape, model.antithetic_time_sampling)
   if grad_accum_steps == 1:
-    (bpd, out), grads = _loss_and_grads(model, state.params, batch, noise, dropout_key, num_dims)
+    (bpd, out), grads = _loss_and_grads(model, state.params, batch, noise, dropout_key, num_dims, poison)
   else:
     split = lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:])  # noqa: E731
 
     def micro(carry, inputs):
       i, micro_batch, micro_noise = inputs
       (bpd, out), grads = _loss_and_grads(model, state.params, micro_batch, micro_noise,
-                                          jax.random.fold_in(dropout_key, i), num_dims)
+                                          jax.random.fold_in(dropout_key, i), num_dims, poison)
       return jax.tree.map(jnp.add, carry, grads), (bpd, out)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -84,17 +116,25 @@ def train_step(state: TrainState, batch: jax.Array, *, model, optimizer, lr_fn, 
     grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     bpd = bpds.mean()
     out = {k: (v.reshape(-1) if k.startswith("loss") else v[0]) for k, v in outs.items()}
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.stack([jnp.all(jnp.isfinite(out[k])) for k in NONFINITE_TERMS[:3]] + [jnp.isfinite(grad_norm)])
+  ok = jnp.all(finite)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay(state.step, ema_rate, ema_warmup)
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+  params, ema_params = keep(params, state.params), keep(ema_params, state.ema_params)
+  opt_state = keep(opt_state, state.opt_state)
   metrics = {
       "train/bpd": bpd,
       "train/bpd_recon": losses.bits_per_dim(out["loss_recon"].mean(), num_dims),
       "train/bpd_prior": losses.bits_per_dim(out["loss_prior"].mean(), num_dims),
       "train/bpd_diff": losses.bits_per_dim(out["loss_diff"].mean(), num_dims),
       "train/lr": lr_fn(state.step),
-      "train/grad_norm": optax.tree.norm(grads),
+      "train/grad_norm": grad_norm,
+      "train/nonfinite": 1.0 - ok.astype(jnp.float32),
+      "train/nonfinite_term": jnp.where(ok, -1, jnp.argmin(finite)).astype(jnp.float32),
       "train/gamma_0": out["gamma_0"],
       "train/gamma_1": out["gamma_1"],
   }
@@ -111,7 +151,8 @@ def make_train_fn(config: ml_collections.ConfigDict, model, optimizer, mesh=None
   step = functools.partial(train_step, model=model, optimizer=optimizer,
                            lr_fn=config_lib.learning_rate_schedule(config),
                            ema_rate=config.optimizer.ema_rate, ema_warmup=config.optimizer.ema_warmup,
-                           grad_accum_steps=config.training.grad_accum_steps)
+                           grad_accum_steps=config.training.grad_accum_steps,
+                           poison_step=config.training.debug_nonfinite_step)
 
   def steps(state, batches):
     if batches.shape[0] == 1:  # no loop: XLA:CPU runs convolutions inside loops slowly
@@ -124,6 +165,38 @@ def make_train_fn(config: ml_collections.ConfigDict, model, optimizer, mesh=None
   rep = sharding.replicated(mesh)
   return jax.jit(steps, donate_argnums=0, in_shardings=(rep, sharding.batch_sharding(mesh, 1)),
                  out_shardings=(rep, rep))
+
+
+@contextlib.contextmanager
+def _stop_signals():
+  """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first."""
+  received: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+              for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield received
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def _raise_if_nonfinite(unchecked: list) -> None:
+  """Raises NonFiniteError for the first step in ``unchecked`` [(step, metrics)] that went non-finite."""
+  for step, metrics in unchecked:
+    if float(sharding.to_host(metrics["train/nonfinite"])) > 0:
+      term = NONFINITE_TERMS[int(sharding.to_host(metrics["train/nonfinite_term"]))]
+      raise NonFiniteError(step, term)
+
+
+def _summary(pending: list) -> dict:
+  """Averages a window's metrics; counts its skipped (non-finite) steps."""
+  host = [{k: float(sharding.to_host(v)) for k, v in m.items()} for _, m in pending]
+  summary = {k: float(np.mean([m[k] for m in host])) for k in host[0] if not k.startswith("train/nonfinite")}
+  summary["train/skipped_steps"] = float(sum(m["train/nonfinite"] for m in host))
+  return summary
 
 
 def _echo(message: str) -> None:
@@ -216,27 +289,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                                          jax.process_index(), jax.process_count())
   bar = tqdm.tqdm(total=tr.num_steps, initial=start, desc="train", unit="step",
                   disable=not (progress and is_main), dynamic_ncols=True)
-  pending, window_start, window_time = [], start, time.time()
-  for step in range(start, tr.num_steps, tr.steps_per_call):
-    state, metrics = train_fn(state, sharding.to_global(next(batches), batch_on_mesh))
-    pending.append(metrics)
-    done = step + tr.steps_per_call
-    bar.update(tr.steps_per_call)
-    if done % tr.log_every == 0 or done == tr.num_steps:
-      summary = {k: float(np.mean([sharding.to_host(m[k]) for m in pending])) for k in pending[0]}
-      summary["train/steps_per_sec"] = (done - window_start) / (time.time() - window_time)
-      pending, window_start, window_time = [], done, time.time()
-      writer.write(done, summary)
-      bar.set_postfix(bpd=f"{summary['train/bpd']:.3f}")
-    if tr.eval_every and done % tr.eval_every == 0 and done != tr.num_steps:
-      record = evaluate_split(config, model, state.ema_params, eval_split, done, mesh=mesh,
-                              limit=config.eval.periodic_examples, eval_step=eval_step,
-                              progress=progress and is_main)
-      writer.write(done, {f"eval/{k}": v for k, v in record.items() if k.startswith("bpd")})
-      if config.eval.num_samples:
-        write_samples(config, model, state.ema_params, image_shape, workdir, done, mesh, write=is_main)
-    if done % tr.checkpoint_every == 0:
-      checkpoints.save(mngr, state, config, metadata)
+  pending, unchecked, window_start, window_time = [], [], start, time.time()
+  stop_on_nonfinite = tr.on_nonfinite == "stop"
+  with _stop_signals() as received:
+    for step in range(start, tr.num_steps, tr.steps_per_call):
+      state, metrics = train_fn(state, sharding.to_global(next(batches), batch_on_mesh))
+      done = step + tr.steps_per_call
+      pending.append((done, metrics))
+      unchecked.append((done, metrics))
+      bar.update(tr.steps_per_call)
+      last = done == tr.num_steps
+      if stop_on_nonfinite and (last or done % tr.log_every == 0):
+        _raise_if_nonfinite(unchecked)  # the state itself stayed finite: the bad update was skipped
+        unchecked = []
+      if done % tr.log_every == 0 or last:
+        summary = _summary(pending)
+        summary["train/steps_per_sec"] = (done - window_start) / (time.time() - window_time)
+        pending, window_start, window_time = [], done, time.time()
+        writer.write(done, summary)
+        bar.set_postfix(bpd=f"{summary['train/bpd']:.3f}")
+      if tr.eval_every and done % tr.eval_every == 0 and not last and not received:
+        record = evaluate_split(config, model, state.ema_params, eval_split, done, mesh=mesh,
+                                limit=config.eval.periodic_examples, eval_step=eval_step,
+                                progress=progress and is_main)
+        writer.write(done, {f"eval/{k}": v for k, v in record.items() if k.startswith("bpd")})
+        if config.eval.num_samples:
+          write_samples(config, model, state.ema_params, image_shape, workdir, done, mesh, write=is_main)
+      if done % tr.checkpoint_every == 0 or received:  # a signal may have come at any point above
+        if stop_on_nonfinite:
+          _raise_if_nonfinite(unchecked)
+          unchecked = []
+        checkpoints.save(mngr, state, config, metadata)
+      if received:
+        bar.close()
+        writer.close()
+        raise Preempted(received[0], done, checkpoints.checkpoint_dir(workdir))
   bar.close()
   if mngr.latest_step() != int(state.step):
     checkpoints.save(mngr, state, config, metadata)
