@@ -21,6 +21,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics, samples.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (then evaluate) or only evaluate.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Checkpoint to evaluate (default: latest in --workdir).")
+_ALLOW_MISMATCH = flags.DEFINE_bool("allow_config_mismatch", False,
+                                    "Load a checkpoint even if its model config differs from --config.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,9 +35,11 @@ def main(argv):
   try:
     with cli.user_errors():
       if _MODE.value == "train":
-        record = training.train_and_evaluate(config, _WORKDIR.value)
+        record = training.train_and_evaluate(config, _WORKDIR.value,
+                                             allow_config_mismatch=_ALLOW_MISMATCH.value)
       else:
-        record = training.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
+        record = training.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value,
+                                              allow_config_mismatch=_ALLOW_MISMATCH.value)
   except training.Preempted as e:  # SIGINT: exit 130; SIGTERM: exit 143
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(e.exit_code)

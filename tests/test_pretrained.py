@@ -10,7 +10,6 @@ import pytest
 import jax
 import vdm
 from configs import smoke
-from vdm import config as config_lib
 from vdm import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,26 +53,12 @@ def test_samples_depend_only_on_key_and_index(workdir):
   assert latents.shape == (2, 28, 28, 1) and latents.dtype == np.float32
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(num_steps=0), "num_steps: expected ≥ 1"),
-    (dict(eta=1.5), "eta: expected a value in [0, 1]"),
-    (dict(sampler="euler"), "unknown sampler 'euler'"),
-    (dict(batch_size=0), "batch_size: expected ≥ 1"),
-])
-def test_bad_sampling_arguments_are_refused(workdir, kwargs, words):
-  trained = vdm.load(workdir)
-  with pytest.raises(config_lib.ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
-    trained.sample(jax.random.key(0), 2, **kwargs)
-
-
 def test_evaluate_bpd_of_user_images(workdir):
   trained = vdm.load(workdir)
   images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
   out = trained.evaluate_bpd(images, jax.random.key(0), draws=2)
   assert out["num_examples"] == 5 and out["per_example"].shape == (5,)
   np.testing.assert_allclose(out["per_example"].mean(), out["bpd"], rtol=1e-5)
-  with pytest.raises(config_lib.ConfigError, match="images: expected integers"):
-    trained.evaluate_bpd(np.zeros((2, 8, 8, 1), np.uint8), jax.random.key(0))
 
 
 def _sample_cli(*args):
@@ -89,18 +74,3 @@ def test_sample_cli_writes_png_and_npz(workdir, tmp_path):
   assert len(npz) == 1 and len(png) == 1 and str(tmp_path) in proc.stdout
   with np.load(tmp_path / npz[0]) as f:
     assert f["samples"].shape == (4, 28, 28, 1) and f["samples"].dtype == np.uint8
-
-
-@pytest.mark.parametrize("args,words", [
-    (["--checkpoint=/no/such/dir"], "no checkpoint under"),
-    (["--num_steps=0"], "num_steps: expected ≥ 1"),
-    (["--eta=1.5"], "eta: expected a value in [0, 1]"),
-    (["--sampler=euler"], "unknown sampler 'euler'"),
-    ([], "give --workdir or --checkpoint"),
-])
-def test_sample_cli_user_errors(workdir, tmp_path, args, words):
-  base = [] if not args or args[0].startswith("--checkpoint") else [f"--workdir={workdir}"]
-  proc = _sample_cli(*base, *args, f"--output={tmp_path}/out")
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert words in proc.stderr and "Traceback" not in proc.stderr
-  assert not (tmp_path / "out").exists()

@@ -14,6 +14,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 
+class CheckpointError(ValueError):
+  """A checkpoint cannot be used: unreadable, or made by a different model."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -51,7 +55,11 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: Optional[int] = None,
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.eval_shape(_to_saveable, like)  # works for concrete and abstract ``like``
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  except Exception as e:  # orbax raises many types for unreadable or mismatched folders
+    raise CheckpointError(f"checkpoint {mngr.directory}/{step} could not be restored: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
   state = restored["state"]
   return state.replace(key=jax.random.wrap_key_data(state.key))
 
@@ -60,9 +68,36 @@ def restore_config(mngr: ocp.CheckpointManager, step: Optional[int] = None
                    ) -> tuple[ml_collections.ConfigDict, dict]:
   """The config and metadata saved with a checkpoint."""
   step = mngr.latest_step() if step is None else step
-  restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                        metadata=ocp.args.JsonRestore()))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                          metadata=ocp.args.JsonRestore()))
+  except Exception as e:
+    raise CheckpointError(f"checkpoint {mngr.directory}/{step} has no readable config: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
   return ml_collections.ConfigDict(restored["config"]), dict(restored["metadata"] or {})
+
+
+def check_compatible(mngr: ocp.CheckpointManager, step: Optional[int], config: ml_collections.ConfigDict,
+                     image_shape) -> None:
+  """Refuses a checkpoint whose model config or image shape differs from the run's.
+
+  Raises CheckpointError listing the differing fields.
+  """
+  saved, metadata = restore_config(mngr, step)
+  want, have = config.model.to_dict(), saved.model.to_dict()
+  diffs = [f"model.{k}: checkpoint {have.get(k)!r}, config {want.get(k)!r}"
+           for k in sorted(set(want) | set(have)) if _plain(want.get(k)) != _plain(have.get(k))]
+  saved_shape = tuple(metadata.get("image_shape", ()))
+  if saved_shape and saved_shape != tuple(image_shape):
+    diffs.append(f"image shape: checkpoint {saved_shape}, data {tuple(image_shape)}")
+  if diffs:
+    raise CheckpointError(f"checkpoint {mngr.directory} was made by a different model ("
+                          + "; ".join(diffs) + "); use another --workdir, or pass "
+                          "--allow_config_mismatch to load it anyway")
+
+
+def _plain(value):
+  return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def resolve(path: str) -> tuple[str, Optional[int]]:

@@ -11,10 +11,11 @@ import sys
 from absl import flags
 
 from vdm import sharding
+from vdm.checkpoints import CheckpointError
 from vdm.config import ConfigError
 from vdm.input_pipeline import DataError
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError)
 
 
 def _fail(message: str) -> None:

@@ -255,7 +255,14 @@ def setup(config: ml_collections.ConfigDict, image_shape):
   return model, optimizer, mesh, init
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+def _split(data: dict, name: str) -> input_pipeline.Split:
+  if name not in data:
+    raise input_pipeline.DataError(f"config.eval.split: expected one of {sorted(data)}, got {name!r}")
+  return data[name]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+                       allow_config_mismatch: bool = False) -> dict:
   """Trains (resuming from the latest checkpoint in ``workdir``), then evaluates the test split.
 
   Uses every device (data parallel); in a multi-process run each process
@@ -264,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   """
   config_lib.validate(config)
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
-  train_split, eval_split = data["train"], data[config.eval.split]
+  train_split, eval_split = data["train"], _split(data, config.eval.split)
   image_shape = train_split.images.shape[1:]
   model, optimizer, mesh, init = setup(config, image_shape)
   state = init()
@@ -272,6 +279,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   workdir = os.path.abspath(workdir)
   mngr = checkpoints.manager(checkpoints.checkpoint_dir(workdir), keep=config.training.checkpoints_to_keep)
   if mngr.latest_step() is not None:
+    if not allow_config_mismatch:
+      checkpoints.check_compatible(mngr, None, config, image_shape)
     state = checkpoints.restore(mngr, state, sharding=sharding.replicated(mesh))
     _echo(f"resuming from step {int(state.step)} ({checkpoints.checkpoint_dir(workdir)})")
   is_main = jax.process_index() == 0
@@ -343,15 +352,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "", *,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, allow_config_mismatch: bool = False) -> dict:
   """Evaluates ``config.eval.split`` with the EMA params of a checkpoint (default: latest in workdir)."""
   config_lib.validate(config)
   directory, step = checkpoints.resolve(checkpoint or workdir)
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
-  split = data[config.eval.split]
+  split = _split(data, config.eval.split)
   model, _, mesh, init = setup(config, split.images.shape[1:])
-  state = checkpoints.restore(checkpoints.manager(directory, read_only=True), jax.eval_shape(init), step,
-                              sharding=sharding.replicated(mesh))
+  mngr = checkpoints.manager(directory, read_only=True)
+  if not allow_config_mismatch:
+    checkpoints.check_compatible(mngr, step, config, split.images.shape[1:])
+  state = checkpoints.restore(mngr, jax.eval_shape(init), step, sharding=sharding.replicated(mesh))
   record = evaluate_split(config, model, state.ema_params, split, int(state.step), mesh=mesh,
                           progress=progress and jax.process_index() == 0)
   if jax.process_index() == 0:

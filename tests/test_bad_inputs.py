@@ -1,0 +1,112 @@
+"""Bad input of every kind: one clear line, a non-zero exit (or a specific exception), nothing changed."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import vdm
+from configs import smoke
+from vdm import checkpoints, training
+from vdm import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A smoke workdir with checkpoints, and a float npz that is not image data."""
+  path = tmp_path_factory.mktemp("bad")
+  config = smoke.get_config()
+  config.eval.num_samples = 0
+  training.train_and_evaluate(config, str(path / "run"), progress=False)
+  np.savez(path / "float.npz", train=np.zeros((4, 8, 8), np.float32), test=np.zeros((2, 8, 8), np.float32))
+  corrupt = path / "corrupt" / "checkpoints" / "3"
+  corrupt.mkdir(parents=True)
+  (corrupt / "garbage").write_text("not a checkpoint")
+  return path
+
+
+def _snapshot(folder):
+  return sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getmtime(os.path.join(d, f)))
+                for d, _, files in os.walk(folder) for f in files) if os.path.isdir(folder) else []
+
+
+TRAIN = [  # (arguments after --config=configs/smoke.py, words expected on stderr)
+    (["--config.training.nope=3"], "unknown config field 'nope'"),
+    (["--config.training.num_steps=abc"], "config.training.num_steps"),
+    (["--config.model.gamma_min=9.0"], "config.model.gamma_min: expected < model.gamma_max"),
+    (["--config.model.schedule=wobbly"], "config.model.schedule: expected one of"),
+    (["--config.model.decoder=gauss"], "config.model.decoder: expected one of"),
+    (["--config.model.vocab_size=1"], "config.model.vocab_size: expected an integer ≥ 2"),
+    (["--config.optimizer.learning_rate=-1.0"], "config.optimizer.learning_rate: expected > 0"),
+    (["--config.model.dropout=1.5"], "config.model.dropout: expected a rate in [0, 1)"),
+    (["--config.optimizer.ema_rate=1.5"], "config.optimizer.ema_rate: expected a decay in [0, 1)"),
+    (["--config.training.steps_per_call=3"], "config.training.num_steps: expected a multiple of"),
+    (["--config.training.grad_accum_steps=3"], "config.training.batch_size: expected a multiple of"),
+    (["--config.training.on_nonfinite=ignore"], "config.training.on_nonfinite: expected 'skip' or 'stop'"),
+    (["--config.eval.split=validation"], "config.eval.split: expected one of ['test', 'train']"),
+    (["--config.data.dataset=npz:/no/such.npz"], "no file '/no/such.npz'"),
+    (["--config.data.dataset=imagenet7"], "unknown dataset 'imagenet7'"),
+    (["--config.data.dataset=npz:{tmp}/float.npz"], "expected a non-empty uint8 array"),
+    (["--mode=eval"], "no checkpoint under"),
+    (["--mode=eval", "--checkpoint={tmp}/nothing"], "no checkpoint under"),
+    (["--config.model.channels=16", "--workdir={tmp}/run"], "was made by a different model (model.channels"),
+    (["--mode=eval", "--config.model.num_blocks=2", "--workdir={tmp}/run"], "model.num_blocks: checkpoint 1"),
+    (["--mode=eval", "--workdir={tmp}/corrupt"], "has no readable config"),
+]
+
+SAMPLE = [
+    (["--workdir={tmp}/run", "--num_steps=0"], "num_steps: expected ≥ 1"),
+    (["--workdir={tmp}/run", "--eta=1.5"], "eta: expected a value in [0, 1]"),
+    (["--workdir={tmp}/run", "--sampler=euler"], "unknown sampler 'euler'"),
+    (["--workdir={tmp}/run", "--num_samples=0"], "num_samples: expected ≥ 1"),
+    (["--checkpoint={tmp}/no/such"], "no checkpoint under"),
+    ([], "give --workdir or --checkpoint"),
+]
+
+
+def _run(script, args, tmp):
+  args = [a.replace("{tmp}", str(tmp)) for a in args]
+  return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize("args,words", TRAIN, ids=[w[:40] for _, w in TRAIN])
+def test_train_py_refuses(trained, tmp_path, args, words):
+  workdir = [] if any(a.startswith("--workdir") for a in args) else [f"--workdir={tmp_path / 'w'}"]
+  before = _snapshot(trained)
+  proc = _run("train.py", ["--config=configs/smoke.py", *workdir, *args], trained)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert _snapshot(trained) == before
+  assert not (tmp_path / "w").exists() or not os.listdir(tmp_path / "w")
+
+
+@pytest.mark.parametrize("args,words", SAMPLE, ids=[w[:40] for _, w in SAMPLE])
+def test_sample_py_refuses(trained, args, words):
+  before = _snapshot(trained)
+  proc = _run("sample.py", [*args, "--output={tmp}/out"], trained)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert words in proc.stderr and "Traceback" not in proc.stderr
+  assert _snapshot(trained) == before
+
+
+def test_python_api_refuses(trained):
+  with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+    vdm.load(str(trained / "nowhere"))
+  with pytest.raises(checkpoints.CheckpointError, match="has no readable config"):
+    vdm.load(str(trained / "corrupt"))
+  model = vdm.load(str(trained / "run"))
+  for kwargs, words in [(dict(num_samples=0), "num_samples"), (dict(num_samples=2, batch_size=0), "batch_size"),
+                        (dict(num_samples=2, eta=-0.1), "eta")]:
+    n = kwargs.pop("num_samples")
+    with pytest.raises(config_lib.ConfigError, match=words):
+      model.sample(jax.random.key(0), n, **kwargs)
+  with pytest.raises(config_lib.ConfigError, match="images: expected integers"):
+    model.evaluate_bpd(np.zeros((2, 28, 28, 1), np.float32), jax.random.key(0))
+  with pytest.raises(config_lib.ConfigError, match=r"images: values must lie in \[0, 255\]"):
+    model.evaluate_bpd(np.full((2, 28, 28, 1), 300, np.int32), jax.random.key(0))
