@@ -102,3 +102,26 @@ def test_two_processes_train_like_one(tmp_path):
   flat = [{jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(s.params)}
           for s in states]
   _assert_params_close(*flat)
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+  import signal
+  import time
+  port = _free_port()
+  args = ["--config=configs/smoke.py", "--config.training.num_steps=4000", "--config.training.log_every=1",
+          "--config.training.checkpoint_every=4000", "--config.training.eval_every=0", "--config.eval.num_samples=0"]
+  procs = [subprocess.Popen([sys.executable, "train.py", f"--workdir={tmp_path / 'multi'}", *args,
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                            cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  metrics = tmp_path / "multi" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert time.time() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], outs[0][1][-1500:] + outs[1][1][-1500:]
+  steps = {int(err.split("at step ")[1].split(";")[0]) for _, err in outs}
+  assert len(steps) == 1
+  assert os.listdir(tmp_path / "multi" / "checkpoints") == [str(steps.pop())]

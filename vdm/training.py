@@ -183,6 +183,14 @@ def _stop_signals():
       signal.signal(s, handler)
 
 
+def _any_process(flag: bool) -> bool:
+  """True on every process if ``flag`` is True on any (one small allgather; free on one host)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def _raise_if_nonfinite(unchecked: list) -> None:
   """Raises NonFiniteError for the first step in ``unchecked`` [(step, metrics)] that went non-finite."""
   for step, metrics in unchecked:
@@ -304,6 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     for step in range(start, tr.num_steps, tr.steps_per_call):
       state, metrics = train_fn(state, sharding.to_global(next(batches), batch_on_mesh))
       done = step + tr.steps_per_call
+      stop = _any_process(bool(received))  # a signal to one host stops them all at the same step
       pending.append((done, metrics))
       unchecked.append((done, metrics))
       bar.update(tr.steps_per_call)
@@ -317,22 +326,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         pending, window_start, window_time = [], done, time.time()
         writer.write(done, summary)
         bar.set_postfix(bpd=f"{summary['train/bpd']:.3f}")
-      if tr.eval_every and done % tr.eval_every == 0 and not last and not received:
+      if tr.eval_every and done % tr.eval_every == 0 and not last and not stop:
         record = evaluate_split(config, model, state.ema_params, eval_split, done, mesh=mesh,
                                 limit=config.eval.periodic_examples, eval_step=eval_step,
                                 progress=progress and is_main)
         writer.write(done, {f"eval/{k}": v for k, v in record.items() if k.startswith("bpd")})
         if config.eval.num_samples:
           write_samples(config, model, state.ema_params, image_shape, workdir, done, mesh, write=is_main)
-      if done % tr.checkpoint_every == 0 or received:  # a signal may have come at any point above
+      if done % tr.checkpoint_every == 0 or stop:
         if stop_on_nonfinite:
           _raise_if_nonfinite(unchecked)
           unchecked = []
         checkpoints.save(mngr, state, config, metadata)
-      if received:
+      if stop:
         bar.close()
         writer.close()
-        raise Preempted(received[0], done, checkpoints.checkpoint_dir(workdir))
+        raise Preempted(received[0] if received else signal.SIGTERM, done, checkpoints.checkpoint_dir(workdir))
   bar.close()
   if mngr.latest_step() != int(state.step):
     checkpoints.save(mngr, state, config, metadata)
