@@ -51,6 +51,7 @@ TRAIN = [  # (arguments after --config=configs/smoke.py, words expected on stder
     (["--config.eval.split=validation"], "config.eval.split: expected one of ['test', 'train']"),
     (["--config.data.dataset=npz:/no/such.npz"], "no file '/no/such.npz'"),
     (["--config.data.dataset=imagenet7"], "unknown dataset 'imagenet7'"),
+    (["--config.model.vocab_size=16"], "the data hold values up to 255, expected all < vocab_size (16)"),
     (["--config.data.dataset=npz:{tmp}/float.npz"], "expected a non-empty uint8 array"),
     (["--mode=eval"], "no checkpoint under"),
     (["--mode=eval", "--checkpoint={tmp}/nothing"], "no checkpoint under"),

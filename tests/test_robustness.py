@@ -67,6 +67,21 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+def test_a_half_written_checkpoint_is_ignored(tmp_path):
+  workdir = tmp_path / "run"
+  first = _start(workdir, "--config.training.checkpoint_every=2")
+  assert first.wait(timeout=300) == 0
+  # What a kill during orbax's write of step 6 leaves: a temporary folder, never renamed.
+  partial = workdir / "checkpoints" / "6.orbax-checkpoint-tmp-1234567"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "manifest.ocdbt").write_bytes(b"\x00" * 10)
+  resumed = _start(workdir, "--config.training.checkpoint_every=2", "--config.training.num_steps=6")
+  _, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err[-2000:]
+  assert "resuming from step 4" in err
+  assert int(_final_state(str(workdir)).step) == 6
+
+
 def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path):
   workdir = tmp_path / "run"
   args = ["--config.training.num_steps=2000", "--config.training.checkpoint_every=1000",

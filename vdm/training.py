@@ -263,6 +263,13 @@ def setup(config: ml_collections.ConfigDict, image_shape):
   return model, optimizer, mesh, init
 
 
+def _check_values(split: input_pipeline.Split, vocab_size: int) -> None:
+  top = int(split.images.max())
+  if top >= vocab_size:
+    raise input_pipeline.DataError(f"config.model.vocab_size: the data hold values up to {top}, "
+                                   f"expected all < vocab_size ({vocab_size})")
+
+
 def _split(data: dict, name: str) -> input_pipeline.Split:
   if name not in data:
     raise input_pipeline.DataError(f"config.eval.split: expected one of {sorted(data)}, got {name!r}")
@@ -281,6 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
   train_split, eval_split = data["train"], _split(data, config.eval.split)
   image_shape = train_split.images.shape[1:]
+  _check_values(train_split, config.model.vocab_size)
   model, optimizer, mesh, init = setup(config, image_shape)
   state = init()
 
