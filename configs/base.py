@@ -13,8 +13,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # seeds parameter init, data order and all training noise
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = "mnist5k"  # "mnist5k" (embedded) or "npz:/path/file.npz"
-  config.data.data_dir = ""  # root for datasets that need one ("" = default)
+  # "mnist5k" (embedded), "npz:/path/file.npz", "folder:/path" (train/, test/ of PNG/JPEG)
+  # or a TFDS name: cifar10, mnist, fashion_mnist, imagenet_resized/32x32, …
+  config.data.dataset = "mnist5k"
+  config.data.data_dir = ""  # TFDS data dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  config.data.augment = False  # random flips + 90° rotations, passed to the network as conditioning
 
   config.model = ml_collections.ConfigDict()
   config.model.vocab_size = 256  # values per dimension (256 for 8-bit images)
@@ -33,7 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.fourier_exponents = (6, 7)  # base-2 exponents of Fourier features; () = none
   config.model.scan_blocks = True  # compile identical blocks once (nn.scan)
   config.model.remat = False  # recompute activations in the backward pass
-  config.model.dtype = "float32"  # network compute dtype: float32 or bfloat16
+  config.model.dtype = "float32"  # network compute dtype: float32 or bfloat16 (params, loss stay float32)
+  config.model.matmul_precision = "highest"  # jax.default_matmul_precision in the network; "default" allows TF32
+  config.model.conv_grad = "dot"  # conv backward as matmuls ("dot", fast in nn.scan on CPU) or "xla"
 
   config.training = ml_collections.ConfigDict()
   config.training.num_steps = 10_000_000  # optimiser steps in total

@@ -21,13 +21,13 @@ def main(out: str, num_steps: str, grad_accum: str = "1") -> None:
   config.model.dropout = 0.0
   config.training.grad_accum_steps = int(grad_accum)
   split = input_pipeline.load_dataset("mnist5k")["train"]
-  model, optimizer, mesh, init = training.setup(config, split.images.shape[1:])
+  model, optimizer, mesh, init = training.setup(config, split.image_shape)
   state = init()
   train_fn = training.make_train_fn(config, model, optimizer, mesh)
   batches = input_pipeline.train_batches(split, config.training.batch_size, config.seed)
   losses = []
   for _ in range(int(num_steps)):
-    state, metrics = train_fn(state, sharding.to_global(next(batches), sharding.batch_sharding(mesh, 1)))
+    state, metrics = train_fn(state, sharding.to_global(next(batches)["images"], sharding.batch_sharding(mesh, 1)))
     losses.append(float(sharding.to_host(metrics["train/bpd"])))
   flat = {jax.tree_util.keystr(p): sharding.to_host(x) for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
   np.savez(out, losses=np.array(losses), num_devices=jax.device_count(), **flat)

@@ -6,7 +6,7 @@ import pytest
 
 from vdm import config as config_lib
 
-CONFIGS = ["base", "smoke", "mnist", "cifar10"]
+CONFIGS = ["base", "smoke", "mnist", "cifar10", "cifar10_aug", "imagenet32", "imagenet64", "fashion_mnist"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -27,6 +27,23 @@ def test_cifar10_is_the_paper_recipe():
   assert m.antithetic_time_sampling and m.mid_attention and not m.attention_everywhere
   assert (o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay, o.warmup_steps) == (2e-4, 0.9, 0.99, 1e-8, 0.01, 100)
   assert (c.training.batch_size, o.ema_rate, c.data.dataset) == (128, 0.9999, "cifar10")
+
+
+def test_augmented_cifar10_is_the_papers_second_model():
+  c = importlib.import_module("configs.cifar10_aug").get_config()
+  m = c.model
+  assert c.data.augment and c.data.dataset == "cifar10"
+  assert (m.channels, m.schedule, m.dropout, m.attention_everywhere) == (256, "monotone_net", 0.05, True)
+  assert config_lib.build_model(c).network.num_augmentations == 8
+
+
+@pytest.mark.parametrize("name,dataset,target", [("cifar10", "cifar10", "2.65"), ("cifar10_aug", "cifar10", "2.49"),
+                                                 ("imagenet32", "imagenet_resized/32x32", "3.72"),
+                                                 ("imagenet64", "imagenet_resized/64x64", "3.40")])
+def test_docstrings_give_the_command_and_the_published_target(name, dataset, target):
+  module = importlib.import_module(f"configs.{name}")
+  assert f"python train.py --config=configs/{name}.py" in module.__doc__ and target in module.__doc__
+  assert module.get_config().data.dataset == dataset
 
 
 def test_configs_are_typesafe():

@@ -74,7 +74,24 @@ def restore_config(mngr: ocp.CheckpointManager, step: Optional[int] = None
   except Exception as e:
     raise CheckpointError(f"checkpoint {mngr.directory}/{step} has no readable config: "
                           f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-  return ml_collections.ConfigDict(restored["config"]), dict(restored["metadata"] or {})
+  config = ml_collections.ConfigDict(restored["config"])
+  for section, fields in LATER_FIELDS.items():  # checkpoints written before these fields existed
+    for name, value in fields.items():
+      if section in config and name not in config[section]:
+        config[section][name] = value
+  return config, dict(restored["metadata"] or {})
+
+
+# Config fields added after checkpoints were first written, with the value
+# that reproduces what those checkpoints were trained with.
+LATER_FIELDS = {
+    "model": {"conv_grad": "xla", "matmul_precision": "default"},
+    "data": {"augment": False},
+}
+
+# Fields that change how the network is computed, not what it computes or
+# its parameters: a checkpoint may be resumed with other values.
+EXECUTION_FIELDS = ("remat", "dtype", "matmul_precision", "conv_grad")
 
 
 def check_compatible(mngr: ocp.CheckpointManager, step: Optional[int], config: ml_collections.ConfigDict,
@@ -86,7 +103,10 @@ def check_compatible(mngr: ocp.CheckpointManager, step: Optional[int], config: m
   saved, metadata = restore_config(mngr, step)
   want, have = config.model.to_dict(), saved.model.to_dict()
   diffs = [f"model.{k}: checkpoint {have.get(k)!r}, config {want.get(k)!r}"
-           for k in sorted(set(want) | set(have)) if _plain(want.get(k)) != _plain(have.get(k))]
+           for k in sorted(set(want) | set(have))
+           if k not in EXECUTION_FIELDS and _plain(want.get(k)) != _plain(have.get(k))]
+  if bool(saved.data.get("augment", False)) != bool(config.data.augment):
+    diffs.append(f"data.augment: checkpoint {saved.data.get('augment', False)!r}, config {config.data.augment!r}")
   saved_shape = tuple(metadata.get("image_shape", ()))
   if saved_shape and saved_shape != tuple(image_shape):
     diffs.append(f"image shape: checkpoint {saved_shape}, data {tuple(image_shape)}")

@@ -10,10 +10,12 @@ import ml_collections
 import optax
 
 from vdm import model as model_lib
-from vdm import networks, schedules
+from vdm import input_pipeline, networks, schedules
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LR_DECAYS = ("constant", "cosine", "linear")
+CONV_GRADS = ("dot", "xla")
+MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -28,11 +30,15 @@ def _check(ok: bool, field: str, expected: str, value) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field that is out of range."""
   m, tr, opt, ev = config.model, config.training, config.optimizer, config.eval
+  _check(isinstance(config.data.augment, bool), "data.augment", "True or False", config.data.augment)
   _check(m.schedule in schedules.SCHEDULES, "model.schedule", f"one of {tuple(schedules.SCHEDULES)}",
          m.schedule)
   _check(m.gamma_min < m.gamma_max, "model.gamma_min", f"< model.gamma_max ({m.gamma_max})", m.gamma_min)
   _check(m.decoder in model_lib.DECODERS, "model.decoder", f"one of {model_lib.DECODERS}", m.decoder)
   _check(m.dtype in DTYPES, "model.dtype", f"one of {tuple(DTYPES)}", m.dtype)
+  _check(m.conv_grad in CONV_GRADS, "model.conv_grad", f"one of {CONV_GRADS}", m.conv_grad)
+  _check(m.matmul_precision in MATMUL_PRECISIONS, "model.matmul_precision", f"one of {MATMUL_PRECISIONS}",
+         m.matmul_precision)
   _check(m.vocab_size >= 2, "model.vocab_size", "an integer ≥ 2", m.vocab_size)
   _check(m.num_diffusion_steps >= 0, "model.num_diffusion_steps", "≥ 0 (0 = continuous time)",
          m.num_diffusion_steps)
@@ -70,7 +76,8 @@ def build_model(config: ml_collections.ConfigDict) -> model_lib.VDM:
       channels=m.channels, num_blocks=m.num_blocks, dropout=m.dropout, mid_attention=m.mid_attention,
       attention_everywhere=m.attention_everywhere, fourier_exponents=tuple(m.fourier_exponents),
       gamma_min=m.gamma_min, gamma_max=m.gamma_max, scan_blocks=m.scan_blocks, remat=m.remat,
-      dtype=DTYPES[m.dtype])
+      dtype=DTYPES[m.dtype], conv_grad=m.conv_grad, matmul_precision=m.matmul_precision,
+      num_augmentations=input_pipeline.NUM_AUGMENTATIONS if config.data.augment else 0)
   return model_lib.VDM(schedule, network, vocab_size=m.vocab_size,
                        num_steps=m.num_diffusion_steps,
                        antithetic_time_sampling=m.antithetic_time_sampling, decoder=m.decoder)

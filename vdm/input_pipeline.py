@@ -5,19 +5,33 @@
 * ``mnist5k``: 5,000 real MNIST digits embedded in the package (4,500 train,
   500 test; see ``vdm/data/LICENSE.txt``);
 * ``npz:/path/file.npz``: uint8 arrays ``train`` and ``test``, each
-  ``[N, H, W]`` or ``[N, H, W, C]``.
+  ``[N, H, W]`` or ``[N, H, W, C]``, optional ``train_labels``/``test_labels``;
+* ``folder:/path``: ``train/`` and ``test/`` subfolders of PNG/JPEG images of
+  one size and one colour mode (searched recursively; the channel count comes
+  from the files);
+* any other name is a TensorFlow Datasets image dataset (``cifar10``,
+  ``mnist``, ``fashion_mnist``, ``imagenet_resized/32x32``, …) read from
+  ``config.data.data_dir`` or ``$TFDS_DATA_DIR``. A prepared ArrayRecord
+  dataset is read without TensorFlow, image by image on demand; preparing it
+  (download + conversion) needs the ``tfds`` install extra.
 
 Training order is a fresh seeded permutation every epoch; the batch of step n
 is the n-th slice of that endless stream, so the position is the step itself
-and a resumed run sees exactly the batches it would have seen.
+(stored in every checkpoint) and a resumed run sees exactly the batches it
+would have seen. With ``augment`` each training example is also given one of
+the 8 flips/90° rotations, drawn from (seed, step), and its code is passed to
+the network as conditioning.
 """
 
 import dataclasses
+import importlib.util
 import os
-from typing import Iterator, Optional
+import queue
+import threading
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
-
+import tqdm
 
 
 class DataError(ValueError):
@@ -25,15 +39,35 @@ class DataError(ValueError):
 
 
 _EMBEDDED = os.path.join(os.path.dirname(__file__), "data", "mnist5k.npz")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+NUM_AUGMENTATIONS = 8  # the dihedral group of the square: 4 rotations × optional flip
+TFDS_INSTALL = "pip install -e '.[tfds]'"
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split of a dataset: uint8 images ``[N, H, W, C]``."""
-  images: np.ndarray
+  """One split of a dataset.
+
+  ``images`` is a uint8 array ``[N, H, W, C]`` or an object that behaves
+  like one for ``len``, ``.shape``, ``.dtype`` and indexing with an integer
+  array (a TFDS source reads and decodes only the images asked for).
+  """
+  images: Any
+  labels: Optional[np.ndarray] = None
 
   def __len__(self) -> int:
     return len(self.images)
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return tuple(self.images.shape[1:])
+
+  def max_value(self, sample: int = 1024) -> int:
+    """The largest pixel value: all of an in-memory split, ``sample`` spread examples of a lazy one."""
+    if isinstance(self.images, np.ndarray):
+      return int(self.images.max())
+    idx = np.unique(np.linspace(0, len(self) - 1, min(sample, len(self))).astype(np.int64))
+    return int(self.images[idx].max())
 
 
 def _as_nhwc(name: str, array: np.ndarray) -> np.ndarray:
@@ -45,6 +79,13 @@ def _as_nhwc(name: str, array: np.ndarray) -> np.ndarray:
   return array
 
 
+def _check_same_shape(what: str, splits: dict[str, Split]) -> dict[str, Split]:
+  shapes = {name: split.image_shape for name, split in splits.items()}
+  if len(set(shapes.values())) > 1:
+    raise DataError(f"{what}: the splits' images differ in shape: {shapes}")
+  return splits
+
+
 def _load_npz(path: str, what: str) -> dict[str, Split]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{what}: no file {path!r}")
@@ -52,57 +93,210 @@ def _load_npz(path: str, what: str) -> dict[str, Split]:
     missing = {"train", "test"} - set(arrays.files)
     if missing:
       raise DataError(f"{what}: {path!r} lacks arrays {sorted(missing)}; it has {arrays.files}")
-    splits = {s: Split(_as_nhwc(f"{path}[{s!r}]", arrays[s])) for s in ("train", "test")}
-  if splits["train"].images.shape[1:] != splits["test"].images.shape[1:]:
-    raise DataError(f"{what}: train and test images differ in shape: "
-                     f"{splits['train'].images.shape[1:]} vs {splits['test'].images.shape[1:]}")
-  return splits
+    splits = {}
+    for s in ("train", "test"):
+      images = _as_nhwc(f"{path}[{s!r}]", arrays[s])
+      labels = arrays[f"{s}_labels"] if f"{s}_labels" in arrays.files else None
+      if labels is not None and labels.shape != (len(images),):
+        raise DataError(f"{path}[{s + '_labels'!r}]: expected shape ({len(images)},), got {labels.shape}")
+      splits[s] = Split(images, labels)
+  return _check_same_shape(what, splits)
 
 
-def load_dataset(dataset: str, data_dir: str = "") -> dict[str, Split]:
-  """Loads every split of ``dataset`` into memory as uint8 NHWC arrays."""
-  del data_dir  # used by sources that download
+_MODES = {"L": 1, "RGB": 3}
+
+
+def _load_folder(root: str, progress: bool = True) -> dict[str, Split]:
+  """``root/train`` and ``root/test`` image files → in-memory splits (labels = class subfolders)."""
+  from PIL import Image
+  what = f"config.data.dataset='folder:{root}'"
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"{what}: no folder {root!r}")
+  splits = {}
+  for name in ("train", "test"):
+    folder = os.path.join(root, name)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+                   if f.lower().endswith(_IMAGE_SUFFIXES))
+    if not files:
+      raise DataError(f"{what}: expected PNG/JPEG files under {folder!r}, found none")
+    classes = sorted({os.path.relpath(os.path.dirname(f), folder) for f in files})
+    images, first = [], None
+    for path in tqdm.tqdm(files, desc=f"reading {name}", disable=not progress or len(files) < 1000,
+                          leave=False):
+      with Image.open(path) as image:
+        mode = image.mode if image.mode in _MODES else ("RGB" if image.mode in ("P", "RGBA", "CMYK", "YCbCr")
+                                                          else None)
+        if mode is None:
+          raise DataError(f"{what}: {path!r} has colour mode {image.mode!r}; expected 8-bit grey (L) or RGB")
+        array = np.asarray(image.convert(mode), np.uint8)
+      array = array[..., None] if array.ndim == 2 else array
+      if first is None:
+        first = (path, array.shape)
+      elif array.shape != first[1]:
+        raise DataError(f"{what}: all images must have one size and colour mode; {path!r} is "
+                        f"{array.shape} (H, W, C) but {first[0]!r} is {first[1]}")
+      images.append(array)
+    labels = np.array([classes.index(os.path.relpath(os.path.dirname(f), folder)) for f in files], np.int64)
+    splits[name] = Split(np.stack(images), labels if len(classes) > 1 else None)
+  return _check_same_shape(what, splits)
+
+
+class _TfdsImages:
+  """The images of one TFDS split, read and decoded on demand; indexes like an ``[N, H, W, C]`` array."""
+
+  def __init__(self, source, key: str, shape: tuple[int, ...]):
+    self._source, self._key = source, key
+    self.shape = (len(source),) + tuple(shape)
+    self.dtype = np.dtype(np.uint8)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, idx) -> np.ndarray:
+    idx = np.asarray(idx)
+    records = self._source.__getitems__([int(i) for i in idx.ravel()])
+    images = np.stack([np.asarray(r[self._key], np.uint8) for r in records])
+    return images.reshape(idx.shape + self.shape[1:])
+
+
+def tensorflow_available() -> bool:
+  return importlib.util.find_spec("tensorflow") is not None
+
+
+def _tfds_manual_dir(builder) -> str:
+  """``<data dir>/downloads/manual``: TFDS's usual place for files downloaded by hand."""
+  return os.path.join(str(builder.data_dir_root), "downloads", "manual")
+
+
+def _prepare_tfds(tfds, builder, name: str) -> None:
+  where = str(builder.data_dir)
+  if not tensorflow_available():
+    raise DataError(f"config.data.dataset: the TFDS dataset {name!r} is not prepared in {where!r}, and "
+                    f"preparing it needs TensorFlow: {TFDS_INSTALL} (or prepare it elsewhere with `tfds build "
+                    f"{name} --file_format=array_record` and set config.data.data_dir or TFDS_DATA_DIR to "
+                    "that data dir)")
+  manual_dir = _tfds_manual_dir(builder)
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except Exception as e:  # network, checksum, manual-download and disk errors alike
+    detail = " ".join(str(e).split())[:600]
+    raise DataError(f"config.data.dataset: could not download and prepare the TFDS dataset {name!r} into "
+                    f"{where!r} ({type(e).__name__}: {detail}). Put the dataset's original files (as named "
+                    f"in its TFDS catalog page) in {manual_dir!r} and run again") from e
+
+
+def _load_tfds(name: str, data_dir: str) -> dict[str, Split]:
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise DataError(f"config.data.dataset: {name!r} is not 'mnist5k', 'npz:…' or 'folder:…', so it is read "
+                    f"with TensorFlow Datasets, which is not installed: {TFDS_INSTALL}") from e
+  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  except Exception as e:  # tfds raises DatasetNotFoundError and others for unknown names
+    raise DataError(f"config.data.dataset: unknown dataset {name!r}; expected 'mnist5k', "
+                    f"'npz:/path/file.npz', 'folder:/path' or a TFDS image dataset name "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+  if not builder.is_prepared():
+    _prepare_tfds(tfds, builder, name)
+  info = builder.info
+  if getattr(info.file_format, "value", info.file_format) != "array_record":
+    raise DataError(f"config.data.dataset: {name!r} in {str(builder.data_dir)!r} was prepared as "
+                    f"{info.file_format}, which cannot be read without TensorFlow; rebuild it with "
+                    f"`tfds build {name} --file_format=array_record` or choose another config.data.data_dir")
+  feature = info.features["image"] if "image" in info.features else None
+  shape = tuple(getattr(feature, "shape", ()) or ())
+  if feature is None or len(shape) != 3 or None in shape or np.dtype(feature.np_dtype) != np.uint8:
+    raise DataError(f"config.data.dataset: {name!r} has no uint8 'image' feature of one fixed size "
+                    f"(got {feature!r})")
+  test = "test" if "test" in info.splits else "validation"  # imagenet_resized has no test split
+  if "train" not in info.splits or test not in info.splits:
+    raise DataError(f"config.data.dataset: {name!r} needs 'train' and 'test' (or 'validation') splits, "
+                    f"has {sorted(info.splits)}")
+  sources = builder.as_data_source()
+  return {"train": Split(_TfdsImages(sources["train"], "image", shape)),
+          "test": Split(_TfdsImages(sources[test], "image", shape))}
+
+
+def load_dataset(dataset: str, data_dir: str = "", progress: bool = True) -> dict[str, Split]:
+  """Every split of ``dataset`` as uint8 NHWC (in memory, or read on demand for TFDS)."""
+  if not isinstance(dataset, str) or not dataset:
+    raise DataError(f"config.data.dataset: expected a dataset name, got {dataset!r}")
   if dataset == "mnist5k":
     return _load_npz(_EMBEDDED, "config.data.dataset='mnist5k'")
   if dataset.startswith("npz:"):
     return _load_npz(dataset[len("npz:"):], "config.data.dataset")
-  raise DataError(f"config.data.dataset: unknown dataset {dataset!r}; expected 'mnist5k' or "
-                   "'npz:/path/file.npz'")
+  if dataset.startswith("folder:"):
+    return _load_folder(dataset[len("folder:"):], progress)
+  return _load_tfds(dataset, data_dir)
+
+
+def augment(images: np.ndarray, codes: np.ndarray) -> np.ndarray:
+  """Applies dihedral transform ``codes[i]`` ∈ [0, 8) to square image ``images[i]``.
+
+  Code d rotates by (d mod 4) × 90° counter-clockwise, then flips left–right
+  if d ≥ 4; code 0 is the identity.
+  """
+  out = np.empty_like(images)
+  for i, (image, code) in enumerate(zip(images, codes)):
+    image = np.rot90(image, k=int(code) % 4, axes=(0, 1))
+    out[i] = image[:, ::-1] if code >= 4 else image
+  return out
+
+
+def augmentation_codes(seed: int, step: int, batch_size: int) -> np.ndarray:
+  """The augmentation of each example of the global batch of ``step``: a pure function of (seed, step)."""
+  return np.random.default_rng([seed, 0x61756720, step]).integers(0, NUM_AUGMENTATIONS, batch_size)
 
 
 def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0,
-                  steps_per_call: int = 1, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[np.ndarray]:
+                  steps_per_call: int = 1, process_index: int = 0, process_count: int = 1,
+                  augment_data: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Yields this process's part of each training batch, from ``start_step`` on.
 
   Args:
     split: the training images.
     batch_size: the global batch; each process gets ``batch_size /
       process_count`` consecutive examples of it.
-    seed: seeds the per-epoch permutations.
+    seed: seeds the per-epoch permutations and the augmentations.
     start_step: the first step to produce (resume).
-    steps_per_call: batches stacked per yield, ``[K, B_local, H, W, C]``
-      (K = 1 still has the leading axis).
+    steps_per_call: batches stacked per yield (K; K = 1 still has the axis).
+    augment_data: flip/rotate each example (square images only).
+  Yields:
+    ``{"images": uint8 [K, B_local, H, W, C]}``, plus ``"augment"``: int32
+    ``[K, B_local]`` transform codes (see :func:`augment`) with ``augment_data``.
   """
+  if augment_data and split.image_shape[0] != split.image_shape[1]:
+    raise DataError(f"config.data.augment: 90° rotations need square images, got {split.image_shape[:2]}")
   n = len(split)
   local = batch_size // process_count
   cache: dict[int, np.ndarray] = {}
 
   def order(epoch: int) -> np.ndarray:
     if epoch not in cache:
-      cache.clear()  # at most two epochs are live at a time
+      if len(cache) > 1:
+        cache.pop(min(cache))  # at most two epochs are live at a time
       cache[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
     return cache[epoch]
 
   step = start_step
   while True:
-    batches = []
+    images, codes = [], []
     for k in range(steps_per_call):
       start = (step + k) * batch_size + process_index * local
-      idx = np.arange(start, start + local)
-      epochs, offsets = np.divmod(idx, n)
-      batches.append(split.images[[order(e)[o] for e, o in zip(epochs, offsets)]])
-    yield np.stack(batches)
+      epochs, offsets = np.divmod(np.arange(start, start + local), n)
+      idx = np.array([order(e)[o] for e, o in zip(epochs, offsets)])
+      batch = np.asarray(split.images[idx])
+      if augment_data:
+        code = augmentation_codes(seed, step + k, batch_size)[process_index * local:(process_index + 1) * local]
+        batch = augment(batch, code)
+        codes.append(code.astype(np.int32))
+      images.append(batch)
+    out = {"images": np.stack(images)}
+    if augment_data:
+      out["augment"] = np.stack(codes)
+    yield out
     step += steps_per_call
 
 
@@ -118,4 +312,44 @@ def eval_batches(split: Split, batch_size: int, limit: Optional[int] = None, pro
   for start in range(0, n, batch_size):
     idx = np.arange(start + process_index * local, start + (process_index + 1) * local)
     mask = (idx < n).astype(np.float32)
-    yield split.images[np.where(idx < n, idx, 0)], mask
+    yield np.asarray(split.images[np.where(idx < n, idx, 0)]), mask
+
+
+def prefetch(iterator: Iterator, size: int = 2, transform: Callable = lambda x: x) -> Iterator:
+  """Runs ``iterator`` (and ``transform``, e.g. the copy to devices) ``size`` items ahead in a thread.
+
+  Errors raised in the thread are re-raised in the consumer. The thread stops
+  when the returned generator is closed or garbage-collected.
+  """
+  items: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+  done = object()
+
+  def work():
+    try:
+      for item in iterator:
+        value = transform(item)
+        while not stop.is_set():
+          try:
+            items.put((True, value), timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      items.put((True, done))
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+      items.put((False, e))
+
+  thread = threading.Thread(target=work, daemon=True, name="vdm-prefetch")
+  thread.start()
+  try:
+    while True:
+      ok, value = items.get()
+      if not ok:
+        raise value
+      if value is done:
+        return
+      yield value
+  finally:
+    stop.set()

@@ -73,18 +73,23 @@ class Preempted(Exception):
     self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
 
 
-def _loss_and_grads(model, params, batch, noise, dropout_key, num_dims, poison=False):
+def _loss_and_grads(model, params, batch, conditioning, noise, dropout_key, num_dims, poison=False):
   def loss_fn(params):
-    out = model.apply({"params": params}, batch, None, train=True, noise=noise, rngs={"dropout": dropout_key})
+    out = model.apply({"params": params}, batch, None, conditioning, train=True, noise=noise,
+                      rngs={"dropout": dropout_key})
     out["loss_diff"] = jnp.where(poison, jnp.nan, out["loss_diff"])  # test hook; False in real runs
     out["loss"] = out["loss_recon"] + out["loss_prior"] + out["loss_diff"]
     return losses.bits_per_dim(out["loss"].mean(), num_dims), out
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
-def train_step(state: TrainState, batch: jax.Array, *, model, optimizer, lr_fn, ema_rate: float,
+def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: float,
                ema_warmup: bool, grad_accum_steps: int = 1, poison_step: int = -1) -> tuple[TrainState, dict]:
-  """One optimiser step on uint8 images ``batch`` ``[B, H, W, C]``; the loss is bits/dim.
+  """One optimiser step on uint8 images; the loss is bits/dim.
+
+  ``batch`` is the images ``[B, H, W, C]`` or a dict of them (``"images"``)
+  and, for augmented data, the augmentation codes ``"augment"`` ``[B]``,
+  which the network takes as conditioning.
 
   With ``grad_accum_steps`` = k the batch is processed as k micro-batches in
   a ``lax.scan`` (k times less activation memory) and their gradients are
@@ -95,24 +100,29 @@ def train_step(state: TrainState, batch: jax.Array, *, model, optimizer, lr_fn, 
   and optimiser state stay as they were; the step still advances) and is
   reported in ``train/nonfinite`` and ``train/nonfinite_term``.
   """
+  if not isinstance(batch, dict):
+    batch = {"images": batch}
+  conditioning, batch = batch.get("augment"), batch["images"]
   poison = state.step == poison_step
   loss_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
   num_dims = int(np.prod(batch.shape[1:]))
   noise = model_lib.draw_noise(loss_key, batch.shape, model.antithetic_time_sampling)
   if grad_accum_steps == 1:
-    (bpd, out), grads = _loss_and_grads(model, state.params, batch, noise, dropout_key, num_dims, poison)
+    (bpd, out), grads = _loss_and_grads(model, state.params, batch, conditioning, noise, dropout_key, num_dims,
+                                        poison)
   else:
     split = lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:])  # noqa: E731
 
     def micro(carry, inputs):
-      i, micro_batch, micro_noise = inputs
-      (bpd, out), grads = _loss_and_grads(model, state.params, micro_batch, micro_noise,
+      i, micro_batch, micro_cond, micro_noise = inputs
+      (bpd, out), grads = _loss_and_grads(model, state.params, micro_batch, micro_cond, micro_noise,
                                           jax.random.fold_in(dropout_key, i), num_dims, poison)
       return jax.tree.map(jnp.add, carry, grads), (bpd, out)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, (bpds, outs) = jax.lax.scan(
-        micro, zeros, (jnp.arange(grad_accum_steps), split(batch), jax.tree.map(split, noise)))
+        micro, zeros, (jnp.arange(grad_accum_steps), split(batch),
+                       None if conditioning is None else split(conditioning), jax.tree.map(split, noise)))
     grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     bpd = bpds.mean()
     out = {k: (v.reshape(-1) if k.startswith("loss") else v[0]) for k, v in outs.items()}
@@ -145,6 +155,9 @@ def train_step(state: TrainState, batch: jax.Array, *, model, optimizer, lr_fn, 
 def make_train_fn(config: ml_collections.ConfigDict, model, optimizer, mesh=None):
   """Jitted (state, batches ``[K, B, …]``) → (state, metrics averaged over the K steps).
 
+  ``batches`` is the images or a dict as yielded by
+  :func:`vdm.input_pipeline.train_batches` (images and augmentation codes).
+
   With a ``mesh``, the batch axis is sharded over its devices and the state
   and metrics are replicated.
   """
@@ -155,8 +168,10 @@ def make_train_fn(config: ml_collections.ConfigDict, model, optimizer, mesh=None
                            poison_step=config.training.debug_nonfinite_step)
 
   def steps(state, batches):
-    if batches.shape[0] == 1:  # no loop: XLA:CPU runs convolutions inside loops slowly
-      return step(state, batches[0])
+    if not isinstance(batches, dict):
+      batches = {"images": batches}
+    if batches["images"].shape[0] == 1:  # one step needs no loop
+      return step(state, jax.tree.map(lambda x: x[0], batches))
     state, metrics = jax.lax.scan(step, state, batches)
     return state, jax.tree.map(jnp.mean, metrics)
 
@@ -264,7 +279,7 @@ def setup(config: ml_collections.ConfigDict, image_shape):
 
 
 def _check_values(split: input_pipeline.Split, vocab_size: int) -> None:
-  top = int(split.images.max())
+  top = split.max_value()
   if top >= vocab_size:
     raise input_pipeline.DataError(f"config.model.vocab_size: the data hold values up to {top}, "
                                    f"expected all < vocab_size ({vocab_size})")
@@ -287,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   config_lib.validate(config)
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
   train_split, eval_split = data["train"], _split(data, config.eval.split)
-  image_shape = train_split.images.shape[1:]
+  image_shape = train_split.image_shape
   _check_values(train_split, config.model.vocab_size)
   model, optimizer, mesh, init = setup(config, image_shape)
   state = init()
@@ -311,14 +326,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   tr = config.training
   start = int(state.step)
   batches = input_pipeline.train_batches(train_split, tr.batch_size, config.seed, start, tr.steps_per_call,
-                                         jax.process_index(), jax.process_count())
+                                         jax.process_index(), jax.process_count(), config.data.augment)
+  # Read, augment and copy the next batches to the devices while this step runs.
+  batches = input_pipeline.prefetch(
+      batches, transform=lambda b: jax.tree.map(lambda x: sharding.to_global(x, batch_on_mesh), b))
   bar = tqdm.tqdm(total=tr.num_steps, initial=start, desc="train", unit="step",
                   disable=not (progress and is_main), dynamic_ncols=True)
   pending, unchecked, window_start, window_time = [], [], start, time.time()
   stop_on_nonfinite = tr.on_nonfinite == "stop"
   with _stop_signals() as received:
     for step in range(start, tr.num_steps, tr.steps_per_call):
-      state, metrics = train_fn(state, sharding.to_global(next(batches), batch_on_mesh))
+      state, metrics = train_fn(state, next(batches))
       done = step + tr.steps_per_call
       stop = _any_process(bool(received))  # a signal to one host stops them all at the same step
       pending.append((done, metrics))
@@ -375,10 +393,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   directory, step = checkpoints.resolve(checkpoint or workdir)
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
   split = _split(data, config.eval.split)
-  model, _, mesh, init = setup(config, split.images.shape[1:])
+  model, _, mesh, init = setup(config, split.image_shape)
   mngr = checkpoints.manager(directory, read_only=True)
   if not allow_config_mismatch:
-    checkpoints.check_compatible(mngr, step, config, split.images.shape[1:])
+    checkpoints.check_compatible(mngr, step, config, split.image_shape)
   state = checkpoints.restore(mngr, jax.eval_shape(init), step, sharding=sharding.replicated(mesh))
   record = evaluate_split(config, model, state.ema_params, split, int(state.step), mesh=mesh,
                           progress=progress and jax.process_index() == 0)
