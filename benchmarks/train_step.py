@@ -4,17 +4,19 @@
     python benchmarks/train_step.py --config=configs/cifar10.py --batch_size=8 --image_shape=32,32,3
     XLA_FLAGS=--xla_force_host_platform_device_count=8 NPROC=16 python benchmarks/train_step.py --config=configs/mnist.py
 
-Side by side in one process (variants alternate, so machine noise hits all):
+Side by side in one process, one variant after the other:
 
     python benchmarks/train_step.py --config=configs/cifar10.py --batch_size=8 --image_shape=32,32,3 \
         --sweep=model.scan_blocks=False,True --repeats=3
     python benchmarks/train_step.py --config=configs/cifar10.py --batch_size=8 --image_shape=32,32,3 \
         --sweep=model.remat=False,True --compile_only
+    python benchmarks/train_step.py --config=configs/cifar10.py --batch_size=8 --image_shape=32,32,3 \
+        --variant=model.scan_blocks=False,model.conv_grad=xla --variant=model.scan_blocks=True --repeats=3
 
 Each variant reports trace, compile and first-run seconds, the median step
 and its spread, images/s, XLA's memory analysis of the compiled step
 (``temp_bytes`` = activations and scratch; ``argument_bytes`` = state and
-batch) and, on GPUs, the device's peak bytes in use. With ``--sweep`` a last
+batch) and, on GPUs, the device's peak bytes in use. With several variants a last
 line gives each variant's figures as ratios to the first. Prints one JSON
 object per line and appends them to benchmarks/results.jsonl.
 """
@@ -45,6 +47,8 @@ _SHAPE = flags.DEFINE_string("image_shape", "28,28,1", "H,W,C of the synthetic i
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps after warm-up.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Stop after trace and compile (no step is run).")
 _SWEEP = flags.DEFINE_string("sweep", "", "FIELD=V1,V2,…: measure each value of one config field, side by side.")
+_VARIANT = flags.DEFINE_multi_string("variant", [], "FIELD=V[,FIELD=V…]: one variant to measure (repeat the flag); "
+                                     "the first is the baseline of the ratios.")
 _OUT = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results.jsonl"), "Append here.")
 flags.mark_flag_as_required("config")
 
@@ -90,12 +94,24 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
           "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def _parse_sweep(sweep: str) -> tuple[str, list]:
-  field, _, values = sweep.partition("=")
-  if not field or not values:
-    raise app.UsageError(f"--sweep: expected FIELD=V1,V2,…, got {sweep!r}")
-  return field, [ast.literal_eval(v) if v[:1].isdigit() or v in ("True", "False", "None") else v
-                 for v in values.split(",")]
+def _value(text: str):
+  return ast.literal_eval(text) if text[:1].isdigit() or text in ("True", "False", "None") else text
+
+
+def _variants() -> list[dict]:
+  """Each variant as {field: value}; [{}] (the config as given) without --sweep/--variant."""
+  if _SWEEP.value:
+    field, _, values = _SWEEP.value.partition("=")
+    if not field or not values:
+      raise app.UsageError(f"--sweep: expected FIELD=V1,V2,…, got {_SWEEP.value!r}")
+    return [{field: _value(v)} for v in values.split(",")]
+  variants = []
+  for spec in _VARIANT.value:
+    pairs = [p.partition("=") for p in spec.split(",")]
+    if any(not f or not v for f, _, v in pairs):
+      raise app.UsageError(f"--variant: expected FIELD=V[,FIELD=V…], got {spec!r}")
+    variants.append({f: _value(v) for f, _, v in pairs})
+  return variants or [{}]
 
 
 def _set(config, field: str, value) -> None:
@@ -113,30 +129,27 @@ def main(argv):
   config = _CONFIG.value
   shape = tuple(int(s) for s in _SHAPE.value.split(","))
   batch = _BATCH.value or config.training.batch_size
-  variants = [(None, None)]
-  if _SWEEP.value:
-    field, values = _parse_sweep(_SWEEP.value)
-    variants = [(field, v) for v in values]
+  variants = _variants()
   results = []
-  for field, value in variants:
+  for fields in variants:
     variant = copy.deepcopy(config)
-    if field:
+    for field, value in fields.items():
       _set(variant, field, value)
     result = measure(variant, batch, shape, _REPEATS.value, _COMPILE_ONLY.value)
-    if field:
-      result["sweep"] = {field: value}
+    result["variant"] = fields
     results.append(result)
     _emit(result)
   if len(results) > 1:
     keys = ("trace_s", "compile_s", "first_run_s", "first_call_s", "step_ms_median", "temp_bytes",
             "peak_device_bytes")
     first = results[0]
-    _emit({"benchmark": "train_step_ratios", "field": variants[0][0], "baseline": variants[0][1],
-           "ratios": {str(v): {k: r[k] / first[k] for k in keys if r.get(k) and first.get(k)}
-                      for (_, v), r in zip(variants, results)},
-           "trace_plus_compile_ratio": {str(v): (r["trace_s"] + r["compile_s"]) /
+    name = lambda fields: ",".join(f"{k}={v}" for k, v in fields.items())  # noqa: E731
+    _emit({"benchmark": "train_step_ratios", "baseline": name(variants[0]),
+           "ratios": {name(f): {k: r[k] / first[k] for k in keys if r.get(k) and first.get(k)}
+                      for f, r in zip(variants, results)},
+           "trace_plus_compile_ratio": {name(f): (r["trace_s"] + r["compile_s"]) /
                                         (first["trace_s"] + first["compile_s"])
-                                        for (_, v), r in zip(variants, results)}})
+                                        for f, r in zip(variants, results)}})
 
 
 def _emit(record: dict) -> None:

@@ -88,3 +88,60 @@ def test_cifar10_network_size():
   print(f"CIFAR-10 ScoreUNet parameters: {count:,}")
   # Published: 30.6 M for the paper's model (REFERENCES.md).
   assert 30.0e6 < count < 31.5e6
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((2, 0), (0, 1))])
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (3, 2)])
+def test_written_out_conv_gradient_equals_xlas_in_float64(padding, kernel):
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3), jnp.float64)
+    k = jax.random.normal(jax.random.key(1), kernel + (3, 5), jnp.float64)
+
+    def loss(conv):
+      return lambda x, k: jnp.sum(jnp.sin(conv(x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+    ours = jax.jit(jax.grad(loss(networks.conv_dot_grad), (0, 1)))(x, k)
+    xla = jax.jit(jax.grad(loss(jax.lax.conv_general_dilated), (0, 1)))(x, k)
+    assert ours[1].dtype == jnp.float64
+    for a, b in zip(ours, xla):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_grad_choice_gives_the_same_network_gradient():
+  z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  gamma = jnp.array([-10.0, 2.0])
+  dot, xla = _tiny(dropout=0.0), _tiny(dropout=0.0, conv_grad="xla")
+  params = _perturbed(jax.jit(dot.init)(jax.random.key(1), z, gamma)["params"])
+  grad = lambda net: jax.jit(jax.grad(lambda p: jnp.sum(net.apply({"params": p}, z, gamma) ** 2)))(params)  # noqa: E731
+  for a, b in zip(jax.tree.leaves(grad(dot)), jax.tree.leaves(grad(xla))):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("precision,expected", [("highest", "HIGHEST"), ("default", "DEFAULT")])
+def test_matmul_precision_reaches_every_matmul_and_conv_forward_and_backward(precision, expected):
+  net = _tiny(channels=8, num_blocks=1, matmul_precision=precision, attention_everywhere=True)
+  z, gamma = jnp.zeros((1, 4, 4, 1)), jnp.zeros(1)
+  params = jax.jit(net.init)(jax.random.key(0), z, gamma)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(net.apply(p, z, gamma))))(params)
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        found.append((eqn.primitive.name, str(eqn.params["precision"])))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+            walk(getattr(sub, "jaxpr", sub))
+  walk(jaxpr.jaxpr)
+  assert len({name for name, _ in found}) == 2 and len(found) > 20
+  assert all(expected in precision for _, precision in found), found
+
+
+def test_augmentation_conditioning_defaults_to_the_identity():
+  z = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+  net = _tiny(num_augmentations=8)
+  params = _perturbed(jax.jit(net.init)(jax.random.key(1), z, jnp.zeros(3))["params"], scale=0.2)
+  apply = jax.jit(lambda codes: net.apply({"params": params}, z, jnp.zeros(3), codes))
+  np.testing.assert_array_equal(apply(None), apply(jnp.zeros(3, jnp.int32)))
+  assert float(jnp.abs(apply(None) - apply(jnp.array([0, 5, 7]))).max()) > 1e-3
+  assert params["temb_0"]["kernel"].shape[0] == 16 + 8  # embedding + one-hot code

@@ -318,8 +318,9 @@ def eval_batches(split: Split, batch_size: int, limit: Optional[int] = None, pro
 def prefetch(iterator: Iterator, size: int = 2, transform: Callable = lambda x: x) -> Iterator:
   """Runs ``iterator`` (and ``transform``, e.g. the copy to devices) ``size`` items ahead in a thread.
 
-  Errors raised in the thread are re-raised in the consumer. The thread stops
-  when the returned generator is closed or garbage-collected.
+  Errors raised in the thread are re-raised in the consumer. Close the
+  returned generator when done (``contextlib.closing``): that stops the
+  thread and waits for it, so no JAX call is left running at exit.
   """
   items: queue.Queue = queue.Queue(maxsize=size)
   stop = threading.Event()
@@ -353,3 +354,4 @@ def prefetch(iterator: Iterator, size: int = 2, transform: Callable = lambda x: 
       yield value
   finally:
     stop.set()
+    thread.join()  # its put() gives up within 0.1 s once stop is set

@@ -334,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                   disable=not (progress and is_main), dynamic_ncols=True)
   pending, unchecked, window_start, window_time = [], [], start, time.time()
   stop_on_nonfinite = tr.on_nonfinite == "stop"
-  with _stop_signals() as received:
+  with _stop_signals() as received, contextlib.closing(batches):
     for step in range(start, tr.num_steps, tr.steps_per_call):
       state, metrics = train_fn(state, next(batches))
       done = step + tr.steps_per_call
