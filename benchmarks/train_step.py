@@ -49,6 +49,8 @@ _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Stop after trace and c
 _SWEEP = flags.DEFINE_string("sweep", "", "FIELD=V1,V2,…: measure each value of one config field, side by side.")
 _VARIANT = flags.DEFINE_multi_string("variant", [], "FIELD=V[,FIELD=V…]: one variant to measure (repeat the flag); "
                                      "the first is the baseline of the ratios.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s (e.g. 989 for an H100 SXM in bf16, "
+                           "67 in fp32): adds the model FLOP utilisation.")
 _OUT = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results.jsonl"), "Append here.")
 flags.mark_flag_as_required("config")
 
@@ -66,6 +68,8 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
   compiled = lowered.compile()
   t2 = time.perf_counter()
   memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
   base = {"benchmark": "train_step", "batch_size": batch_size, "image_shape": list(image_shape),
           "channels": config.model.channels, "num_blocks": config.model.num_blocks,
           "scan_blocks": config.model.scan_blocks, "remat": config.model.remat, "dtype": config.model.dtype,
@@ -73,7 +77,8 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
           "trace_s": t1 - t0, "compile_s": t2 - t1, "device": jax.devices()[0].device_kind,
           "num_devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
           "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-          "argument_bytes": getattr(memory, "argument_size_in_bytes", None)}
+          "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+          "flops_per_step": cost.get("flops")}
   if compile_only:
     return base
   state, metrics = compiled(state, batch)
@@ -91,6 +96,8 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
   return {**base, "params": params, "first_run_s": t3 - t2, "first_call_s": t3 - t0,
           "step_ms_median": 1e3 * median, "step_ms_spread": 1e3 * (max(times) - min(times)),
           "images_per_s": batch_size / median, "peak_device_bytes": stats.get("peak_bytes_in_use"),
+          "achieved_tflops": (base["flops_per_step"] or 0) / median / 1e12,
+          "mfu": (base["flops_per_step"] or 0) / median / 1e12 / _PEAK.value if _PEAK.value else None,
           "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
