@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vdm import config as config_lib  # noqa: E402
 from vdm import sharding, training  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -73,7 +74,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
   base = {"benchmark": "train_step", "batch_size": batch_size, "image_shape": list(image_shape),
           "channels": config.model.channels, "num_blocks": config.model.num_blocks,
           "scan_blocks": config.model.scan_blocks, "remat": config.model.remat, "dtype": config.model.dtype,
-          "conv_grad": config.model.conv_grad, "matmul_precision": config.model.matmul_precision,
+          "conv_grad": config_lib.resolve_conv_grad(config.model.conv_grad, config.model.scan_blocks), "matmul_precision": config.model.matmul_precision,
           "trace_s": t1 - t0, "compile_s": t2 - t1, "device": jax.devices()[0].device_kind,
           "num_devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
           "temp_bytes": getattr(memory, "temp_size_in_bytes", None),

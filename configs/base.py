@@ -38,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.remat = False  # recompute activations in the backward pass
   config.model.dtype = "float32"  # network compute dtype: float32 or bfloat16 (params, loss stay float32)
   config.model.matmul_precision = "highest"  # jax.default_matmul_precision in the network; "default" allows TF32
-  config.model.conv_grad = "dot"  # conv backward as matmuls ("dot", fast in nn.scan on CPU) or "xla"
+  # Convolution backward pass: "dot" (as matmuls; fast inside nn.scan on CPU), "xla" (XLA's own;
+  # faster unrolled) or "auto" ("dot" for scanned blocks on CPU, else "xla").
+  config.model.conv_grad = "auto"
 
   config.training = ml_collections.ConfigDict()
   config.training.num_steps = 10_000_000  # optimiser steps in total

@@ -19,7 +19,7 @@ def get_config():
   config.model.num_blocks = 2
   config.model.dropout = 0.0
   config.model.mid_attention = False  # attention over 784 positions is half the step on a CPU
-  config.model.scan_blocks = False  # XLA:CPU runs convolutions inside loops ~10× slower
+  config.model.scan_blocks = False  # 2 blocks: nothing to gain; unrolled steps 1.2× faster on CPU
   config.training.num_steps = 1500
   config.training.batch_size = 32
   config.training.log_every = 50

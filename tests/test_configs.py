@@ -2,6 +2,7 @@
 
 import importlib
 
+import jax
 import pytest
 
 from vdm import config as config_lib
@@ -50,3 +51,10 @@ def test_configs_are_typesafe():
   config = importlib.import_module("configs.mnist").get_config()
   with pytest.raises(TypeError):
     config.training.num_steps = "many"
+
+
+def test_conv_grad_auto_writes_out_the_backward_only_for_scanned_blocks_on_cpu():
+  assert jax.default_backend() == "cpu"
+  assert config_lib.resolve_conv_grad("auto", True) == "dot"
+  assert config_lib.resolve_conv_grad("auto", False) == "xla"
+  assert config_lib.resolve_conv_grad("dot", False) == "dot" and config_lib.resolve_conv_grad("xla", True) == "xla"

@@ -196,3 +196,13 @@ def test_prefetch_keeps_order_and_reraises_errors():
   assert next(it) == 1
   with pytest.raises(RuntimeError, match="disk on fire"):
     next(it)
+
+
+def test_two_processes_evaluate_disjoint_parts_covering_the_split():
+  split = _split(23)
+  seen = []
+  for p in range(2):
+    for images, mask in input_pipeline.eval_batches(split, 8, process_index=p, process_count=2):
+      assert len(images) == 4
+      seen.extend(images[mask > 0, 0, 0, 0])
+  assert sorted(seen) == list(range(23))

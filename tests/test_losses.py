@@ -79,6 +79,33 @@ def test_reconstruction_loss_cdf_matches_float64(shape, vocab_size):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * x[0].size, err_msg=f"gamma={g}")
 
 
+@pytest.mark.parametrize("gamma", [-16.0, -13.3, -10.6])  # w = 2 e^{−γ/2}/256 ≥ 1.5: the windowed sum
+def test_windowed_normaliser_equals_the_full_sum_in_float64(gamma):
+  rng = np.random.default_rng(3)
+  x = rng.integers(0, 256, size=(4, 16, 16, 3))
+  x[0, :2, 0, 0] = [0, 255]
+  eps = rng.standard_normal(x.shape) * 3
+  eps[0, :2, 0, 0] = [-40.0, 40.0]  # z far outside [−1, 1]: the window sits at the edge of the range
+  assert 2 * np.exp(-gamma / 2) / 256 >= losses._WINDOW_MIN_W
+  with jax.enable_x64(True):
+    loss = lambda g: losses.reconstruction_loss(x, jnp.asarray(eps), g, 256).sum()  # noqa: E731
+    np.testing.assert_allclose(jax.jit(jax.vmap(lambda g: losses.reconstruction_loss(x, jnp.asarray(eps), g)))(
+        jnp.array([gamma]))[0], ref_recon(x, eps, gamma, 256), rtol=1e-12, atol=1e-9)
+    full = lambda g: jnp.sum(-0.5 * jnp.asarray(eps) ** 2 - losses._log_normaliser(  # noqa: E731
+        jnp.asarray(x), jnp.asarray(eps), 2 / 256 * jnp.exp(-0.5 * g) * jnp.ones(x.shape), jnp.arange(256)))
+    g = jnp.float64(gamma)
+    np.testing.assert_allclose(jax.grad(loss)(g), -jax.grad(full)(g), rtol=1e-10)
+
+
+def test_window_is_used_only_where_it_is_exact():
+  """Per-example γ_0 straddling the threshold falls back to the full sum for the whole batch."""
+  x, eps = _data((2, 8, 8, 1), 256)
+  gammas = np.array([-13.3, -9.0])  # w = 5.9 and 0.7
+  got = losses.reconstruction_loss(x, eps.astype(np.float32), gammas)
+  want = [ref_recon(x[i:i + 1], eps[i:i + 1], g, 256)[0] for i, g in enumerate(gammas)]
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
 def test_reconstruction_loss_per_example_gamma():
   x, eps = _data((4, 6, 6, 2), 256)
   g = np.array([-13.3, -5.0, 0.0, 4.0])

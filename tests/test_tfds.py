@@ -116,3 +116,16 @@ def test_failed_download_says_where_to_put_the_files(tmp_path, monkeypatch):
 def test_unknown_tfds_name(tmp_path):
   with pytest.raises(input_pipeline.DataError, match="unknown dataset 'imagenet7'"):
     input_pipeline.load_dataset("imagenet7", str(tmp_path))
+
+
+def test_reading_a_prepared_dataset_never_imports_tensorflow(prepared_cifar10):
+  import subprocess
+  import sys
+  data_dir, _, _ = prepared_cifar10
+  code = ("import sys; from vdm import input_pipeline; "
+          f"d = input_pipeline.load_dataset('cifar10', {str(data_dir)!r}); "
+          "x = d['train'].images[[0, 5, 7]]; print(x.shape, 'tensorflow' in sys.modules)")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "(3, 32, 32, 3) False"
