@@ -9,12 +9,14 @@ Numerics: with γ_0 ≈ −13.3, σ_0² ≈ 1.7e−6, so α and σ are always fo
 from ``sigmoid(±γ)`` / ``log_sigmoid`` / ``expm1``, never from ``1 − …``.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 from jax.typing import ArrayLike
+import numpy as np
 
 
 def _float_dtype(x):
@@ -97,15 +99,7 @@ def reconstruction_loss(x: ArrayLike, eps_0: ArrayLike, gamma_0: ArrayLike,
   # w = 2 e^{−γ_0/2}/V: no large-minus-large cancellation at γ_0 ≈ −13.
   w = (2.0 / vocab_size) * jnp.exp(-0.5 * gamma_0)
   x = x.astype(jnp.int32)
-  full = lambda: _log_normaliser(x, eps_0, w, jnp.arange(vocab_size))  # noqa: E731
-  if vocab_size <= 2 * _WINDOW + 1:
-    log_z = full()
-  else:
-    def windowed():
-      # The 2K + 1 values around the most likely one, v* = round(x + ε_0 / w), kept inside [0, V).
-      centre = jnp.clip(jnp.round(x + eps_0 / w), _WINDOW, vocab_size - 1 - _WINDOW).astype(jnp.int32)
-      return _log_normaliser(x, eps_0, w, centre[..., None] + jnp.arange(-_WINDOW, _WINDOW + 1))
-    log_z = jax.lax.cond(jnp.all(w >= _WINDOW_MIN_W), windowed, full)
+  log_z = _decoder_log_normaliser(x, eps_0, jnp.broadcast_to(w, x.shape).astype(eps_0.dtype), vocab_size)
   # The true value's logit (offset 0) is −½ ε_0².
   log_prob = -0.5 * jnp.square(eps_0) - log_z
   return -_sum_per_example(log_prob)  # [B]
@@ -121,10 +115,55 @@ _WINDOW = 4
 _WINDOW_MIN_W = 1.5
 
 
-def _log_normaliser(x: jax.Array, eps_0: jax.Array, w: jax.Array, values: jax.Array) -> jax.Array:
-  """log Σ_v exp(−½ (ε_0 + (x − v) w)²) over ``values`` ([V] or [..., K])."""
-  offsets = (x[..., None] - values).astype(eps_0.dtype)
-  return jax.nn.logsumexp(-0.5 * jnp.square(eps_0[..., None] + offsets * w[..., None]), axis=-1)
+def _log_normaliser(x: jax.Array, eps_0: jax.Array, w: jax.Array, values: jax.Array,
+                    with_grads: bool = False):
+  """log Σ_v exp(−½ (ε_0 + (x − v) w)²) over ``values`` ([V] or [..., K]).
+
+  With ``with_grads``, also its derivatives with respect to ε_0 and w.
+  """
+  r = eps_0[..., None] + (x[..., None] - values).astype(eps_0.dtype) * w[..., None]  # [..., K]
+  log_z = jax.nn.logsumexp(-0.5 * jnp.square(r), axis=-1)
+  if not with_grads:
+    return log_z
+  p = jnp.exp(-0.5 * jnp.square(r) - log_z[..., None])
+  d_eps = -jnp.sum(p * r, axis=-1)
+  d_w = -jnp.sum(p * r * (x[..., None] - values).astype(eps_0.dtype), axis=-1)
+  return log_z, d_eps, d_w
+
+
+def _window(x, eps_0, w, vocab_size):
+  """The 2K + 1 values around the most likely one, v* = round(x + ε_0 / w), kept inside [0, V)."""
+  centre = jnp.clip(jnp.round(x + eps_0 / w), _WINDOW, vocab_size - 1 - _WINDOW).astype(jnp.int32)
+  return centre[..., None] + jnp.arange(-_WINDOW, _WINDOW + 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _decoder_log_normaliser(x, eps_0, w, vocab_size):
+  """:func:`_log_normaliser` over all V values, summing only the window where that is exact.
+
+  The choice is a ``lax.cond`` on the traced γ_0. Its derivative is written
+  out: differentiating through the cond would keep the [..., V] residuals of
+  the branch not taken, which costs as much as the full sum.
+  """
+  return _decoder_log_normaliser_fwd(x, eps_0, w, vocab_size)[0]
+
+
+def _decoder_log_normaliser_fwd(x, eps_0, w, vocab_size):
+  full = lambda: _log_normaliser(x, eps_0, w, jnp.arange(vocab_size), with_grads=True)  # noqa: E731
+  if vocab_size <= 2 * _WINDOW + 1:
+    log_z, d_eps, d_w = full()
+  else:
+    windowed = lambda: _log_normaliser(x, eps_0, w, _window(x, eps_0, w, vocab_size), with_grads=True)  # noqa: E731
+    log_z, d_eps, d_w = jax.lax.cond(jnp.all(w >= _WINDOW_MIN_W), windowed, full)
+  return log_z, (x, d_eps, d_w)
+
+
+def _decoder_log_normaliser_bwd(vocab_size, residuals, g):
+  x, d_eps, d_w = residuals
+  return np.zeros(x.shape, jax.dtypes.float0), g * d_eps, g * d_w
+
+
+_decoder_log_normaliser.defvjp(_decoder_log_normaliser_fwd, _decoder_log_normaliser_bwd)
 
 
 def _log_bin_mass(lower: jax.Array, upper: jax.Array) -> jax.Array:
