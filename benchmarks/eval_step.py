@@ -8,7 +8,6 @@ not change the speed. Prints one JSON object and appends it to
 benchmarks/results.jsonl.
 """
 
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from vdm import config as config_lib  # noqa: E402
 from vdm import evaluation, sharding  # noqa: E402
 
@@ -29,7 +29,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global eval batch (default: the config's eval.batch_size).")
 _SHAPE = flags.DEFINE_string("image_shape", "28,28,1", "H,W,C.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls after warm-up.")
-_OUT = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results.jsonl"), "Append here.")
 flags.mark_flag_as_required("config")
 
 
@@ -62,10 +61,7 @@ def main(argv):
             "trace_and_compile_s": t1 - t0, "step_ms_median": 1e3 * median,
             "step_ms_spread": 1e3 * (max(times) - min(times)), "images_per_s": batch / median,
             "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "jax": jax.__version__}
-  line = json.dumps(record)
-  print(line)
-  with open(_OUT.value, "a") as f:
-    f.write(line + "\n")
+  common.emit(record)
 
 
 if __name__ == "__main__":

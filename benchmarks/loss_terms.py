@@ -11,7 +11,6 @@ with respect to γ_0). Prints one JSON object and appends it to
 benchmarks/results.jsonl.
 """
 
-import json
 import os
 import statistics
 import sys
@@ -27,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from vdm import config as config_lib  # noqa: E402
 from vdm import losses  # noqa: E402
 
@@ -34,7 +34,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch.")
 _SHAPE = flags.DEFINE_string("image_shape", "28,28,1", "H,W,C.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls of each variant.")
-_OUT = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results.jsonl"), "Append here.")
 flags.mark_flag_as_required("config")
 
 
@@ -81,10 +80,7 @@ def main(argv):
             "loss_grad_ms": full, "loss_grad_without_recon_ms": rest, "recon_alone_ms": term,
             "recon_share_of_loss_grad": (full - rest) / full, "recon_alone_share": term / full,
             "device": jax.devices()[0].device_kind, "jax": jax.__version__}
-  line = json.dumps(record)
-  print(line)
-  with open(_OUT.value, "a") as f:
-    f.write(line + "\n")
+  common.emit(record)
 
 
 if __name__ == "__main__":

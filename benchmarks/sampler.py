@@ -8,7 +8,6 @@ object per (sampler, N) and appends it to benchmarks/results.jsonl.
 """
 
 import functools
-import json
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from vdm import config as config_lib  # noqa: E402
 from vdm import sampling  # noqa: E402
 
@@ -30,7 +30,6 @@ _SHAPE = flags.DEFINE_string("image_shape", "28,28,1", "H,W,C.")
 _STEPS = flags.DEFINE_list("num_steps", ["10", "100", "1000"], "Loop lengths N to compile.")
 _SAMPLERS = flags.DEFINE_list("samplers", ["ancestral", "ddim"], "Samplers.")
 _TIMED = flags.DEFINE_integer("timed_steps", 100, "Loop length N for the steps/s measurement.")
-_OUT = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results.jsonl"), "Append here.")
 flags.mark_flag_as_required("config")
 
 
@@ -58,10 +57,7 @@ def main(argv):
         jax.block_until_ready(compiled(params, key, indices))
         elapsed = time.perf_counter() - t2
         result.update(steps_per_s=n / elapsed, images_steps_per_s=n * _BATCH.value / elapsed)
-      line = json.dumps(result)
-      print(line, flush=True)
-      with open(_OUT.value, "a") as f:
-        f.write(line + "\n")
+      common.emit(result)
 
 
 if __name__ == "__main__":

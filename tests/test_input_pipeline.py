@@ -206,3 +206,15 @@ def test_two_processes_evaluate_disjoint_parts_covering_the_split():
       assert len(images) == 4
       seen.extend(images[mask > 0, 0, 0, 0])
   assert sorted(seen) == list(range(23))
+
+
+def test_ahead_keeps_order_and_pulls_the_next_items_early():
+  pulled = []
+
+  def source():
+    for i in range(5):
+      pulled.append(i)
+      yield i
+  it = input_pipeline.ahead(source(), size=2)
+  assert next(it) == 0 and pulled == [0, 1]  # item 1 is already made (its copy to the devices started)
+  assert list(it) == [1, 2, 3, 4]

@@ -83,7 +83,7 @@ def test_two_processes_train_like_one(tmp_path):
            for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == 0, err[-3000:] + "\n--- first part of stderr ---\n" + "\n".join(line for line in err.splitlines() if "train:" not in line)[:6000]
   single_record = json.loads(single.stdout.strip().splitlines()[-1])
   multi_record = json.loads(outs[0][0].strip().splitlines()[-1])
   assert multi_record["num_examples"] == single_record["num_examples"] == 500

@@ -23,8 +23,10 @@ the 8 flips/90° rotations, drawn from (seed, step), and its code is passed to
 the network as conditioning.
 """
 
+import collections
 import dataclasses
 import importlib.util
+import itertools
 import os
 import queue
 import threading
@@ -315,8 +317,23 @@ def eval_batches(split: Split, batch_size: int, limit: Optional[int] = None, pro
     yield np.asarray(split.images[np.where(idx < n, idx, 0)]), mask
 
 
+def ahead(iterator: Iterator, size: int = 2) -> Iterator:
+  """Pulls ``size`` items ahead of the consumer, in the calling thread.
+
+  With items that start asynchronous work when made (JAX's copies to the
+  devices), that work overlaps whatever the consumer does meanwhile.
+  """
+  items = collections.deque(itertools.islice(iterator, size))
+  while items:
+    yield items.popleft()
+    items.extend(itertools.islice(iterator, 1))
+
+
 def prefetch(iterator: Iterator, size: int = 2, transform: Callable = lambda x: x) -> Iterator:
-  """Runs ``iterator`` (and ``transform``, e.g. the copy to devices) ``size`` items ahead in a thread.
+  """Runs ``iterator`` (and ``transform``) ``size`` items ahead in a thread.
+
+  For host work only (reading, decoding, augmenting): JAX calls from a
+  second thread can interleave with a multi-process run's collectives.
 
   Errors raised in the thread are re-raised in the consumer. Close the
   returned generator when done (``contextlib.closing``): that stops the

@@ -99,7 +99,11 @@ def reconstruction_loss(x: ArrayLike, eps_0: ArrayLike, gamma_0: ArrayLike,
   # w = 2 e^{−γ_0/2}/V: no large-minus-large cancellation at γ_0 ≈ −13.
   w = (2.0 / vocab_size) * jnp.exp(-0.5 * gamma_0)
   x = x.astype(jnp.int32)
-  log_z = _decoder_log_normaliser(x, eps_0, jnp.broadcast_to(w, x.shape).astype(eps_0.dtype), vocab_size)
+  # Decided on γ_0 itself (a scalar in the model), not on the [B, …] broadcast of it,
+  # so that a batch sharded over devices needs no collective for the decision.
+  use_window = jnp.all(w >= _WINDOW_MIN_W)
+  log_z = _decoder_log_normaliser(x, eps_0, jnp.broadcast_to(w, x.shape).astype(eps_0.dtype), use_window,
+                                  vocab_size)
   # The true value's logit (offset 0) is −½ ε_0².
   log_prob = -0.5 * jnp.square(eps_0) - log_z
   return -_sum_per_example(log_prob)  # [B]
@@ -137,30 +141,31 @@ def _window(x, eps_0, w, vocab_size):
   return centre[..., None] + jnp.arange(-_WINDOW, _WINDOW + 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _decoder_log_normaliser(x, eps_0, w, vocab_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _decoder_log_normaliser(x, eps_0, w, use_window, vocab_size):
   """:func:`_log_normaliser` over all V values, summing only the window where that is exact.
 
-  The choice is a ``lax.cond`` on the traced γ_0. Its derivative is written
+  The choice is a ``lax.cond`` on ``use_window`` (traced: γ_0 is learned). Its derivative is written
   out: differentiating through the cond would keep the [..., V] residuals of
   the branch not taken, which costs as much as the full sum.
   """
-  return _decoder_log_normaliser_fwd(x, eps_0, w, vocab_size)[0]
+  return _decoder_log_normaliser_fwd(x, eps_0, w, use_window, vocab_size)[0]
 
 
-def _decoder_log_normaliser_fwd(x, eps_0, w, vocab_size):
+def _decoder_log_normaliser_fwd(x, eps_0, w, use_window, vocab_size):
   full = lambda: _log_normaliser(x, eps_0, w, jnp.arange(vocab_size), with_grads=True)  # noqa: E731
   if vocab_size <= 2 * _WINDOW + 1:
     log_z, d_eps, d_w = full()
   else:
     windowed = lambda: _log_normaliser(x, eps_0, w, _window(x, eps_0, w, vocab_size), with_grads=True)  # noqa: E731
-    log_z, d_eps, d_w = jax.lax.cond(jnp.all(w >= _WINDOW_MIN_W), windowed, full)
+    log_z, d_eps, d_w = jax.lax.cond(use_window, windowed, full)
   return log_z, (x, d_eps, d_w)
 
 
 def _decoder_log_normaliser_bwd(vocab_size, residuals, g):
   x, d_eps, d_w = residuals
-  return np.zeros(x.shape, jax.dtypes.float0), g * d_eps, g * d_w
+  zero = lambda shape: np.zeros(shape, jax.dtypes.float0)  # noqa: E731  integer and bool inputs
+  return zero(x.shape), g * d_eps, g * d_w, zero(())
 
 
 _decoder_log_normaliser.defvjp(_decoder_log_normaliser_fwd, _decoder_log_normaliser_bwd)

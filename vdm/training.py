@@ -327,16 +327,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   start = int(state.step)
   batches = input_pipeline.train_batches(train_split, tr.batch_size, config.seed, start, tr.steps_per_call,
                                          jax.process_index(), jax.process_count(), config.data.augment)
-  # Read, augment and copy the next batches to the devices while this step runs.
-  batches = input_pipeline.prefetch(
-      batches, transform=lambda b: jax.tree.map(lambda x: sharding.to_global(x, batch_on_mesh), b))
+  # Read and augment in a thread; start copying the next batches to the devices while this step runs.
+  batches = input_pipeline.prefetch(batches)
+  on_devices = input_pipeline.ahead(jax.tree.map(lambda x: sharding.to_global(x, batch_on_mesh), b)
+                                    for b in batches)
   bar = tqdm.tqdm(total=tr.num_steps, initial=start, desc="train", unit="step",
                   disable=not (progress and is_main), dynamic_ncols=True)
   pending, unchecked, window_start, window_time = [], [], start, time.time()
   stop_on_nonfinite = tr.on_nonfinite == "stop"
   with _stop_signals() as received, contextlib.closing(batches):
     for step in range(start, tr.num_steps, tr.steps_per_call):
-      state, metrics = train_fn(state, next(batches))
+      state, metrics = train_fn(state, next(on_devices))
       done = step + tr.steps_per_call
       stop = _any_process(bool(received))  # a signal to one host stops them all at the same step
       pending.append((done, metrics))
