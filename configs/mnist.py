@@ -4,7 +4,7 @@
 
 Expected: about 1.32 test bits/dim (EMA parameters, all 500 test images,
 4 draws each) after 1,500 steps, in about 12 minutes on 2 CPU cores
-(measured: 1.318 ± 0.022, 11 min 53 s). A small U-Net trained briefly; the
+(measured: 1.317 ± 0.022, 11 min 42 s). A small U-Net trained briefly; the
 EMA warms up (decay min(0.999, (1+n)/(10+n))) so its parameters are usable
 after a few hundred steps.
 """
