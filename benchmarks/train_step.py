@@ -76,9 +76,9 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
           "num_devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
           "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
           "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
-          "flops_per_step": model_flops(config, batch)}
+          "flops_per_step": None}
   if compile_only:
-    return base
+    return {**base, "flops_per_step": model_flops(config, batch)}
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   t3 = time.perf_counter()
@@ -89,6 +89,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  base["flops_per_step"] = model_flops(config, batch)  # after the timings: it traces the model again
   median = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
   return {**base, "params": params, "first_run_s": t3 - t2, "first_call_s": t3 - t0,
