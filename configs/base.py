@@ -35,7 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.attention_everywhere = False  # self-attention after every block
   config.model.fourier_exponents = (6, 7)  # base-2 exponents of Fourier features; () = none
   config.model.scan_blocks = True  # compile identical blocks once (nn.scan)
-  config.model.remat = False  # recompute activations in the backward pass
+  config.model.remat = False  # recompute activations in the backward pass (less memory)
+  # What remat keeps: "convs" (convolution outputs; norms/activations recomputed, no extra
+  # convolutions) or "full" (nothing; the forward pass runs twice, the least memory).
+  config.model.remat_policy = "convs"
   config.model.dtype = "float32"  # network compute dtype: float32 or bfloat16 (params, loss stay float32)
   config.model.matmul_precision = "highest"  # jax.default_matmul_precision in the network; "default" allows TF32
   # Convolution backward pass: "dot" (as matmuls; fast inside nn.scan on CPU), "xla" (XLA's own;

@@ -43,6 +43,7 @@ TRAIN = [  # (arguments after --config=configs/smoke.py, words expected on stder
     (["--config.model.decoder=gauss"], "config.model.decoder: expected one of"),
     (["--config.model.vocab_size=1"], "config.model.vocab_size: expected an integer ≥ 2"),
     (["--config.optimizer.learning_rate=-1.0"], "config.optimizer.learning_rate: expected > 0"),
+    (["--config.model.remat_policy=some"], "config.model.remat_policy: expected one of ('convs', 'full')"),
     (["--config.model.dropout=1.5"], "config.model.dropout: expected a rate in [0, 1)"),
     (["--config.optimizer.ema_rate=1.5"], "config.optimizer.ema_rate: expected a decay in [0, 1)"),
     (["--config.training.steps_per_call=3"], "config.training.num_steps: expected a multiple of"),

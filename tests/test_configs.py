@@ -58,3 +58,33 @@ def test_conv_grad_auto_writes_out_the_backward_only_for_scanned_blocks_on_cpu()
   assert config_lib.resolve_conv_grad("auto", True) == "dot"
   assert config_lib.resolve_conv_grad("auto", False) == "xla"
   assert config_lib.resolve_conv_grad("dot", False) == "dot" and config_lib.resolve_conv_grad("xla", True) == "xla"
+
+
+def test_checkpoints_written_before_later_fields_load_with_the_values_they_were_trained_with(tmp_path):
+  import flax
+  import jax.numpy as jnp
+  import ml_collections
+
+  from vdm import checkpoints
+
+  @flax.struct.dataclass
+  class State:
+    step: jax.Array
+    key: jax.Array
+
+  config = importlib.import_module("configs.cifar10").get_config()
+  old = config.to_dict()
+  for section, fields in checkpoints.LATER_FIELDS.items():
+    for name in fields:
+      del old[section][name]
+  mngr = checkpoints.manager(str(tmp_path / "checkpoints"))
+  checkpoints.save(mngr, State(jnp.int32(3), jax.random.key(0)), ml_collections.ConfigDict(old),
+                   {"image_shape": [32, 32, 3]})
+  restored, metadata = checkpoints.restore_config(mngr)
+  assert (restored.model.conv_grad, restored.model.matmul_precision, restored.model.remat_policy,
+          restored.data.augment) == ("xla", "default", "full", False)
+  config_lib.validate(restored)
+  checkpoints.check_compatible(mngr, None, config, metadata["image_shape"])  # execution fields may differ
+  config.model.channels = 64
+  with pytest.raises(checkpoints.CheckpointError, match="model.channels: checkpoint 128, config 64"):
+    checkpoints.check_compatible(mngr, None, config, (32, 32, 3))

@@ -116,6 +116,36 @@ def test_conv_grad_choice_gives_the_same_network_gradient():
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("scan_blocks,conv_grad", [(True, "dot"), (False, "xla")])
+def test_remat_policies_give_the_same_gradient_and_convs_recomputes_no_convolution(scan_blocks, conv_grad):
+  net = lambda **kw: _tiny(dropout=0.3, scan_blocks=scan_blocks, conv_grad=conv_grad,  # noqa: E731
+                           dtype=jnp.float64, **kw)
+  with jax.enable_x64(True):
+    z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.float64)
+    gamma = jnp.array([-10.0, 2.0])
+    params = _perturbed(jax.jit(net().init)(jax.random.key(1), z, gamma)["params"])
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+
+    def grad(module):
+      loss = lambda p: jnp.sum(module.apply({"params": p}, z, gamma, train=True,  # noqa: E731
+                                            rngs={"dropout": jax.random.key(2)}) ** 2)
+      return jax.jit(jax.grad(loss))
+
+    def convolutions(module):  # in the lowered gradient, before XLA could merge anything
+      return grad(module).lower(params).as_text().count("stablehlo.convolution")
+
+    plain = net()
+    reference = grad(plain)(params)
+    assert jax.tree.leaves(reference)[0].dtype == jnp.float64
+    for policy in networks.REMAT_POLICIES:
+      grads = grad(net(remat=True, remat_policy=policy))(params)
+      for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)  # dropout masks recomputed identically
+    # "convs" keeps the convolution outputs; "full" runs the blocks' convolutions again.
+    assert convolutions(net(remat=True, remat_policy="convs")) == convolutions(plain)
+    assert convolutions(net(remat=True, remat_policy="full")) > convolutions(plain)
+
+
 @pytest.mark.parametrize("precision,expected", [("highest", "HIGHEST"), ("default", "DEFAULT")])
 def test_matmul_precision_reaches_every_matmul_and_conv_forward_and_backward(precision, expected):
   net = _tiny(channels=8, num_blocks=1, matmul_precision=precision, attention_everywhere=True)

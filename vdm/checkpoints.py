@@ -85,13 +85,13 @@ def restore_config(mngr: ocp.CheckpointManager, step: Optional[int] = None
 # Config fields added after checkpoints were first written, with the value
 # that reproduces what those checkpoints were trained with.
 LATER_FIELDS = {
-    "model": {"conv_grad": "xla", "matmul_precision": "default"},
+    "model": {"conv_grad": "xla", "matmul_precision": "default", "remat_policy": "full"},
     "data": {"augment": False},
 }
 
 # Fields that change how the network is computed, not what it computes or
 # its parameters: a checkpoint may be resumed with other values.
-EXECUTION_FIELDS = ("remat", "dtype", "matmul_precision", "conv_grad")
+EXECUTION_FIELDS = ("remat", "remat_policy", "dtype", "matmul_precision", "conv_grad")
 
 
 def check_compatible(mngr: ocp.CheckpointManager, step: Optional[int], config: ml_collections.ConfigDict,

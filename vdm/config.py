@@ -36,6 +36,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(m.gamma_min < m.gamma_max, "model.gamma_min", f"< model.gamma_max ({m.gamma_max})", m.gamma_min)
   _check(m.decoder in model_lib.DECODERS, "model.decoder", f"one of {model_lib.DECODERS}", m.decoder)
   _check(m.dtype in DTYPES, "model.dtype", f"one of {tuple(DTYPES)}", m.dtype)
+  _check(m.remat_policy in networks.REMAT_POLICIES, "model.remat_policy",
+         f"one of {tuple(networks.REMAT_POLICIES)}", m.remat_policy)
   _check(m.conv_grad in CONV_GRADS, "model.conv_grad", f"one of {CONV_GRADS}", m.conv_grad)
   _check(m.matmul_precision in MATMUL_PRECISIONS, "model.matmul_precision", f"one of {MATMUL_PRECISIONS}",
          m.matmul_precision)
@@ -76,6 +78,7 @@ def build_model(config: ml_collections.ConfigDict) -> model_lib.VDM:
       channels=m.channels, num_blocks=m.num_blocks, dropout=m.dropout, mid_attention=m.mid_attention,
       attention_everywhere=m.attention_everywhere, fourier_exponents=tuple(m.fourier_exponents),
       gamma_min=m.gamma_min, gamma_max=m.gamma_max, scan_blocks=m.scan_blocks, remat=m.remat,
+      remat_policy=m.remat_policy,
       dtype=DTYPES[m.dtype], conv_grad=resolve_conv_grad(m.conv_grad, m.scan_blocks),
       matmul_precision=m.matmul_precision,
       num_augmentations=input_pipeline.NUM_AUGMENTATIONS if config.data.augment else 0)

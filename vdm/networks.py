@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -90,6 +91,13 @@ def conv_dot_grad(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dila
   return _conv_dot_grad(lhs, rhs, padding, precision)
 
 
+# What a rematerialised block keeps from its forward pass; the rest is recomputed.
+REMAT_POLICIES = {
+    "convs": jax.checkpoint_policies.save_only_these_names("conv"),  # norms, activations recomputed
+    "full": jax.checkpoint_policies.nothing_saveable,  # the whole forward pass runs twice
+}
+
+
 def _num_groups(channels: int) -> int:
   # 32 groups as in the paper (128 channels: 4 per group). Narrow models keep
   # at least 4 channels per group: with one channel per group the norm would
@@ -142,12 +150,12 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool) -> jax.Array:
     h = nn.swish(_group_norm(x.shape[-1], self.dtype)(x))
-    h = _conv(self.channels, self.dtype, self.conv_grad)(h)
+    h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad)(h), "conv")
     h = h + nn.Dense(self.channels, use_bias=False, kernel_init=nn.initializers.zeros,
                      dtype=self.dtype)(cond)[:, None, None, :]
     h = nn.swish(_group_norm(self.channels, self.dtype)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    h = _conv(self.channels, self.dtype, self.conv_grad, zero_init=True)(h)
+    h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True)(h), "conv")
     if x.shape[-1] != self.channels:
       x = nn.Dense(self.channels, dtype=self.dtype, name="skip")(x)
     return x + h
@@ -203,6 +211,9 @@ class ScoreUNet(nn.Module):
     gamma_min, gamma_max: the range mapped to [0, 1] before the embedding.
     scan_blocks: compile each stack of identical blocks once (``nn.scan``).
     remat: recompute block activations in the backward pass (saves memory).
+    remat_policy: what a rematerialised block keeps, see ``REMAT_POLICIES``:
+      "convs" (its convolutions' outputs; only norms and activations are
+      recomputed) or "full" (nothing; the whole forward pass runs twice).
     dtype: computation dtype (bfloat16 for mixed precision); params stay float32.
     conv_grad: "dot" (the backward pass of the 3×3 convolutions written as
       matmuls, see :func:`conv_dot_grad`; fast inside ``nn.scan`` on CPU) or
@@ -225,6 +236,7 @@ class ScoreUNet(nn.Module):
   gamma_max: float = 5.0
   scan_blocks: bool = True
   remat: bool = False
+  remat_policy: str = "convs"
   dtype: Dtype = jnp.float32
   conv_grad: str = "dot"
   num_augmentations: int = 0
@@ -282,7 +294,7 @@ class ScoreUNet(nn.Module):
              deterministic: bool):
     """Runs a stack of identical layers; ``skips`` [L, …] (up) or None (down)."""
     length = self.num_blocks if skips is None else self.num_blocks + 1
-    layer = nn.remat(_Layer) if self.remat else _Layer
+    layer = nn.remat(_Layer, policy=REMAT_POLICIES[self.remat_policy]) if self.remat else _Layer
     args = (self.channels, self.dropout, self.attention_everywhere, deterministic, self.dtype,
             self.conv_grad)
     if self.scan_blocks:
