@@ -76,8 +76,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
           "trace_s": t1 - t0, "compile_s": t2 - t1, "device": jax.devices()[0].device_kind,
           "num_devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
           "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-          "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
-          "flops_per_step": None}
+          "argument_bytes": getattr(memory, "argument_size_in_bytes", None)}
   if compile_only:
     return {**base, "flops_per_step": model_flops(config, batch)}
   state, metrics = compiled(state, batch)
@@ -90,14 +89,14 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  base["flops_per_step"] = model_flops(config, batch)  # after the timings: it traces the model again
+  flops = model_flops(config, batch)  # after the timings: it traces the model again
   median = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
-  return {**base, "params": params, "first_run_s": t3 - t2, "first_call_s": t3 - t0,
+  return {**base, "flops_per_step": flops, "params": params, "first_run_s": t3 - t2, "first_call_s": t3 - t0,
           "step_ms_median": 1e3 * median, "step_ms_spread": 1e3 * (max(times) - min(times)),
           "images_per_s": batch_size / median, "peak_device_bytes": stats.get("peak_bytes_in_use"),
-          "achieved_tflops": (base["flops_per_step"] or 0) / median / 1e12,
-          "mfu": (base["flops_per_step"] or 0) / median / 1e12 / _PEAK.value if _PEAK.value else None,
+          "achieved_tflops": flops / median / 1e12,
+          "mfu": flops / median / 1e12 / _PEAK.value if _PEAK.value else None,
           "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
