@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, flops  # noqa: E402
 from vdm import config as config_lib  # noqa: E402
 from vdm import sharding, training  # noqa: E402
 
@@ -50,8 +50,8 @@ _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Stop after trace and c
 _SWEEP = flags.DEFINE_string("sweep", "", "FIELD=V1,V2,…: measure each value of one config field, side by side.")
 _VARIANT = flags.DEFINE_multi_string("variant", [], "FIELD=V[,FIELD=V…]: one variant to measure (repeat the flag); "
                                      "the first is the baseline of the ratios.")
-_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s (e.g. 989 for an H100 SXM in bf16, "
-                           "67 in fp32): adds the model FLOP utilisation.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s for the model FLOP utilisation (MFU); "
+                           "default: benchmarks/flops.py's table for the device and precision (none for CPUs).")
 flags.mark_flag_as_required("config")
 
 
@@ -89,32 +89,30 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  flops = model_flops(config, batch)  # after the timings: it traces the model again
+  step_flops = model_flops(config, batch)  # after the timings: it traces the model again
   median = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
-  return {**base, "flops_per_step": flops, "params": params, "first_run_s": t3 - t2, "first_call_s": t3 - t0,
+  kind = flops.matmul_kind(config.model.dtype, config.model.matmul_precision, jax.default_backend())
+  peak = _PEAK.value or flops.peak_tflops(jax.devices()[0].device_kind, kind)
+  return {**base, "flops_per_step": step_flops, "params": params, "first_run_s": t3 - t2, "first_call_s": t3 - t0,
           "step_ms_median": 1e3 * median, "step_ms_spread": 1e3 * (max(times) - min(times)),
           "images_per_s": batch_size / median, "peak_device_bytes": stats.get("peak_bytes_in_use"),
-          "achieved_tflops": flops / median / 1e12,
-          "mfu": flops / median / 1e12 / _PEAK.value if _PEAK.value else None,
+          "achieved_tflops": step_flops / median / 1e12,
+          "peak_tflops": peak, "peak_kind": kind, "mfu": step_flops / median / 1e12 / peak if peak else None,
           "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def model_flops(config, batch) -> float:
-  """FLOPs of one train step of the unrolled network without rematerialisation.
+  """Matrix FLOPs of one train step without rematerialisation, counted from its jaxpr.
 
-  XLA's cost analysis counts a loop body once, not once per iteration, so
-  the scanned form's own figure is far too low; recomputation (remat) is
-  not model work, nor are the written-out convolution gradients' extra
-  reshapes. This figure is the same for every variant of a model.
+  The same on every backend (XLA's cost analysis is missing on GPUs and
+  counts a loop body once); recomputation (remat) is not model work, so this
+  figure is the same for every variant of a model.
   """
   plain = copy.deepcopy(config)
-  plain.model.scan_blocks, plain.model.remat, plain.model.conv_grad = False, False, "xla"
+  plain.model.remat, plain.model.conv_grad = False, "xla"
   model, optimizer, mesh, init = training.setup(plain, batch.shape[2:])
-  like = jax.eval_shape(init)
-  cost = training.make_train_fn(plain, model, optimizer, mesh).lower(like, batch).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
+  return flops.count(training.make_train_fn(plain, model, optimizer, mesh), jax.eval_shape(init), batch)
 
 
 def _value(text: str):

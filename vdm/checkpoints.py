@@ -87,6 +87,7 @@ def restore_config(mngr: ocp.CheckpointManager, step: Optional[int] = None
 LATER_FIELDS = {
     "model": {"conv_grad": "xla", "matmul_precision": "default", "remat_policy": "full"},
     "data": {"augment": False},
+    "eval": {"full_precision": True},
 }
 
 # Fields that change how the network is computed, not what it computes or

@@ -65,13 +65,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(0.0 <= opt.ema_rate < 1.0, "optimizer.ema_rate", "a decay in [0, 1)", opt.ema_rate)
   _check(ev.batch_size >= 1, "eval.batch_size", "a positive integer", ev.batch_size)
   _check(ev.draws >= 1, "eval.draws", "a positive integer", ev.draws)
+  _check(isinstance(ev.full_precision, bool), "eval.full_precision", "True or False", ev.full_precision)
   _check(ev.num_samples >= 0, "eval.num_samples", "≥ 0", ev.num_samples)
   _check(ev.sample_steps >= 1, "eval.sample_steps", "a positive integer", ev.sample_steps)
 
 
-def build_model(config: ml_collections.ConfigDict) -> model_lib.VDM:
-  """The VDM of ``config.model``."""
+def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> model_lib.VDM:
+  """The VDM of ``config.model``.
+
+  ``for_eval``: the network as evaluation runs it; with
+  ``config.eval.full_precision`` that is float32 activations and "highest"
+  matmul precision (same parameters, same function up to rounding).
+  """
   m = config.model
+  dtype, precision = m.dtype, m.matmul_precision
+  if for_eval and config.eval.full_precision:
+    dtype, precision = "float32", "highest"
   extra = {"hidden": m.schedule_hidden} if m.schedule == "monotone_net" else {}
   schedule = schedules.get_schedule(m.schedule, m.gamma_min, m.gamma_max, **extra)
   network = networks.ScoreUNet(
@@ -79,8 +88,8 @@ def build_model(config: ml_collections.ConfigDict) -> model_lib.VDM:
       attention_everywhere=m.attention_everywhere, fourier_exponents=tuple(m.fourier_exponents),
       gamma_min=m.gamma_min, gamma_max=m.gamma_max, scan_blocks=m.scan_blocks, remat=m.remat,
       remat_policy=m.remat_policy,
-      dtype=DTYPES[m.dtype], conv_grad=resolve_conv_grad(m.conv_grad, m.scan_blocks),
-      matmul_precision=m.matmul_precision,
+      dtype=DTYPES[dtype], conv_grad=resolve_conv_grad(m.conv_grad, m.scan_blocks),
+      matmul_precision=precision,
       num_augmentations=input_pipeline.NUM_AUGMENTATIONS if config.data.augment else 0)
   return model_lib.VDM(schedule, network, vocab_size=m.vocab_size,
                        num_steps=m.num_diffusion_steps,

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdm import checkpoints, evaluation, input_pipeline, sampling
+from vdm import checkpoints, evaluation, input_pipeline, sampling, sharding
 from vdm import config as config_lib
 from vdm import model as model_lib
 from vdm import training
@@ -35,15 +35,19 @@ class TrainedVDM:
              progress: bool = False):
     """Draws uint8 images ``[N, H, W, C]`` (and z_0 if ``return_latents``).
 
-    Sample k depends only on (key, k), whatever ``batch_size``. ``eta`` is
-    DDIM's (0: deterministic; 1: the ancestral variance); the ancestral
-    sampler ignores it.
+    Sample k depends only on (key, k), whatever ``batch_size`` or the
+    number of devices. Every device JAX sees is used (each batch is
+    sharded over them; in a multi-process run every process must call).
+    ``eta`` is DDIM's (0: deterministic; 1: the ancestral variance); the
+    ancestral sampler ignores it. ``progress``: a bar over sampler steps.
+    The network runs as in training (``config.model.dtype`` and
+    ``matmul_precision``).
     """
     _check_sampling_args(num_samples, num_steps, sampler, eta, batch_size)
     images, latents = sampling.generate(
         self.model, self.params, key, num_samples, self.image_shape, num_steps=num_steps,
         sampler=sampler, eta=eta, clip_denoised=clip_denoised, decode_draw=decode_draw,
-        batch_size=batch_size, progress=progress)
+        batch_size=batch_size, progress=progress, mesh=sharding.make_mesh())
     images = images.astype(np.uint8)
     return (images, latents) if return_latents else images
 
@@ -62,7 +66,8 @@ class TrainedVDM:
     if images.min() < 0 or images.max() >= self.model.vocab_size:
       raise ConfigError(f"images: values must lie in [0, {self.model.vocab_size - 1}]")
     split = input_pipeline.Split(images.astype(np.uint8) if self.model.vocab_size <= 256 else images)
-    return evaluation.evaluate(self.model, self.params, split, batch_size=batch_size, draws=draws, key=key,
+    eval_model = config_lib.build_model(self.config, for_eval=True)  # eval.full_precision: float32, "highest"
+    return evaluation.evaluate(eval_model, self.params, split, batch_size=batch_size, draws=draws, key=key,
                                return_per_example=True)
 
 
@@ -94,7 +99,7 @@ def load(path: str, step: Optional[int] = None) -> TrainedVDM:
   model = config_lib.build_model(config)
   optimizer = config_lib.build_optimizer(config)
   like = jax.eval_shape(lambda: training.create_train_state(config, model, optimizer, image_shape))
-  state = checkpoints.restore(mngr, like, step)
+  state = checkpoints.restore(mngr, like, step, sharding=sharding.replicated(sharding.make_mesh()))
   return TrainedVDM(config=config, params=state.ema_params, step=int(state.step), model=model,
                     image_shape=image_shape)
 

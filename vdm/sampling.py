@@ -109,7 +109,8 @@ def decode(z_0: ArrayLike, gamma_0: ArrayLike, vocab_size: int = 256, decoder: s
 def sample_loop(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
                 gamma_fn: Callable[[jax.Array], jax.Array], z_1: jax.Array,
                 sample_keys: jax.Array, num_steps: int, *, sampler: str = "ancestral",
-                eta: float = 1.0, clip_denoised: bool = False) -> jax.Array:
+                eta: float = 1.0, clip_denoised: bool = False, first: ArrayLike = 0,
+                last: Optional[ArrayLike] = None) -> jax.Array:
   """Runs the reverse process from z_1 to z_0 in one ``lax.fori_loop``.
 
   Args:
@@ -122,8 +123,11 @@ def sample_loop(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
     sampler: ``"ancestral"`` or ``"ddim"``.
     eta: DDIM's η (ignored by the ancestral sampler).
     clip_denoised: clip x̂ to [−1, 1] inside every step.
+    first, last: run only loop iterations ``first ≤ i < last`` (i = 0 is the
+      step from t = 1; default: all N), so a long loop can run in pieces, then
+      ``z_1`` is the latent after iteration ``first − 1``. May be traced.
   Returns:
-    z_0 ``[B, …]``.
+    z_0 ``[B, …]`` (the latent after iteration ``last − 1``).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -142,66 +146,113 @@ def sample_loop(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
       return ancestral_step(z_t, eps_hat, gamma_t, gamma_s, noise)
     return ddim_step(z_t, eps_hat, gamma_t, gamma_s, eta, noise)
 
-  return jax.lax.fori_loop(0, num_steps, body, z_1)
+  return jax.lax.fori_loop(first, num_steps if last is None else last, body, z_1)
+
+
+def _first_latents(key_data, indices, image_shape):
+  """z_1 ``[B, …]`` and each sample's step-key data ``[B, 2]``, from (key, sample index) alone."""
+  key = jax.random.wrap_key_data(key_data)
+  sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+  keys = jax.vmap(jax.random.split)(sample_keys)  # [B, 2]
+  z_1 = jax.vmap(lambda k: jax.random.normal(k, image_shape))(keys[:, 0])
+  return z_1, jax.random.key_data(keys[:, 1])
+
+
+def _denoise(model, params, z_t, step_key_data, first, *, num_steps, steps_per_call, sampler, eta,
+             clip_denoised):
+  """Loop iterations ``first … first + steps_per_call − 1`` (at most up to N) of the sampler."""
+  variables = {"params": params}
+  eps_fn = lambda z, g: model.apply(variables, z, g, method=model.eps_hat)  # noqa: E731
+  gamma_fn = lambda t: model.apply(variables, t, method=model.gamma)  # noqa: E731
+  return sample_loop(eps_fn, gamma_fn, z_t, jax.random.wrap_key_data(step_key_data), num_steps,
+                     sampler=sampler, eta=eta, clip_denoised=clip_denoised, first=first,
+                     last=jnp.minimum(first + steps_per_call, num_steps))
+
+
+def _decode(model, params, z_0, step_key_data, decode_draw):
+  gamma_0 = model.apply({"params": params}, jnp.zeros((1,)), method=model.gamma)[0]
+  if decode_draw:  # step 0 is never used inside the loop: its key is free
+    draw = lambda z, k: decode(z[None], gamma_0, model.vocab_size, model.decoder,  # noqa: E731
+                               key=jax.random.fold_in(k, 0))[0]
+    return jax.vmap(draw)(z_0, jax.random.wrap_key_data(step_key_data))
+  return decode(z_0, gamma_0, model.vocab_size, model.decoder)
 
 
 def _sample_batch(model, params, key, indices, image_shape, num_steps, sampler, eta, clip_denoised,
                   decode_draw):
-  sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-  keys = jax.vmap(jax.random.split)(sample_keys)  # [B, 2]
-  z_keys, step_keys = keys[:, 0], keys[:, 1]
-  z_1 = jax.vmap(lambda k: jax.random.normal(k, image_shape))(z_keys)
-  variables = {"params": params}
-  eps_fn = lambda z, g: model.apply(variables, z, g, method=model.eps_hat)  # noqa: E731
-  gamma_fn = lambda t: model.apply(variables, t, method=model.gamma)  # noqa: E731
-  z_0 = sample_loop(eps_fn, gamma_fn, z_1, step_keys, num_steps, sampler=sampler, eta=eta,
-                    clip_denoised=clip_denoised)
-  gamma_0 = gamma_fn(jnp.zeros((1,)))[0]
-  if decode_draw:  # step 0 is never used inside the loop: its key is free
-    draw = lambda z, k: decode(z[None], gamma_0, model.vocab_size, model.decoder,  # noqa: E731
-                               key=jax.random.fold_in(k, 0))[0]
-    images = jax.vmap(draw)(z_0, step_keys)
-  else:
-    images = decode(z_0, gamma_0, model.vocab_size, model.decoder)
-  return images, z_0
+  """One batch, the whole loop in one program: (images, z_0). ``key`` is a typed key."""
+  z_1, step_key_data = _first_latents(jax.random.key_data(key), indices, image_shape)
+  z_0 = _denoise(model, params, z_1, step_key_data, 0, num_steps=num_steps, steps_per_call=num_steps,
+                 sampler=sampler, eta=eta, clip_denoised=clip_denoised)
+  return _decode(model, params, z_0, step_key_data, decode_draw), z_0
+
+
+def _advance(bar: tqdm.tqdm, latents: jax.Array, steps: int) -> None:
+  jax.block_until_ready(latents)
+  bar.update(steps)
 
 
 def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple, *,
              num_steps: int = 1000, sampler: str = "ancestral", eta: float = 1.0,
              clip_denoised: bool = False, decode_draw: bool = False,
-             batch_size: Optional[int] = None, progress: bool = False, mesh=None):
+             batch_size: Optional[int] = None, progress: bool = False, mesh=None,
+             steps_per_call: Optional[int] = None):
   """Draws ``num_samples`` images from a VDM, ``batch_size`` at a time.
 
   Sample k depends only on (key, k): its key is ``fold_in(key, k)``, so the
-  images do not change with the batch size or the number of devices.
+  images do not change with the batch size, the number of devices, or how
+  the loop is cut into calls.
 
   Args:
     model: a :class:`vdm.model.VDM`; params: its parameters (the EMA ones).
     image_shape: ``(H, W, C)``.
     num_steps, sampler, eta, clip_denoised: see :func:`sample_loop`.
     decode_draw: draw the image from the decoder at t = 0 instead of its argmax.
+    batch_size: images per compiled batch (default: all at once).
+    progress: a progress bar over sampler steps (then the loop runs in about
+      50 calls of ``steps_per_call`` steps, compiled once).
     mesh: shard each batch over this mesh's ``data`` axis (every process
       must call; each gets all the images).
+    steps_per_call: loop iterations per compiled call (default: all N, or
+      N/50 with ``progress``).
   Returns:
     ``(images, z_0)``: int32 ``[N, H, W, C]`` and float32 latents, on the host.
   """
   batch_size = min(batch_size or num_samples, num_samples)
-  fn = functools.partial(_sample_batch, model, image_shape=tuple(image_shape), num_steps=num_steps,
-                         sampler=sampler, eta=eta, clip_denoised=clip_denoised, decode_draw=decode_draw)
+  if steps_per_call is None:
+    steps_per_call = -(-num_steps // 50) if progress else num_steps
+  steps_per_call = max(1, min(steps_per_call, num_steps))
+  start = functools.partial(_first_latents, image_shape=tuple(image_shape))
+  denoise = functools.partial(_denoise, model, num_steps=num_steps, steps_per_call=steps_per_call,
+                              sampler=sampler, eta=eta, clip_denoised=clip_denoised)
+  finish = functools.partial(_decode, model, decode_draw=decode_draw)
   key_data = np.asarray(jax.random.key_data(key))
-  unwrapped = lambda p, k, i: fn(p, jax.random.wrap_key_data(k), i)  # noqa: E731
   if mesh is None:
-    run, rep, data = jax.jit(unwrapped), None, None
+    start, denoise, finish = jax.jit(start), jax.jit(denoise), jax.jit(finish)
+    rep = data = None
     to_device, fetch = (lambda x, _: x), (lambda x: np.asarray(jax.device_get(x)))
   else:
     batch_size = sharding.round_up(batch_size)
     rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    run = jax.jit(unwrapped, in_shardings=(rep, rep, data), out_shardings=(data, data))
+    start = jax.jit(start, in_shardings=(rep, data), out_shardings=(data, data))
+    denoise = jax.jit(denoise, in_shardings=(rep, data, data, rep), out_shardings=data)
+    finish = jax.jit(finish, in_shardings=(rep, data, data), out_shardings=data)
     to_device, fetch = sharding.from_host, sharding.to_host
+  num_batches = -(-num_samples // batch_size)
+  bar = tqdm.tqdm(total=num_batches * num_steps, desc="sample", unit="step", disable=not progress,
+                  leave=False, dynamic_ncols=True)
   images, latents = [], []
-  for start in tqdm.trange(0, num_samples, batch_size, desc="sample", disable=not progress, leave=False):
-    indices = np.arange(start, start + batch_size, dtype=np.int32)  # the last batch is padded, then cut
-    batch_images, batch_z = run(params, to_device(key_data, rep), to_device(indices, data))
-    images.append(fetch(batch_images))
-    latents.append(fetch(batch_z))
+  for first_index in range(0, num_samples, batch_size):
+    indices = np.arange(first_index, first_index + batch_size, dtype=np.int32)  # the last batch is padded, then cut
+    z, step_keys = start(to_device(key_data, rep), to_device(indices, data))
+    previous = None  # (latents, steps) of the call before: the bar waits one call behind, so the
+    for first in range(0, num_steps, steps_per_call):  # device always has the next call queued
+      z = denoise(params, z, step_keys, to_device(np.int32(first), rep))
+      if previous is not None:
+        _advance(bar, *previous)
+      previous = (z, min(steps_per_call, num_steps - first))
+    _advance(bar, *previous)
+    images.append(fetch(finish(params, z, step_keys)))
+    latents.append(fetch(z))
+  bar.close()
   return np.concatenate(images)[:num_samples], np.concatenate(latents)[:num_samples]

@@ -235,14 +235,14 @@ def _write_json(path: str, record: dict) -> None:
 
 
 def write_samples(config, model, params, image_shape, workdir: str, step: int, mesh=None,
-                  write: bool = True) -> str:
+                  write: bool = True, progress: bool = False) -> str:
   """Samples ``config.eval.num_samples`` images with the EMA params into a PNG grid.
 
   Every process must call (the sampler runs on all devices); only ``write`` ones write.
   """
   key = jax.random.fold_in(jax.random.key(config.seed), 2)
   samples, _ = sampling.generate(model, params, key, config.eval.num_samples, image_shape,
-                                 num_steps=config.eval.sample_steps, mesh=mesh)
+                                 num_steps=config.eval.sample_steps, mesh=mesh, progress=progress)
   path = os.path.join(workdir, "samples", f"step_{step}.png")
   if write:
     images.write_png(path, images.grid(samples.astype(np.uint8)))
@@ -320,7 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())
   writer = MetricWriter(workdir, active=is_main, echo=_echo)
   train_fn = make_train_fn(config, model, optimizer, mesh)
-  eval_step = evaluation.make_eval_step(model, mesh)
+  eval_model = config_lib.build_model(config, for_eval=True)  # full precision unless eval.full_precision=False
+  eval_step = evaluation.make_eval_step(eval_model, mesh)
   batch_on_mesh = sharding.batch_sharding(mesh, 1)
 
   tr = config.training
@@ -354,12 +355,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         writer.write(done, summary)
         bar.set_postfix(bpd=f"{summary['train/bpd']:.3f}")
       if tr.eval_every and done % tr.eval_every == 0 and not last and not stop:
-        record = evaluate_split(config, model, state.ema_params, eval_split, done, mesh=mesh,
+        record = evaluate_split(config, eval_model, state.ema_params, eval_split, done, mesh=mesh,
                                 limit=config.eval.periodic_examples, eval_step=eval_step,
                                 progress=progress and is_main)
         writer.write(done, {f"eval/{k}": v for k, v in record.items() if k.startswith("bpd")})
         if config.eval.num_samples:
-          write_samples(config, model, state.ema_params, image_shape, workdir, done, mesh, write=is_main)
+          write_samples(config, model, state.ema_params, image_shape, workdir, done, mesh, write=is_main,
+                        progress=progress and is_main)
       if done % tr.checkpoint_every == 0 or stop:
         if stop_on_nonfinite:
           _raise_if_nonfinite(unchecked)
@@ -373,14 +375,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   if mngr.latest_step() != int(state.step):
     checkpoints.save(mngr, state, config, metadata)
 
-  record = evaluate_split(config, model, state.ema_params, eval_split, int(state.step), mesh=mesh,
+  record = evaluate_split(config, eval_model, state.ema_params, eval_split, int(state.step), mesh=mesh,
                           eval_step=eval_step, progress=progress and is_main)
   writer.write(int(state.step), {f"eval/{k}": v for k, v in record.items() if k.startswith("bpd")})
   if is_main:
     save_eval_record(workdir, record)
   if config.eval.num_samples:
     path = write_samples(config, model, state.ema_params, image_shape, workdir, int(state.step), mesh,
-                         write=is_main)
+                         write=is_main, progress=progress and is_main)
     if is_main:
       _echo(f"samples: {path}")
   writer.close()
@@ -394,7 +396,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   directory, step = checkpoints.resolve(checkpoint or workdir)
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
   split = _split(data, config.eval.split)
-  model, _, mesh, init = setup(config, split.image_shape)
+  _, _, mesh, init = setup(config, split.image_shape)
+  model = config_lib.build_model(config, for_eval=True)
   mngr = checkpoints.manager(directory, read_only=True)
   if not allow_config_mismatch:
     checkpoints.check_compatible(mngr, step, config, split.image_shape)

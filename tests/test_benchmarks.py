@@ -1,0 +1,73 @@
+"""The FLOP counter of the benchmarks (benchmarks/flops.py) against closed forms and XLA's own count."""
+
+import copy
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from benchmarks import flops
+from configs import cifar10
+from vdm import training
+
+
+def test_matmul_and_convolution_are_two_flops_per_multiply_add():
+  a, b = jnp.ones((3, 5, 7)), jnp.ones((3, 7, 2))  # batched matmul
+  assert flops.count(lambda a, b: jnp.einsum("bij,bjk->bik", a, b), a, b) == 2 * 3 * 5 * 7 * 2
+  x, k = jnp.ones((2, 9, 9, 4)), jnp.ones((3, 3, 4, 6))
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",  # noqa: E731
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert flops.count(conv, x, k) == 2 * (2 * 9 * 9 * 6) * (3 * 3 * 4)
+  assert flops.count(jnp.sin, x) == 0  # element-wise work is not counted
+
+
+def test_loops_count_every_iteration_and_cond_its_larger_branch():
+  m = jnp.ones((4, 4))
+  one = 2 * 4 * 4 * 4
+  assert flops.count(lambda m: jax.lax.fori_loop(0, 5, lambda i, c: c @ m, m), m) == 5 * one
+  scanned = lambda m: jax.lax.scan(lambda c, _: (c @ m @ m, None), m, None, length=3)[0]  # noqa: E731
+  assert flops.count(scanned, m) == 6 * one
+  branches = lambda p, m: jax.lax.cond(p, lambda m: m @ m @ m, lambda m: m, m)  # noqa: E731
+  assert flops.count(branches, True, m) == 2 * one
+  assert flops.count(jax.jit(lambda m: m @ m), m) == one  # through jit
+  assert flops.count(jax.grad(lambda m: jnp.sum(m @ m)), m) == 3 * one  # forward + two backward matmuls
+
+
+def _train_step_flops(**model_fields):
+  config = cifar10.get_config()
+  config.model.channels, config.model.num_blocks = 32, 2
+  for name, value in model_fields.items():
+    config.model[name] = value
+  config.training.batch_size = 2
+  model, optimizer, mesh, init = training.setup(config, (32, 32, 3))
+  fn = training.make_train_fn(config, model, optimizer, mesh)
+  like, batch = jax.eval_shape(init), jax.ShapeDtypeStruct((1, 2, 32, 32, 3), jnp.uint8)
+  return flops.count(fn, like, batch), fn, like, batch
+
+
+def test_train_step_count_agrees_with_xla_and_does_not_depend_on_how_it_runs():
+  unrolled, fn, like, batch = _train_step_flops(scan_blocks=False, remat=False, conv_grad="xla")
+  xla = flops.xla_flops(fn.lower(like, batch))  # XLA adds the element-wise work
+  assert xla is not None and 1.0 <= xla / unrolled < 1.03, (xla, unrolled)
+  scanned, *_ = _train_step_flops(scan_blocks=True, remat=False, conv_grad="dot")
+  assert scanned == pytest.approx(unrolled, rel=1e-9)  # the scan body counted once per block
+  convs, *_ = _train_step_flops(scan_blocks=True, remat=True, remat_policy="convs", conv_grad="dot")
+  # This policy recomputes no convolution, only the blocks' small conditioning projections.
+  assert unrolled < convs < 1.0001 * unrolled
+  full, *_ = _train_step_flops(scan_blocks=True, remat=True, remat_policy="full", conv_grad="dot")
+  assert unrolled < full < 1.34 * unrolled  # the forward pass of the blocks again (≈ 1/3 of the step)
+
+
+def test_peak_table_matches_device_kinds_and_precisions():
+  assert flops.peak_tflops("NVIDIA H200", "bfloat16") == pytest.approx(989.4)
+  assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == pytest.approx(494.7)
+  assert flops.peak_tflops("NVIDIA H100 PCIe", "float32") == pytest.approx(51.2)
+  assert flops.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == pytest.approx(312.0)
+  assert flops.peak_tflops("TPU v5 lite", "bfloat16") == pytest.approx(197.0)
+  assert flops.peak_tflops("cpu", "float32") is None
+  assert flops.matmul_kind("float32", "default", "gpu") == "tf32"
+  assert flops.matmul_kind("float32", "highest", "gpu") == "float32"
+  assert flops.matmul_kind("bfloat16", "highest", "gpu") == "bfloat16"
+  assert flops.matmul_kind("float32", "default", "tpu") == "bfloat16"
+  assert flops.matmul_kind("float32", "default", "cpu") == "float32"
