@@ -2,6 +2,7 @@
 
     python train.py --config=configs/mnist.py --workdir=runs/mnist
     python train.py --config=configs/mnist.py --workdir=runs/mnist --mode=eval
+    python train.py --config=configs/mnist.py --print_config      # every field, its value and meaning
 
 Running the same training command again resumes from the latest checkpoint.
 ``--mode=eval`` prints one JSON object as the last line of stdout.
@@ -16,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vdm import cli, training
+from vdm import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics, samples.")
@@ -23,15 +25,24 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (then evalu
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Checkpoint to evaluate (default: latest in --workdir).")
 _ALLOW_MISMATCH = flags.DEFINE_bool("allow_config_mismatch", False,
                                     "Load a checkpoint even if its model config differs from --config.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print every field of the config (overrides applied) "
+                                   "with its meaning, check it, and exit.")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  cli.initialize_distributed()
   config = _CONFIG.value
+  if _PRINT_CONFIG.value:
+    with cli.user_errors():
+      config_lib.validate(config)
+    print(cli.describe_config(config))
+    return
+  if not _WORKDIR.value:
+    cli.fail("--workdir: required (a folder for checkpoints, metrics and samples)")
+  cli.initialize_distributed()
   try:
     with cli.user_errors():
       if _MODE.value == "train":

@@ -57,7 +57,6 @@ def main(argv):
                 "num_blocks": config.model.num_blocks, "compile_s": t1 - t0,
                 "device": jax.devices()[0].device_kind, "jax": jax.__version__}
       if n == _TIMED.value:
-        jax.block_until_ready(compiled(params, key, indices))
         t2 = time.perf_counter()
         jax.block_until_ready(compiled(params, key, indices))
         elapsed = time.perf_counter() - t2

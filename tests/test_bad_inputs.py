@@ -36,7 +36,12 @@ def _snapshot(folder):
 
 
 TRAIN = [  # (arguments after --config=configs/smoke.py, words expected on stderr)
-    (["--config.training.nope=3"], "unknown config field 'nope'"),
+    (["--config.training.nope=3"], "unknown config field config.training.nope"),
+    (["--config.training.num_step=3"], "unknown config field config.training.num_step; did you mean "
+                                       "config.training.num_steps?"),
+    (["--config=configs/smoke_typo.py"], "--config: no such file 'configs/smoke_typo.py'; did you mean "
+                                         "configs/smoke.py?"),
+    (["--print_config", "--config.model.dropout=2.0"], "config.model.dropout: expected a rate in [0, 1)"),
     (["--config.training.num_steps=abc"], "config.training.num_steps"),
     (["--config.model.gamma_min=9.0"], "config.model.gamma_min: expected < model.gamma_max"),
     (["--config.model.schedule=wobbly"], "config.model.schedule: expected one of"),
@@ -59,6 +64,12 @@ TRAIN = [  # (arguments after --config=configs/smoke.py, words expected on stder
     (["--config.model.channels=16", "--workdir={tmp}/run"], "was made by a different model (model.channels"),
     (["--mode=eval", "--config.model.num_blocks=2", "--workdir={tmp}/run"], "model.num_blocks: checkpoint 1"),
     (["--mode=eval", "--workdir={tmp}/corrupt"], "has no readable config"),
+    (["--mode=eval", "--checkpoint={tmp}/run/checkpoints/3"], "no checkpoint of step 3 in"),
+    (["--mode=eval", "--checkpoint={tmp}/run/checkpoints/3"], "saved steps: 2, 4"),
+    (["--config.model.channels=16", "--workdir={tmp}/run", "--allow_config_mismatch"],
+     "cannot be loaded even with --allow_config_mismatch"),
+    (["--mode=eval", "--config.model.channels=16", "--workdir={tmp}/run", "--allow_config_mismatch"],
+     "drop the overrides of model.channels (the checkpoint has model.channels=8)"),
 ]
 
 SAMPLE = [
@@ -68,6 +79,7 @@ SAMPLE = [
     (["--workdir={tmp}/run", "--num_samples=0"], "num_samples: expected ≥ 1"),
     (["--checkpoint={tmp}/no/such"], "no checkpoint under"),
     ([], "give --workdir or --checkpoint"),
+    (["--checkpoint={tmp}/run/checkpoints/7"], "saved steps: 2, 4"),
 ]
 
 

@@ -46,9 +46,31 @@ def test_train_resume_and_eval(tmp_path):
   assert steps == [2, 4, 6]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
 
+  # Run again with fewer steps than the checkpoint has: nothing is trained, and it says so.
+  past = run("--config=configs/smoke.py", f"--workdir={workdir}", "--config.training.num_steps=4")
+  assert "step 6 is not below training.num_steps (4): nothing to train" in past.stderr
+  assert _last_json(past.stdout)["step"] == 6
+
   evaluated = run("--config=configs/smoke.py", f"--workdir={workdir}", "--mode=eval",
                   f"--checkpoint={workdir}/checkpoints/4")
   record = _last_json(evaluated.stdout)
   assert record["step"] == 4
   with open(os.path.join(workdir, "eval", "test_step4.json")) as f:
     assert json.load(f) == record
+
+
+def test_help_exits_0_and_print_config_lists_fields_with_their_meaning():
+  for script in ("train.py", "sample.py"):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--workdir" in proc.stdout, proc.stderr
+  assert "--print_config" in run("--help").stdout
+  out = run("--config=configs/smoke.py", "--print_config", "--config.training.num_steps=7").stdout
+  lines = out.splitlines()
+  assert "training.num_steps = 7  # optimiser steps in total" in lines
+  assert "model.channels = 8  # width of every U-Net block" in lines
+  assert any(line.startswith("model.matmul_precision = 'default'  # jax.default_matmul_precision") for line in lines)
+  assert len(lines) > 40  # every field, one a line
+  missing = run("--config=configs/smoke.py", check=False)
+  assert missing.returncode == 2 and missing.stderr.strip() == "error: --workdir: required (a folder for checkpoints, "\
+      "metrics and samples)"

@@ -96,6 +96,7 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path):
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 143, err[-2000:]
   assert "stopped by SIGTERM at step" in err
+  assert "SIGTERM received: stopping after the current step and writing a checkpoint" in err  # said at once
   step = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
   assert os.listdir(workdir / "checkpoints") == [str(step)]
   resumed = _start(workdir, *args, "--config.training.num_steps=" + str(step + 2))

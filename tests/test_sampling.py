@@ -167,6 +167,10 @@ def test_the_loop_cut_into_calls_gives_the_same_samples_and_the_bar_counts_steps
                                   mesh=mesh)
     np.testing.assert_array_equal(images, whole)
     np.testing.assert_allclose(z, z_whole, rtol=0, atol=1e-6)
+  before = sampling._programs.cache_info()
+  again, _ = sampling.generate(model, params, key, 3, (8, 8, 1), num_steps=12)
+  np.testing.assert_array_equal(again, whole)
+  assert sampling._programs.cache_info().hits == before.hits + 1  # a second call compiles nothing new
   capsys.readouterr()
   sampling.generate(model, params, key, 3, (8, 8, 1), num_steps=120, batch_size=2, progress=True)
   err = capsys.readouterr().err

@@ -6,12 +6,14 @@ so it can be loaded alone. Orbax writes to a temporary folder and renames it
 when complete; half-written folders are never listed as checkpoints.
 """
 
+import contextlib
 import os
 from typing import Any, Optional
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 
 class CheckpointError(ValueError):
@@ -23,9 +25,21 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def manager(directory: str, keep: Optional[int] = None, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "config", "metadata"))
+  options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
+                                         read_only=read_only, enable_async_checkpointing=False,
+                                         save_interval_steps=0 if read_only else 1)
+  with _quiet_absl():  # orbax warns "Given directory is read only" on every read-only open: expected here
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "config", "metadata"))
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
 
 
 def _to_saveable(state: Any) -> Any:
@@ -102,12 +116,7 @@ def check_compatible(mngr: ocp.CheckpointManager, step: Optional[int], config: m
   Raises CheckpointError listing the differing fields.
   """
   saved, metadata = restore_config(mngr, step)
-  want, have = config.model.to_dict(), saved.model.to_dict()
-  diffs = [f"model.{k}: checkpoint {have.get(k)!r}, config {want.get(k)!r}"
-           for k in sorted(set(want) | set(have))
-           if k not in EXECUTION_FIELDS and _plain(want.get(k)) != _plain(have.get(k))]
-  if bool(saved.data.get("augment", False)) != bool(config.data.augment):
-    diffs.append(f"data.augment: checkpoint {saved.data.get('augment', False)!r}, config {config.data.augment!r}")
+  diffs = [f"{field}: checkpoint {have!r}, config {want!r}" for field, have, want in model_differences(saved, config)]
   saved_shape = tuple(metadata.get("image_shape", ()))
   if saved_shape and saved_shape != tuple(image_shape):
     diffs.append(f"image shape: checkpoint {saved_shape}, data {tuple(image_shape)}")
@@ -115,6 +124,36 @@ def check_compatible(mngr: ocp.CheckpointManager, step: Optional[int], config: m
     raise CheckpointError(f"checkpoint {mngr.directory} was made by a different model ("
                           + "; ".join(diffs) + "); use another --workdir, or pass "
                           "--allow_config_mismatch to load it anyway")
+
+
+def model_differences(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[tuple]:
+  """(field, checkpoint's value, config's value) for each model field that differs (execution fields aside)."""
+  want, have = config.model.to_dict(), saved.model.to_dict()
+  diffs = [(f"model.{k}", have.get(k), want.get(k)) for k in sorted(set(want) | set(have))
+           if k not in EXECUTION_FIELDS and _plain(want.get(k)) != _plain(have.get(k))]
+  if bool(saved.data.get("augment", False)) != bool(config.data.augment):
+    diffs.append(("data.augment", saved.data.get("augment", False), config.data.augment))
+  return diffs
+
+
+def check_loadable(directory: str, saved_like: Any, like: Any, differences: list[tuple]) -> None:
+  """Refuses, before orbax tries, a checkpoint whose arrays do not fit the run's state.
+
+  ``saved_like`` and ``like``: the abstract TrainStates of the checkpoint's
+  config and of the run's. ``differences``: from :func:`model_differences`,
+  named in the message as the overrides to drop.
+  """
+  have = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_flatten_with_path(saved_like)[0]}
+  want = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_flatten_with_path(like)[0]}
+  problems = [f"{k}: checkpoint {have[k]}, config {want[k]}" for k in want if k in have and have[k] != want[k]]
+  problems += [f"{k}: not in the checkpoint" for k in want if k not in have]
+  problems += [f"{k}: not in the config's model" for k in have if k not in want]
+  if problems:
+    fields = ", ".join(field for field, _, _ in differences) or "the model fields"
+    raise CheckpointError(
+        f"checkpoint {directory} cannot be loaded even with --allow_config_mismatch: its arrays do not fit "
+        f"this config's model ({len(problems)} differ, e.g. " + "; ".join(problems[:3]) + f"); drop the "
+        f"overrides of {fields} (the checkpoint has " + ", ".join(f"{f}={h!r}" for f, h, _ in differences) + ")")
 
 
 def _plain(value):
@@ -130,7 +169,17 @@ def resolve(path: str) -> tuple[str, Optional[int]]:
   base = os.path.basename(path.rstrip("/"))
   if base.isdigit() and os.path.isdir(path):
     return os.path.dirname(path), int(base)
+  if base.isdigit() and saved_steps(os.path.dirname(path)):
+    raise FileNotFoundError(f"no checkpoint of step {base} in {os.path.dirname(path)!r}; saved steps: "
+                            + ", ".join(map(str, saved_steps(os.path.dirname(path)))))
   for candidate in (os.path.join(path, "checkpoints"), path):
-    if os.path.isdir(candidate) and any(d.isdigit() for d in os.listdir(candidate)):
+    if saved_steps(candidate):
       return candidate, None
   raise FileNotFoundError(f"no checkpoint under {path!r} (expected <workdir>/checkpoints/<step>/)")
+
+
+def saved_steps(directory: str) -> list[int]:
+  """The steps with a complete checkpoint folder in ``directory`` (half-written ones have other names)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit() and os.path.isdir(os.path.join(directory, d)))

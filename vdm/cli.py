@@ -6,6 +6,9 @@ their traceback.
 """
 
 import contextlib
+import difflib
+import os
+import re
 import sys
 
 from absl import flags
@@ -18,21 +21,119 @@ from vdm.input_pipeline import DataError
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError)
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
+  """Ends the program: one line on stderr, exit status 2."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 
 
+HELP_FLAGS = ("--help", "-h", "--helpshort", "-?", "--helpfull")
+
+
 def parse_flags(argv):
-  """absl's parser, with unknown config fields reported in one line."""
+  """absl's parser: ``--help`` exits 0; a bad ``--config`` path or field is one line and exit 2."""
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print(flags.FLAGS.main_module_help())
+    if "config" in flags.FLAGS:
+      print("\nConfig fields: add --print_config to a command to list every field of a config with its "
+            "meaning; override any with --config.SECTION.FIELD=VALUE.")
+    sys.exit(0)
   try:
-    return flags.FLAGS(argv)
+    argv = flags.FLAGS(argv)
+  except flags.UnrecognizedFlagError as e:
+    if not e.flagname.startswith("config."):
+      fail(str(e))
+    fail(_unknown_field_message(e.flagname[len("config."):]))
   except flags.Error as e:
-    _fail(str(e))
+    fail(str(e))
   except (AttributeError, KeyError) as e:  # ml_collections: a field the config does not define
-    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    name = str(e).strip("'\"")
-    _fail(f"unknown config field {name!r} (overrides given: {', '.join(overrides)})")
+    while isinstance(e, BaseException) and e.args:  # ml_collections wraps the KeyError in a KeyError
+      e = e.args[0]
+    name = str(e).splitlines()[0].strip("'\"")
+    given = [a[2:].split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    field = next((g[len("config."):] for g in given if g.split(".")[-1] == name), name)
+    hint = re.search(r'Did you mean "(\w+)"', str(e))
+    fail(_unknown_field_message(field, hint.group(1) if hint else None))
+  if "config" in flags.FLAGS:
+    _check_config_loads()
+  return argv
+
+
+def _config_value():
+  return flags.FLAGS["config"].value
+
+
+def _unknown_field_message(field: str, suggestion=None) -> str:
+  """'unknown config field config.training.num_step; did you mean config.training.num_steps?'"""
+  message = f"unknown config field config.{field}"
+  if suggestion:
+    return message + f"; did you mean config.{'.'.join(field.split('.')[:-1] + [suggestion])}?"
+  try:
+    node = _config_value()
+    *sections, leaf = field.split(".")
+    for section in sections:
+      node = node[section]
+    close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
+    if close:
+      message += f"; did you mean config.{'.'.join(sections + close)}?"
+  except Exception:  # the config itself did not load, or a section is unknown: no suggestion
+    pass
+  return message + " (--print_config lists every field)"
+
+
+def _check_config_loads() -> None:
+  """ml_collections loads ``--config`` lazily and raises on first use; fail here, in one line."""
+  path = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else None
+  try:
+    _config_value().keys()
+  except Exception as e:  # noqa: BLE001: whatever loading the user's file raised
+    path = path or next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
+    if not os.path.isfile(path):
+      folder = os.path.dirname(path) or "."
+      names = sorted(os.path.join(os.path.dirname(path), f) for f in os.listdir(folder)
+                     if f.endswith(".py")) if os.path.isdir(folder) else []
+      close = difflib.get_close_matches(path, names, n=1)
+      fail(f"--config: no such file {path!r}" + (f"; did you mean {close[0]}?" if close else ""))
+    cause = e.__cause__ or e
+    fail(f"--config: {path!r} could not be loaded: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}")
+
+
+def describe_config(config) -> str:
+  """Every field of ``config`` as ``section.field = value  # meaning`` (meanings from configs/base.py)."""
+  comments = _field_comments(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                          "configs", "base.py"))
+  lines = []
+
+  def walk(node, prefix):
+    for key in node.keys():
+      value = node[key]
+      if hasattr(value, "keys"):
+        walk(value, f"{prefix}{key}.")
+        continue
+      comment = comments.get(prefix + key)
+      lines.append(f"{prefix}{key} = {value!r}" + (f"  # {comment}" if comment else ""))
+
+  walk(config, "")
+  return "\n".join(lines)
+
+
+def _field_comments(base_path: str) -> dict:
+  """field → its comment (the lines above it and the one beside it) in the base config's source."""
+  if not os.path.isfile(base_path):
+    return {}
+  comments, above = {}, []
+  with open(base_path) as f:
+    for line in f:
+      stripped = line.strip()
+      if stripped.startswith("#"):
+        above.append(stripped.lstrip("#").strip())
+        continue
+      match = re.match(r"config\.([\w.]+)\s*=\s*(.*)", stripped)
+      if match and "ConfigDict()" not in match.group(2):
+        inline = match.group(2).partition("  # ")[2]
+        comments[match.group(1)] = " ".join(above + ([inline] if inline else []))
+      above = []
+  return comments
 
 
 @contextlib.contextmanager
@@ -40,7 +141,7 @@ def user_errors():
   try:
     yield
   except USER_ERRORS as e:
-    _fail(str(e))
+    fail(str(e))
 
 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-host runs "

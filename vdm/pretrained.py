@@ -32,14 +32,14 @@ class TrainedVDM:
   def sample(self, key: jax.Array, num_samples: int, *, num_steps: int = 1000,
              sampler: str = "ancestral", eta: float = 1.0, clip_denoised: bool = False,
              batch_size: Optional[int] = None, return_latents: bool = False, decode_draw: bool = False,
-             progress: bool = False):
+             progress: bool = True):
     """Draws uint8 images ``[N, H, W, C]`` (and z_0 if ``return_latents``).
 
     Sample k depends only on (key, k), whatever ``batch_size`` or the
     number of devices. Every device JAX sees is used (each batch is
     sharded over them; in a multi-process run every process must call).
     ``eta`` is DDIM's (0: deterministic; 1: the ancestral variance); the
-    ancestral sampler ignores it. ``progress``: a bar over sampler steps.
+    ancestral sampler ignores it. ``progress``: a bar over sampler steps (on stderr).
     The network runs as in training (``config.model.dtype`` and
     ``matmul_precision``).
     """
@@ -97,8 +97,7 @@ def load(path: str, step: Optional[int] = None) -> TrainedVDM:
   if not image_shape:
     raise ConfigError(f"{path}: checkpoint has no image_shape metadata")
   model = config_lib.build_model(config)
-  optimizer = config_lib.build_optimizer(config)
-  like = jax.eval_shape(lambda: training.create_train_state(config, model, optimizer, image_shape))
+  like = training.abstract_state(config, image_shape)
   state = checkpoints.restore(mngr, like, step, sharding=sharding.replicated(sharding.make_mesh()))
   return TrainedVDM(config=config, params=state.ema_params, step=int(state.step), model=model,
                     image_shape=image_shape)

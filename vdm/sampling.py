@@ -187,6 +187,21 @@ def _sample_batch(model, params, key, indices, image_shape, num_steps, sampler, 
   return _decode(model, params, z_0, step_key_data, decode_draw), z_0
 
 
+@functools.lru_cache(maxsize=16)
+def _programs(model, image_shape, num_steps, steps_per_call, sampler, eta, clip_denoised, decode_draw, mesh):
+  """The three jitted pieces of :func:`generate`, made once per setting (a new jit would compile again)."""
+  start = functools.partial(_first_latents, image_shape=image_shape)
+  denoise = functools.partial(_denoise, model, num_steps=num_steps, steps_per_call=steps_per_call,
+                              sampler=sampler, eta=eta, clip_denoised=clip_denoised)
+  finish = functools.partial(_decode, model, decode_draw=decode_draw)
+  if mesh is None:
+    return jax.jit(start), jax.jit(denoise), jax.jit(finish)
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return (jax.jit(start, in_shardings=(rep, data), out_shardings=(data, data)),
+          jax.jit(denoise, in_shardings=(rep, data, data, rep), out_shardings=data),
+          jax.jit(finish, in_shardings=(rep, data, data), out_shardings=data))
+
+
 def _advance(bar: tqdm.tqdm, latents: jax.Array, steps: int) -> None:
   jax.block_until_ready(latents)
   bar.update(steps)
@@ -222,21 +237,15 @@ def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple
   if steps_per_call is None:
     steps_per_call = -(-num_steps // 50) if progress else num_steps
   steps_per_call = max(1, min(steps_per_call, num_steps))
-  start = functools.partial(_first_latents, image_shape=tuple(image_shape))
-  denoise = functools.partial(_denoise, model, num_steps=num_steps, steps_per_call=steps_per_call,
-                              sampler=sampler, eta=eta, clip_denoised=clip_denoised)
-  finish = functools.partial(_decode, model, decode_draw=decode_draw)
+  start, denoise, finish = _programs(model, tuple(image_shape), num_steps, steps_per_call, sampler, float(eta),
+                                     clip_denoised, decode_draw, mesh)
   key_data = np.asarray(jax.random.key_data(key))
   if mesh is None:
-    start, denoise, finish = jax.jit(start), jax.jit(denoise), jax.jit(finish)
     rep = data = None
     to_device, fetch = (lambda x, _: x), (lambda x: np.asarray(jax.device_get(x)))
   else:
     batch_size = sharding.round_up(batch_size)
     rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    start = jax.jit(start, in_shardings=(rep, data), out_shardings=(data, data))
-    denoise = jax.jit(denoise, in_shardings=(rep, data, data, rep), out_shardings=data)
-    finish = jax.jit(finish, in_shardings=(rep, data, data), out_shardings=data)
     to_device, fetch = sharding.from_host, sharding.to_host
   num_batches = -(-num_samples // batch_size)
   bar = tqdm.tqdm(total=num_batches * num_steps, desc="sample", unit="step", disable=not progress,

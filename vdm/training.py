@@ -43,6 +43,22 @@ def create_train_state(config: ml_collections.ConfigDict, model, optimizer, imag
                     opt_state=optimizer.init(params), key=train_key)
 
 
+def abstract_state(config: ml_collections.ConfigDict, image_shape) -> TrainState:
+  """The shapes and dtypes of ``config``'s TrainState, without computing it."""
+  model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
+  return jax.eval_shape(lambda: create_train_state(config, model, optimizer, image_shape))
+
+
+def _check_checkpoint(mngr, step, config, image_shape, like, allow_config_mismatch: bool) -> None:
+  """Refuses another model's checkpoint; with ``allow_config_mismatch``, only one whose arrays do not fit."""
+  if not allow_config_mismatch:
+    checkpoints.check_compatible(mngr, step, config, image_shape)
+    return
+  saved, _ = checkpoints.restore_config(mngr, step)
+  checkpoints.check_loadable(str(mngr.directory), abstract_state(saved, image_shape), like,
+                             checkpoints.model_differences(saved, config))
+
+
 def ema_decay(step: jax.Array, rate: float, warmup: bool) -> jax.Array:
   """EMA decay at ``step``: min(rate, (1 + n)/(10 + n)) with warm-up, so short runs' EMA is usable."""
   if not warmup:
@@ -189,8 +205,14 @@ def _stop_signals():
   if threading.current_thread() is not threading.main_thread():
     yield received
     return
-  previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-              for s in (signal.SIGTERM, signal.SIGINT)}
+  def handler(signum, frame):
+    if received and signum == signal.SIGINT:  # a second Ctrl-C: stop at once, as Python would
+      raise KeyboardInterrupt
+    received.append(signum)
+    _echo(f"{signal.Signals(signum).name} received: stopping after the current step and writing a checkpoint"
+          + (" (Ctrl-C again stops at once, without it)" if signum == signal.SIGINT else ""))
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     yield received
   finally:
@@ -310,10 +332,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   workdir = os.path.abspath(workdir)
   mngr = checkpoints.manager(checkpoints.checkpoint_dir(workdir), keep=config.training.checkpoints_to_keep)
   if mngr.latest_step() is not None:
-    if not allow_config_mismatch:
-      checkpoints.check_compatible(mngr, None, config, image_shape)
+    _check_checkpoint(mngr, None, config, image_shape, jax.eval_shape(init), allow_config_mismatch)
     state = checkpoints.restore(mngr, state, sharding=sharding.replicated(mesh))
     _echo(f"resuming from step {int(state.step)} ({checkpoints.checkpoint_dir(workdir)})")
+    if int(state.step) >= config.training.num_steps:
+      _echo(f"step {int(state.step)} is not below training.num_steps ({config.training.num_steps}): nothing to "
+            f"train; evaluating that checkpoint (raise --config.training.num_steps to train longer)")
   is_main = jax.process_index() == 0
   metadata = {"image_shape": list(image_shape)}
   if is_main:
@@ -337,13 +361,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   pending, unchecked, window_start, window_time = [], [], start, time.time()
   stop_on_nonfinite = tr.on_nonfinite == "stop"
   with _stop_signals() as received, contextlib.closing(batches):
+    in_flight = None  # the call before this one: the bar counts finished steps, one call behind
     for step in range(start, tr.num_steps, tr.steps_per_call):
       state, metrics = train_fn(state, next(on_devices))
       done = step + tr.steps_per_call
       stop = _any_process(bool(received))  # a signal to one host stops them all at the same step
       pending.append((done, metrics))
       unchecked.append((done, metrics))
-      bar.update(tr.steps_per_call)
+      if in_flight is not None:  # this call is queued behind it, so waiting leaves the device busy
+        jax.block_until_ready(in_flight)
+        bar.update(tr.steps_per_call)
+      in_flight = metrics["train/bpd"]
       last = done == tr.num_steps
       if stop_on_nonfinite and (last or done % tr.log_every == 0):
         _raise_if_nonfinite(unchecked)  # the state itself stayed finite: the bad update was skipped
@@ -371,6 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         bar.close()
         writer.close()
         raise Preempted(received[0] if received else signal.SIGTERM, done, checkpoints.checkpoint_dir(workdir))
+  bar.update(max(0, bar.total - bar.n))
   bar.close()
   if mngr.latest_step() != int(state.step):
     checkpoints.save(mngr, state, config, metadata)
@@ -399,9 +428,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   _, _, mesh, init = setup(config, split.image_shape)
   model = config_lib.build_model(config, for_eval=True)
   mngr = checkpoints.manager(directory, read_only=True)
-  if not allow_config_mismatch:
-    checkpoints.check_compatible(mngr, step, config, split.image_shape)
-  state = checkpoints.restore(mngr, jax.eval_shape(init), step, sharding=sharding.replicated(mesh))
+  like = jax.eval_shape(init)
+  _check_checkpoint(mngr, step, config, split.image_shape, like, allow_config_mismatch)
+  state = checkpoints.restore(mngr, like, step, sharding=sharding.replicated(mesh))
   record = evaluate_split(config, model, state.ema_params, split, int(state.step), mesh=mesh,
                           progress=progress and jax.process_index() == 0)
   if jax.process_index() == 0:

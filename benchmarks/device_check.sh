@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The accelerator check: one command, about 8 minutes on one H100/H200, every JSON record in one folder.
+#
+#   bash benchmarks/device_check.sh [OUT_DIR]          # default OUT_DIR: device_check/
+#   SMALL=1 bash benchmarks/device_check.sh /tmp/dc    # tiny shapes: try the script on a CPU in ~2 min
+#
+# Runs from the repository root on a machine that has JAX (with CUDA or for TPUs), flax, optax,
+# orbax-checkpoint, absl-py, tqdm and pillow; the package itself need not be installed
+# (PYTHONPATH=. is set here) and no network is used. If ml-collections is missing, it is installed
+# from wheels in .whl/ (make them where pip works:
+#   pip download --no-deps --only-binary=:all: -d .whl ml-collections
+# and bring .whl/ along). Set REF_BENCH=path/to/reference-bench to time the 2022 reference's train
+# step first, for side-by-side ratios in the same run (the reference is not part of this project).
+#
+# What it writes into OUT_DIR (at most 8 files):
+#   env.json          devices, versions
+#   reference.jsonl   the reference's train step at batch 128 (if REF_BENCH)
+#   train_step.jsonl  configs/cifar10.py at batch 128: as shipped, and the variants that matter
+#   sampler.jsonl     configs/cifar10.py, 128 images: one N-step loop, whole and in ~50 calls
+#   eval_step.jsonl   configs/cifar10.py evaluation step (full precision, as evaluation runs)
+#   quickstart.jsonl  the MNIST Quick start end to end: train + eval (its JSON), sample.py, wall times;
+#                     its checkpoint's bpd under fp32 / TF32 / bf16 (benchmarks/precision.py); the same
+#                     training in bfloat16
+#   summary.json      the figures against the targets of the accelerator issue
+#   log.txt           everything the steps printed
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-device_check}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/log.txt"
+: >"$LOG"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+if ! $PY -c "import ml_collections" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/vdm-site .whl/*.whl >>"$LOG" 2>&1
+    export PYTHONPATH="$PYTHONPATH:/tmp/vdm-site"
+  fi
+  $PY -c "import ml_collections" 2>/dev/null || { echo "device_check: ml-collections is missing (see the header)"; exit 2; }
+fi
+
+if [[ -n "${SMALL:-}" ]]; then  # tiny shapes, to check the script itself on a CPU
+  BATCH=4; NET=(--config.model.channels=8 --config.model.num_blocks=1); SAMPLE_STEPS=10; REPEATS=2
+  QS=(--config.training.num_steps=20 --config.training.log_every=10 --config.training.checkpoint_every=10
+      --config.eval.num_samples=4 --config.eval.sample_steps=5 --config.eval.draws=1)
+  QS_SAMPLE_STEPS=10; EVAL_BATCH=8; REF_ARGS=(4 32 3 2)
+else
+  BATCH=128; NET=(); SAMPLE_STEPS=250; REPEATS=10
+  QS=(); QS_SAMPLE_STEPS=1000; EVAL_BATCH=256; REF_ARGS=(128 32 3 15)
+fi
+
+step() {  # step NAME TIMEOUT_S COMMAND…: runs one part, logs it, goes on if it fails
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+$PY - >"$OUT/env.json" <<'EOF'
+import json, platform, jax, flax, optax
+d = jax.devices()
+print(json.dumps({"backend": jax.default_backend(), "device": d[0].device_kind, "num_devices": len(d),
+                  "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                  "python": platform.python_version(), "host": platform.node()}))
+EOF
+cat "$OUT/env.json" | tee -a "$LOG"
+
+if [[ -n "${REF_BENCH:-}" ]]; then
+  step reference 240 bash -c "$PY '$REF_BENCH/ref_bench.py' ${REF_ARGS[*]} > '$OUT/reference.jsonl'"
+fi
+
+C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
+step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
+  --results="$OUT/train_step.jsonl" \
+  --variant=model.dtype=float32 \
+  --variant=model.dtype=bfloat16 \
+  --variant=model.dtype=bfloat16,model.remat=False
+
+for dtype in float32 bfloat16; do
+  step "sampler_$dtype" 150 $PY benchmarks/sampler.py "${C10[@]}" --batch_size=$BATCH --samplers=ancestral \
+    --num_steps=$SAMPLE_STEPS --timed_steps=$SAMPLE_STEPS --results="$OUT/sampler.jsonl" --config.model.dtype=$dtype
+done
+
+step eval_step 90 $PY benchmarks/eval_step.py "${C10[@]}" --batch_size=$EVAL_BATCH --repeats=$REPEATS \
+  --results="$OUT/eval_step.jsonl"
+
+QS_DIR=$(mktemp -d)
+t0=$SECONDS
+step quickstart_train 240 bash -c "$PY train.py --config=configs/mnist.py --workdir='$QS_DIR' ${QS[*]} | tail -n 1 > '$QS_DIR/eval.json'"
+train_s=$((SECONDS - t0)); t0=$SECONDS
+step quickstart_sample 120 $PY sample.py --workdir="$QS_DIR" --num_samples=64 --num_steps=$QS_SAMPLE_STEPS
+sample_s=$((SECONDS - t0))
+$PY - "$QS_DIR/eval.json" "$train_s" "$sample_s" "$QS_SAMPLE_STEPS" >"$OUT/quickstart.jsonl" <<'EOF'
+import json, sys
+path, train_s, sample_s, n = sys.argv[1:]
+try:
+  record = json.loads(open(path).read())
+except (OSError, ValueError):
+  record = {"error": "no eval record (see log.txt)"}
+print(json.dumps({"benchmark": "quickstart", "train_and_eval_wall_s": int(train_s),
+                  "sample_wall_s": int(sample_s), "sample_steps": int(n), "eval": record}))
+EOF
+step precision 90 $PY benchmarks/precision.py --workdir="$QS_DIR" --results="$OUT/quickstart.jsonl"
+# The same training in bfloat16 (same seed): does the precision move the reported bpd?
+step quickstart_bf16 180 bash -c "$PY train.py --config=configs/mnist.py --workdir='$QS_DIR-bf16' ${QS[*]} \
+  --config.model.dtype=bfloat16 --config.eval.num_samples=0 | tail -n 1 | \
+  $PY -c 'import json,sys; print(json.dumps({\"benchmark\": \"quickstart_bf16\", \"eval\": json.loads(sys.stdin.read())}))' \
+  >> '$OUT/quickstart.jsonl'"
+cat "$OUT/quickstart.jsonl" | tee -a "$LOG"
+
+$PY benchmarks/device_summary.py "$OUT" | tee "$OUT/summary.json"

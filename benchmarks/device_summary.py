@@ -1,0 +1,61 @@
+"""The device check's figures against the accelerator issue's targets, as one JSON object.
+
+    python benchmarks/device_summary.py OUT_DIR      # OUT_DIR as written by benchmarks/device_check.sh
+
+Ratios are to the 2022 reference measured in the same run (reference.jsonl),
+when there is one.
+"""
+
+import json
+import os
+import sys
+
+
+TARGETS = ["train images/s >= 2.5x the reference, first call <= 0.3x (configs/cifar10.py, batch 128)",
+           "1000 ancestral steps of 128 CIFAR-size images <= 30 s",
+           "MNIST Quick start <= 90 s wall, bpd within its stderr of 1.317"]
+
+
+def _records(out: str, name: str) -> list:
+  path = os.path.join(out, name)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip().startswith("{")]
+
+
+def summarize(out: str) -> dict:
+  env = (_records(out, "env.json") or [{}])[0]
+  reference = next((r for r in _records(out, "reference.jsonl") if r.get("benchmark") == "reference_train_step"), None)
+  summary = {"device": env.get("device"), "jax": env.get("jax")}
+  if reference:
+    summary["reference"] = {k: reference[k] for k in ("step_ms_median", "images_per_s", "first_call_s")}
+  train = [r for r in _records(out, "train_step.jsonl") if r.get("benchmark") == "train_step"]
+  summary["train_step"] = []
+  for r in train:
+    row = {"variant": r.get("variant"), "batch_size": r["batch_size"], "step_ms": r["step_ms_median"],
+           "images_per_s": r["images_per_s"], "first_call_s": r["first_call_s"], "mfu": r.get("mfu"),
+           "peak_device_gb": (r.get("peak_device_bytes") or 0) / 1e9 or None}
+    if reference:
+      row["images_per_s_vs_reference"] = r["images_per_s"] / reference["images_per_s"]
+      row["first_call_vs_reference"] = r["first_call_s"] / reference["first_call_s"]
+    summary["train_step"].append(row)
+  summary["sampler"] = [
+      {"dtype": r.get("dtype"), "batch_size": r["batch_size"], "num_steps": r["num_steps"],
+       "loop_s": r["loop_s"], "seconds_per_1000_steps": 1000 * r["loop_s"] / r["num_steps"],
+       "with_progress_bar_over_whole": r.get("chunked_over_whole")}
+      for r in _records(out, "sampler.jsonl") if "loop_s" in r]
+  summary["eval_step"] = [{k: r.get(k) for k in ("batch_size", "images_per_s", "trace_and_compile_s")}
+                          for r in _records(out, "eval_step.jsonl")]
+  quickstart = _records(out, "quickstart.jsonl")
+  summary["quickstart"] = next((r for r in quickstart if r.get("benchmark") == "quickstart"), None)
+  summary["quickstart_bf16"] = next((r for r in quickstart if r.get("benchmark") == "quickstart_bf16"), None)
+  summary["precision"] = [{k: r.get(k) for k in ("policy", "bpd", "bpd_stderr", "bpd_minus_first",
+                                                "bpd_minus_first_stderr")}
+                          for r in quickstart if r.get("benchmark") == "precision"]
+  summary["targets"] = TARGETS
+  return summary
+
+
+if __name__ == "__main__":
+  print(json.dumps(summarize(sys.argv[1] if len(sys.argv) > 1 else "device_check"), indent=1))
