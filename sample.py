@@ -1,7 +1,9 @@
 """Sample images from a trained VDM into a PNG grid and an .npz of uint8 arrays.
 
-    python sample.py --workdir=runs/mnist --num_samples=64 --num_steps=250
-    python sample.py --checkpoint=runs/mnist/checkpoints/1500 --sampler=ddim --eta=0 --num_steps=50
+    python sample.py --workdir=runs/mnist --num_samples=64 --num_steps=1000     # the defaults
+    python sample.py --checkpoint=runs/mnist/checkpoints/1500 --sampler=ddim --eta=0 --num_steps=100 --seed=1
+
+A progress bar counts sampler steps; every device JAX sees is used.
 """
 
 import os

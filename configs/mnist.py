@@ -3,8 +3,9 @@
     python train.py --config=configs/mnist.py --workdir=runs/mnist
 
 Expected: about 1.32 test bits/dim (EMA parameters, all 500 test images,
-4 draws each) after 1,500 steps, in about 12 minutes on 2 CPU cores
-(measured: 1.317 ± 0.022, 11 min 42 s). A small U-Net trained briefly; the
+4 draws each) after 1,500 steps, in 12–40 minutes on 2 CPU cores
+(measured: 1.3175 ± 0.022 in 11 min 42 s on one machine, 1.3166 ± 0.022 in
+38 min on a slower one; README, Results). A small U-Net trained briefly; the
 EMA warms up (decay min(0.999, (1+n)/(10+n))) so its parameters are usable
 after a few hundred steps.
 """

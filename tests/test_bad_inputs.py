@@ -24,6 +24,8 @@ def trained(tmp_path_factory):
   config.eval.num_samples = 0
   training.train_and_evaluate(config, str(path / "run"), progress=False)
   np.savez(path / "float.npz", train=np.zeros((4, 8, 8), np.float32), test=np.zeros((2, 8, 8), np.float32))
+  (path / "broken.py").write_text("def get_config(:\n")
+  (path / "raising.py").write_text("def get_config():\n  raise ValueError('no such dataset here')\n")
   corrupt = path / "corrupt" / "checkpoints" / "3"
   corrupt.mkdir(parents=True)
   (corrupt / "garbage").write_text("not a checkpoint")
@@ -41,6 +43,8 @@ TRAIN = [  # (arguments after --config=configs/smoke.py, words expected on stder
                                        "config.training.num_steps?"),
     (["--config=configs/smoke_typo.py"], "--config: no such file 'configs/smoke_typo.py'; did you mean "
                                          "configs/smoke.py?"),
+    (["--config={tmp}/broken.py"], "broken.py' could not be loaded: SyntaxError"),
+    (["--config={tmp}/raising.py"], "raising.py' could not be loaded: ValueError: no such dataset here"),
     (["--print_config", "--config.model.dropout=2.0"], "config.model.dropout: expected a rate in [0, 1)"),
     (["--config.training.num_steps=abc"], "config.training.num_steps"),
     (["--config.model.gamma_min=9.0"], "config.model.gamma_min: expected < model.gamma_max"),

@@ -38,6 +38,8 @@ def parse_flags(argv):
       print("\nConfig fields: add --print_config to a command to list every field of a config with its "
             "meaning; override any with --config.SECTION.FIELD=VALUE.")
     sys.exit(0)
+  paths = [a.split("=", 1)[1] if "=" in a else b for a, b in zip(argv[1:], argv[2:] + [""])
+           if a.startswith("--config=") or a == "--config"]
   try:
     argv = flags.FLAGS(argv)
   except flags.UnrecognizedFlagError as e:
@@ -45,7 +47,12 @@ def parse_flags(argv):
       fail(str(e))
     fail(_unknown_field_message(e.flagname[len("config."):]))
   except flags.Error as e:
-    fail(str(e))
+    lines = str(e).strip().splitlines()
+    if "config file" in lines[0]:  # the config's get_config() raised: its last line says what
+      fail(f"--config: {paths[-1] if paths else ''!r} could not be loaded: {lines[-1]}")
+    fail(lines[0])
+  except SyntaxError as e:  # the config file is not valid Python
+    fail(f"--config: {e.filename!r} could not be loaded: SyntaxError: {e.msg} (line {e.lineno})")
   except (AttributeError, KeyError) as e:  # ml_collections: a field the config does not define
     while isinstance(e, BaseException) and e.args:  # ml_collections wraps the KeyError in a KeyError
       e = e.args[0]
@@ -55,7 +62,7 @@ def parse_flags(argv):
     hint = re.search(r'Did you mean "(\w+)"', str(e))
     fail(_unknown_field_message(field, hint.group(1) if hint else None))
   if "config" in flags.FLAGS:
-    _check_config_loads()
+    _check_config_loads(paths[-1] if paths else "")
   return argv
 
 
@@ -81,13 +88,11 @@ def _unknown_field_message(field: str, suggestion=None) -> str:
   return message + " (--print_config lists every field)"
 
 
-def _check_config_loads() -> None:
+def _check_config_loads(path: str) -> None:
   """ml_collections loads ``--config`` lazily and raises on first use; fail here, in one line."""
-  path = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else None
   try:
     _config_value().keys()
   except Exception as e:  # noqa: BLE001: whatever loading the user's file raised
-    path = path or next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
     if not os.path.isfile(path):
       folder = os.path.dirname(path) or "."
       names = sorted(os.path.join(os.path.dirname(path), f) for f in os.listdir(folder)
