@@ -72,5 +72,7 @@ def test_sample_cli_writes_png_and_npz(workdir, tmp_path):
   npz = [f for f in os.listdir(tmp_path) if f.endswith(".npz")]
   png = [f for f in os.listdir(tmp_path) if f.endswith(".png")]
   assert len(npz) == 1 and len(png) == 1 and str(tmp_path) in proc.stdout
+  assert "read only" not in proc.stderr and "save_interval_steps" not in proc.stderr  # orbax's expected notes
+  assert "sample:" in proc.stderr and "| 1/3 [" in proc.stderr  # the bar counts sampler steps, not batches
   with np.load(tmp_path / npz[0]) as f:
     assert f["samples"].shape == (4, 28, 28, 1) and f["samples"].dtype == np.uint8

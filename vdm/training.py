@@ -1,7 +1,8 @@
 """Training: one pytree TrainState, a jitted (donated) step, and the loop."""
 
-import functools
+import collections
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -361,17 +362,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   pending, unchecked, window_start, window_time = [], [], start, time.time()
   stop_on_nonfinite = tr.on_nonfinite == "stop"
   with _stop_signals() as received, contextlib.closing(batches):
-    in_flight = None  # the call before this one: the bar counts finished steps, one call behind
+    in_flight = collections.deque()  # the bar counts finished calls; two more stay queued on the devices
     for step in range(start, tr.num_steps, tr.steps_per_call):
       state, metrics = train_fn(state, next(on_devices))
       done = step + tr.steps_per_call
       stop = _any_process(bool(received))  # a signal to one host stops them all at the same step
       pending.append((done, metrics))
       unchecked.append((done, metrics))
-      if in_flight is not None:  # this call is queued behind it, so waiting leaves the device busy
-        jax.block_until_ready(in_flight)
+      in_flight.append(metrics["train/bpd"])
+      if len(in_flight) > 2:  # two calls are queued behind this one, so waiting leaves the devices busy
+        jax.block_until_ready(in_flight.popleft())
         bar.update(tr.steps_per_call)
-      in_flight = metrics["train/bpd"]
       last = done == tr.num_steps
       if stop_on_nonfinite and (last or done % tr.log_every == 0):
         _raise_if_nonfinite(unchecked)  # the state itself stayed finite: the bad update was skipped
