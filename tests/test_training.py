@@ -117,6 +117,19 @@ def test_evaluation_counts_every_example_once_and_masks_padding():
   assert out["bpd_stderr"] == 0.0  # no Monte-Carlo noise in this fake
 
 
+def test_evaluation_refuses_values_outside_the_vocabulary():
+  config = smoke.get_config()
+  config.model.vocab_size = 32
+  model = config_lib.build_model(config)
+  images = np.full((5, 8, 8, 1), 7, np.uint8)
+  params = model.init(jax.random.key(0), images, jax.random.key(1))["params"]
+  ok = evaluation.evaluate(model, params, input_pipeline.Split(images), batch_size=4, draws=1, key=jax.random.key(2))
+  assert ok["num_examples"] == 5 and ok["bpd"] > 0
+  images[4, 3, 3, 0] = 40  # in the last, padded batch
+  with pytest.raises(input_pipeline.DataError, match=r"values up to 40, expected all < vocab_size \(32\)"):
+    evaluation.evaluate(model, params, input_pipeline.Split(images), batch_size=4, draws=1, key=jax.random.key(2))
+
+
 def test_standard_error_shrinks_with_more_draws(setup):
   config, model, _, state = setup
   split = input_pipeline.Split(np.random.default_rng(0).integers(0, 256, (64, 8, 8, 1)).astype(np.uint8))
