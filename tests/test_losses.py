@@ -211,3 +211,36 @@ def test_losses_are_jittable_and_vmappable():
   np.testing.assert_allclose(jitted, losses.reconstruction_loss(x, eps, -13.3), rtol=1e-6)
   mapped = jax.vmap(lambda xi, ei: losses.prior_loss(xi[None], 5.0)[0])(x, eps)
   np.testing.assert_allclose(mapped, losses.prior_loss(x, 5.0), rtol=1e-6)
+
+
+def _decoder_log_probs_float64(z, gamma_0, v, decoder):
+  """log p(v│z) in float64 numpy: the softmax of −½ (z − encode(v))² e^{−γ_0}, or the Gaussian's bin masses."""
+  from scipy import special, stats
+  values = ref_encode(np.arange(v), v)  # [V]
+  inv_std = np.exp(-0.5 * gamma_0)
+  if decoder == "softmax":
+    logits = -0.5 * np.square((z[..., None] - values) * inv_std)
+    return logits - special.logsumexp(logits, axis=-1, keepdims=True)
+  lower = (values - 1.0 / v - z[..., None]) * inv_std
+  upper = (values + 1.0 / v - z[..., None]) * inv_std
+  lower[..., 0], upper[..., -1] = -np.inf, np.inf
+  # log(Φ(u) − Φ(l)), computed on whichever side of the mean keeps it exact.
+  upper_side = lower > 0
+  hi = np.where(upper_side, stats.norm.logsf(lower), stats.norm.logcdf(upper))
+  lo = np.where(upper_side, stats.norm.logsf(upper), stats.norm.logcdf(lower))
+  return hi + np.log1p(-np.exp(lo - hi))
+
+
+@pytest.mark.parametrize("decoder", ["softmax", "cdf"])
+@pytest.mark.parametrize("gamma_0", [-13.3, -6.0, 0.0])
+def test_decoder_log_probs_match_float64(decoder, gamma_0):
+  rng = np.random.default_rng(3)
+  v = 256
+  x = rng.integers(0, v, (4, 5))
+  z = ref_encode(x, v) + np.exp(0.5 * gamma_0) * rng.standard_normal(x.shape)  # z_0/α_0, some outside [−1, 1]
+  want = _decoder_log_probs_float64(z, gamma_0, v, decoder)
+  got = np.asarray(losses.decoder_log_probs(jnp.asarray(z, jnp.float32), gamma_0, v, decoder), np.float64)
+  near = want > -30.0  # the values that carry probability: absolute agreement
+  np.testing.assert_allclose(got[near], want[near], rtol=0, atol=2e-3 if gamma_0 < -10 else 2e-4)
+  np.testing.assert_allclose(got[~near], want[~near], rtol=2e-3)  # far tails: relative
+  np.testing.assert_allclose(np.exp(got).sum(-1), 1.0, atol=1e-5)
