@@ -117,6 +117,30 @@ def test_evaluation_counts_every_example_once_and_masks_padding():
   assert out["bpd_stderr"] == 0.0  # no Monte-Carlo noise in this fake
 
 
+@pytest.mark.parametrize("draws", [1, 3])
+def test_standard_error_is_the_closed_form_of_the_draws(draws):
+  n, batch = 11, 4
+  split = input_pipeline.Split(np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1))
+  key = jax.random.key(9)
+
+  def fake_step(params, images, batch_key):  # loss = the example's index + a standard normal draw, nats
+    return {k: jnp.asarray(images[:, 0, 0, 0], jnp.float32) + jax.random.normal(batch_key, (images.shape[0],))
+            for k in evaluation.TERMS}
+
+  out = evaluation.evaluate(None, None, split, batch_size=batch, draws=draws, key=key, eval_step=fake_step)
+  # The same draws, by the documented keys: fold_in(fold_in(key, r), b) for draw r of batch b.
+  losses_ = np.stack([np.concatenate([np.arange(b * batch, (b + 1) * batch) + np.asarray(
+      jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, r), b), (batch,))) for b in range(3)])[:n]
+                      for r in range(draws)])  # [R, n]
+  if draws >= 2:  # Var(mean) = Σ_i s_i² / R / n², s_i² the within-example variance of the draws
+    stderr = np.sqrt(losses_.var(axis=0, ddof=1).sum() / draws) / n
+  else:  # across examples
+    stderr = losses_[0].std(ddof=1) / np.sqrt(n)
+  nats_to_bpd = 1.0 / np.log(2.0)  # one dimension per example
+  np.testing.assert_allclose(out["bpd"], losses_.mean() * nats_to_bpd, rtol=1e-6)
+  np.testing.assert_allclose(out["bpd_stderr"], stderr * nats_to_bpd, rtol=1e-6)
+
+
 def test_evaluation_refuses_values_outside_the_vocabulary():
   config = smoke.get_config()
   config.model.vocab_size = 32
