@@ -67,8 +67,9 @@ class TrainedVDM:
       raise ConfigError(f"images: values must lie in [0, {self.model.vocab_size - 1}]")
     split = input_pipeline.Split(images.astype(np.uint8) if self.model.vocab_size <= 256 else images)
     eval_model = config_lib.build_model(self.config, for_eval=True)  # eval.full_precision: float32, "highest"
+    # On every device; in a multi-process run every process must call, and each gets every example's result.
     return evaluation.evaluate(eval_model, self.params, split, batch_size=batch_size, draws=draws, key=key,
-                               return_per_example=True)
+                               return_per_example=True, mesh=sharding.make_mesh())
 
 
 def _check_sampling_args(num_samples, num_steps, sampler, eta, batch_size) -> None:
