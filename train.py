@@ -54,6 +54,10 @@ def main(argv):
   except training.Preempted as e:  # SIGINT: exit 130; SIGTERM: exit 143
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step
+    print("stopped at once by a second Ctrl-C; run the same command to resume from the latest checkpoint",
+          file=sys.stderr, flush=True)
+    sys.exit(130)
   except training.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
