@@ -169,9 +169,10 @@ def resolve(path: str) -> tuple[str, Optional[int]]:
   base = os.path.basename(path.rstrip("/"))
   if base.isdigit() and os.path.isdir(path):
     return os.path.dirname(path), int(base)
-  if base.isdigit() and saved_steps(os.path.dirname(path)):
+  siblings = saved_steps(os.path.dirname(path)) if base.isdigit() else []
+  if siblings:
     raise FileNotFoundError(f"no checkpoint of step {base} in {os.path.dirname(path)!r}; saved steps: "
-                            + ", ".join(map(str, saved_steps(os.path.dirname(path)))))
+                            + ", ".join(map(str, siblings)))
   for candidate in (os.path.join(path, "checkpoints"), path):
     if saved_steps(candidate):
       return candidate, None
