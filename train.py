@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vdm import cli, training
+from vdm import cli, preemption, train_step, training
 from vdm import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
@@ -51,14 +51,14 @@ def main(argv):
       else:
         record = training.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value,
                                               allow_config_mismatch=_ALLOW_MISMATCH.value)
-  except training.Preempted as e:  # SIGINT: exit 130; SIGTERM: exit 143
+  except preemption.Preempted as e:  # SIGINT: exit 130; SIGTERM: exit 143
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
   except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step
     print("stopped at once by a second Ctrl-C; run the same command to resume from the latest checkpoint",
           file=sys.stderr, flush=True)
     sys.exit(130)
-  except training.NonFiniteError as e:
+  except train_step.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   print(json.dumps(record), flush=True)

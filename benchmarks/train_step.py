@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common, flops  # noqa: E402
 from vdm import config as config_lib  # noqa: E402
-from vdm import sharding, training  # noqa: E402
+from vdm import sharding, train_step, training  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (default: the config's).")
@@ -59,7 +59,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
   config.training.batch_size = batch_size
   model, optimizer, mesh, init = training.setup(config, image_shape)
   state = init()
-  train_fn = training.make_train_fn(config, model, optimizer, mesh)
+  train_fn = train_step.make_train_fn(config, model, optimizer, mesh)
   local = np.random.default_rng(0).integers(0, 256, (1, batch_size) + tuple(image_shape)).astype(np.uint8)
   batch = sharding.to_global(local, sharding.batch_sharding(mesh, 1))
   t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def model_flops(config, batch) -> float:
   plain = copy.deepcopy(config)
   plain.model.remat, plain.model.conv_grad = False, "xla"
   model, optimizer, mesh, init = training.setup(plain, batch.shape[2:])
-  return flops.count(training.make_train_fn(plain, model, optimizer, mesh), jax.eval_shape(init), batch)
+  return flops.count(train_step.make_train_fn(plain, model, optimizer, mesh), jax.eval_shape(init), batch)
 
 
 def _value(text: str):

@@ -58,7 +58,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.training.checkpoint_every = 10_000  # steps between checkpoints
   config.training.checkpoints_to_keep = 3  # older checkpoints are deleted
   config.training.on_nonfinite = "skip"  # a NaN/Inf loss or gradient: "skip" the update (counted) or "stop"
-  config.training.debug_nonfinite_step = -1  # tests only: poison this step's loss with NaN; -1 = never
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 2e-4  # peak learning rate

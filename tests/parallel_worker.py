@@ -13,7 +13,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import smoke  # noqa: E402
-from vdm import input_pipeline, sharding, training  # noqa: E402
+from vdm import input_pipeline, sharding, train_step, training  # noqa: E402
 
 
 def main(out: str, num_steps: str, grad_accum: str = "1") -> None:
@@ -23,7 +23,7 @@ def main(out: str, num_steps: str, grad_accum: str = "1") -> None:
   split = input_pipeline.load_dataset("mnist5k")["train"]
   model, optimizer, mesh, init = training.setup(config, split.image_shape)
   state = init()
-  train_fn = training.make_train_fn(config, model, optimizer, mesh)
+  train_fn = train_step.make_train_fn(config, model, optimizer, mesh)
   batches = input_pipeline.train_batches(split, config.training.batch_size, config.seed)
   losses = []
   for _ in range(int(num_steps)):

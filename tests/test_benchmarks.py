@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from benchmarks import flops
 from configs import cifar10
-from vdm import training
+from vdm import train_step, training
 
 
 def test_matmul_and_convolution_are_two_flops_per_multiply_add():
@@ -41,7 +41,7 @@ def _train_step_flops(**model_fields):
     config.model[name] = value
   config.training.batch_size = 2
   model, optimizer, mesh, init = training.setup(config, (32, 32, 3))
-  fn = training.make_train_fn(config, model, optimizer, mesh)
+  fn = train_step.make_train_fn(config, model, optimizer, mesh)
   like, batch = jax.eval_shape(init), jax.ShapeDtypeStruct((1, 2, 32, 32, 3), jnp.uint8)
   return flops.count(fn, like, batch), fn, like, batch
 

@@ -77,6 +77,7 @@ def test_checkpoints_written_before_later_fields_load_with_the_values_they_were_
   for section, fields in checkpoints.LATER_FIELDS.items():
     for name in fields:
       del old[section][name]
+  old["training"]["debug_nonfinite_step"] = -1  # removed since
   mngr = checkpoints.manager(str(tmp_path / "checkpoints"))
   checkpoints.save(mngr, State(jnp.int32(3), jax.random.key(0)), ml_collections.ConfigDict(old),
                    {"image_shape": [32, 32, 3]})
@@ -84,6 +85,8 @@ def test_checkpoints_written_before_later_fields_load_with_the_values_they_were_
   assert (restored.model.conv_grad, restored.model.matmul_precision, restored.model.remat_policy,
           restored.data.augment) == ("xla", "default", "full", False)
   config_lib.validate(restored)
+  fields = lambda c: {(s, f) for s in c for f in (c[s] if isinstance(c[s], dict) else ())}  # noqa: E731
+  assert fields(restored.to_dict()) == fields(config.to_dict())  # nothing missing, nothing left over
   checkpoints.check_compatible(mngr, None, config, metadata["image_shape"])  # execution fields may differ
   config.model.channels = 64
   with pytest.raises(checkpoints.CheckpointError, match="model.channels: checkpoint 128, config 64"):

@@ -12,7 +12,7 @@ import pytest
 import jax
 from configs import smoke
 from vdm import config as config_lib
-from vdm import training
+from vdm import train_step, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +94,7 @@ def test_two_processes_train_like_one(tmp_path):
 
   config = smoke.get_config()
   model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
-  like = jax.eval_shape(lambda: training.create_train_state(config, model, optimizer, (28, 28, 1)))
+  like = jax.eval_shape(lambda: train_step.create_train_state(config, model, optimizer, (28, 28, 1)))
   from vdm import checkpoints
   states = [checkpoints.restore(checkpoints.manager(str(tmp_path / w / "checkpoints"), read_only=True), like)
             for w in ("single", "multi")]

@@ -8,10 +8,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 import jax
+import jax.numpy as jnp
 from configs import smoke
-from vdm import checkpoints, training
+from vdm import checkpoints, train_step, training
 from vdm import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +42,7 @@ def _wait_for_checkpoints(workdir, count, proc, timeout=300):
 def _final_state(workdir):
   config = smoke.get_config()
   model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
-  like = jax.eval_shape(lambda: training.create_train_state(config, model, optimizer, (28, 28, 1)))
+  like = jax.eval_shape(lambda: train_step.create_train_state(config, model, optimizer, (28, 28, 1)))
   state = checkpoints.restore(checkpoints.manager(os.path.join(workdir, "checkpoints"), read_only=True), like)
   return state.replace(key=jax.random.key_data(state.key))
 
@@ -105,24 +107,72 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path):
   assert json.loads(out.strip().splitlines()[-1])["step"] == step + 2
 
 
-def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
-  proc = _start(tmp_path / "skip", "--config.training.debug_nonfinite_step=1")
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-2000:]
-  with open(tmp_path / "skip" / "metrics.jsonl") as f:
+class _PoisonedModel:
+  """The model, except that its loss_diff is NaN where ``poison`` is True: a fault injected from outside."""
+
+  def __init__(self, model, poison):
+    self._model, self._poison = model, poison
+
+  def __getattr__(self, name):
+    return getattr(self._model, name)
+
+  def apply(self, *args, **kwargs):
+    out = self._model.apply(*args, **kwargs)
+    return {**out, "loss_diff": jnp.where(self._poison, jnp.nan, out["loss_diff"])}
+
+
+def _train_poisoned(monkeypatch, workdir, at_step, **training_fields):
+  """train_and_evaluate on the smoke config, with the update of ``state.step == at_step`` poisoned."""
+  clean_step = train_step.train_step
+
+  def poisoned_step(state, batch, *, model, **kwargs):
+    return clean_step(state, batch, model=_PoisonedModel(model, state.step == at_step), **kwargs)
+
+  monkeypatch.setattr(train_step, "train_step", poisoned_step)
+  config = smoke.get_config()
+  config.training.eval_every, config.eval.num_samples, config.eval.batch_size = 0, 0, 500
+  config.training.update(training_fields)
+  return training.train_and_evaluate(config, str(workdir), progress=False)
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch, steps_per_call):
+  record = _train_poisoned(monkeypatch, tmp_path, at_step=1, steps_per_call=steps_per_call)
+  with open(tmp_path / "metrics.jsonl") as f:
     train = [json.loads(line) for line in f if "train/bpd" in line]
-  assert [m["train/skipped_steps"] for m in train] == [1.0, 0.0]
-  assert np.isfinite(json.loads(out.strip().splitlines()[-1])["bpd"])
-  state = _final_state(str(tmp_path / "skip"))
+  assert [m["train/skipped_steps"] for m in train] == [1.0, 0.0]  # a count, also when 2 steps share a call
+  assert all(np.isfinite(m["train/bpd"]) for m in train[1:])
+  assert np.isfinite(record["bpd"])
+  state = _final_state(str(tmp_path))
+  assert int(state.step) == 4
   assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(state.params))
 
 
-def test_nonfinite_loss_stops_with_the_step_in_the_message(tmp_path):
-  proc = _start(tmp_path / "stop", "--config.training.debug_nonfinite_step=2",
-                "--config.training.on_nonfinite=stop")
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 1
-  assert "non-finite loss_diff at step 3" in err
-  state = _final_state(str(tmp_path / "stop"))  # the checkpoint of step 2, finite
+def test_skipped_update_leaves_the_state_as_it_was(monkeypatch):
+  """The poisoned step advances only the step counter: params, EMA and optimiser state are unchanged."""
+  config = smoke.get_config()
+  model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
+  state = train_step.create_train_state(config, model, optimizer, (8, 8, 1))
+  before = jax.device_get(state)
+  batch = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 8, 1)).astype(np.uint8)
+  clean_step = train_step.train_step
+  monkeypatch.setattr(train_step, "train_step", lambda state, batch, *, model, **kw: clean_step(
+      state, batch, model=_PoisonedModel(model, True), **kw))
+  after, metrics = train_step.make_train_fn(config, model, optimizer)(state, batch)
+  assert int(after.step) == 1
+  assert float(metrics["train/nonfinite"]) == 1.0 and float(metrics["train/nonfinite_step"]) == 1.0
+  assert train_step.NONFINITE_TERMS[int(metrics["train/nonfinite_term"])] == "loss_diff"
+  for name in ("params", "ema_params", "opt_state", "key"):
+    for a, b in zip(jax.tree.leaves(jax.device_get(getattr(after, name))),
+                    jax.tree.leaves(getattr(before, name))):
+      np.testing.assert_array_equal(jax.random.key_data(a) if name == "key" else a,
+                                    jax.random.key_data(b) if name == "key" else b)
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_nonfinite_loss_stops_with_the_step_in_the_message(tmp_path, monkeypatch, steps_per_call):
+  with pytest.raises(train_step.NonFiniteError, match="non-finite loss_diff at step 3 "):
+    _train_poisoned(monkeypatch, tmp_path, at_step=2, on_nonfinite="stop", steps_per_call=steps_per_call)
+  state = _final_state(str(tmp_path))  # the checkpoint of step 2, finite
   assert int(state.step) == 2
   assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(state.params))

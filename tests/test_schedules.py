@@ -46,6 +46,23 @@ def test_learned_endpoints_stay_exact_after_large_moves(name):
   np.testing.assert_allclose(gamma[1], params["params"]["gamma_max"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["learned_linear", "monotone_net"])
+def test_learned_schedules_increase_even_with_crossed_endpoints(name):
+  """The span is |γ_1 − γ_0|, as the reference's |w|: γ(1) = γ_0 + |γ_1 − γ_0| when the two cross."""
+  module = schedules.get_schedule(name, -13.3, 5.0, **({"hidden": 16} if name == "monotone_net" else {}))
+  params = module.init(jax.random.key(0), T)
+  params["params"]["gamma_min"], params["params"]["gamma_max"] = jnp.float32(2.0), jnp.float32(-4.0)
+  gamma = module.apply(params, T)
+  assert bool(jnp.all(jnp.diff(gamma) > 0))
+  assert float(gamma[0]) == 2.0
+  np.testing.assert_allclose(gamma[-1], 8.0, rtol=1e-6)
+  # Uncrossed, the |·| changes nothing, gradients included: d γ(t) / d γ_max = t for the linear schedule.
+  if name == "learned_linear":
+    params["params"]["gamma_min"], params["params"]["gamma_max"] = jnp.float32(-13.3), jnp.float32(5.0)
+    grads = jax.grad(lambda p: module.apply(p, jnp.float32(0.25)))(params)["params"]
+    np.testing.assert_allclose([grads["gamma_min"], grads["gamma_max"]], [0.75, 0.25], rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_jvp_derivative_matches_finite_differences(name):
   module = schedules.get_schedule(name, -13.3, 5.0, **({"hidden": 16} if name == "monotone_net" else {}))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from configs import smoke
 from vdm import config as config_lib
-from vdm import checkpoints, evaluation, input_pipeline, training
+from vdm import checkpoints, evaluation, input_pipeline, train_step, training
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def setup():
   config = smoke.get_config()
   model = config_lib.build_model(config)
   optimizer = config_lib.build_optimizer(config)
-  state = training.create_train_state(config, model, optimizer, (8, 8, 1))
+  state = train_step.create_train_state(config, model, optimizer, (8, 8, 1))
   return config, model, optimizer, state
 
 
@@ -26,10 +26,10 @@ def _batch(n=8, seed=0):
 
 def test_ema_decay_warms_up_and_is_capped():
   steps = jnp.array([0, 1, 10, 1000, 100_000])
-  np.testing.assert_allclose(training.ema_decay(steps, 0.999, True), [0.1, 2 / 11, 11 / 20, 1001 / 1010, 0.999],
+  np.testing.assert_allclose(train_step.ema_decay(steps, 0.999, True), [0.1, 2 / 11, 11 / 20, 1001 / 1010, 0.999],
                              rtol=1e-6)
-  np.testing.assert_allclose(training.ema_decay(steps, 0.999, False), 0.999)
-  assert float(training.ema_decay(steps, 0.0, True)[4]) == 0.0
+  np.testing.assert_allclose(train_step.ema_decay(steps, 0.999, False), 0.999)
+  assert float(train_step.ema_decay(steps, 0.0, True)[4]) == 0.0
 
 
 @pytest.mark.parametrize("ema_rate", [0.999, 0.0])
@@ -37,7 +37,7 @@ def test_ema_update_is_exact(setup, ema_rate):
   config, model, optimizer, state = setup
   config = config.copy_and_resolve_references()
   config.optimizer.ema_rate = ema_rate
-  fn = training.make_train_fn(config, model, optimizer)
+  fn = train_step.make_train_fn(config, model, optimizer)
   state = jax.tree.map(jnp.copy, state)
   ema_sequence = [jax.device_get(state.ema_params)]  # host copies: the state is donated
   params_sequence = []
@@ -46,7 +46,7 @@ def test_ema_update_is_exact(setup, ema_rate):
     ema_sequence.append(jax.device_get(state.ema_params))
     params_sequence.append(jax.device_get(state.params))
   for n in range(3):
-    d = float(training.ema_decay(jnp.array(n), ema_rate, True))
+    d = float(train_step.ema_decay(jnp.array(n), ema_rate, True))
     want = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_sequence[n], params_sequence[n])
     for a, b in zip(jax.tree.leaves(ema_sequence[n + 1]), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -165,7 +165,7 @@ def test_standard_error_shrinks_with_more_draws(setup):
 
 def test_training_resumed_from_a_checkpoint_equals_uninterrupted(setup, tmp_path):
   config, model, optimizer, state0 = setup
-  fn = training.make_train_fn(config, model, optimizer)
+  fn = train_step.make_train_fn(config, model, optimizer)
   batches = [_batch(seed=i) for i in range(4)]
   a = jax.tree.map(jnp.copy, state0)
   for b in batches:
@@ -211,8 +211,8 @@ def test_bfloat16_training_lowers_the_loss_with_float32_params_and_terms():
   config.model.dtype = "bfloat16"
   config.optimizer.learning_rate, config.optimizer.warmup_steps = 1e-2, 0
   model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
-  state = training.create_train_state(config, model, optimizer, (8, 8, 1))
-  fn = training.make_train_fn(config, model, optimizer)
+  state = train_step.create_train_state(config, model, optimizer, (8, 8, 1))
+  fn = train_step.make_train_fn(config, model, optimizer)
   batch = _pattern()
   split = input_pipeline.Split(batch[0])
   bpd = lambda params: evaluation.evaluate(model, params, split, batch_size=8, draws=16,  # noqa: E731

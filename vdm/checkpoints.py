@@ -88,12 +88,21 @@ def restore_config(mngr: ocp.CheckpointManager, step: Optional[int] = None
   except Exception as e:
     raise CheckpointError(f"checkpoint {mngr.directory}/{step} has no readable config: "
                           f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-  config = ml_collections.ConfigDict(restored["config"])
+  return migrate_config(restored["config"]), dict(restored["metadata"] or {})
+
+
+def migrate_config(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config (as a dict) in today's form: later fields added, removed fields dropped."""
+  config = ml_collections.ConfigDict(saved)
   for section, fields in LATER_FIELDS.items():  # checkpoints written before these fields existed
     for name, value in fields.items():
       if section in config and name not in config[section]:
         config[section][name] = value
-  return config, dict(restored["metadata"] or {})
+  for section, names in REMOVED_FIELDS.items():
+    for name in names:
+      if section in config and name in config[section]:
+        del config[section][name]
+  return config
 
 
 # Config fields added after checkpoints were first written, with the value
@@ -102,6 +111,11 @@ LATER_FIELDS = {
     "model": {"conv_grad": "xla", "matmul_precision": "default", "remat_policy": "full"},
     "data": {"augment": False},
     "eval": {"full_precision": True},
+}
+
+# Config fields that no longer exist; dropped from saved configs.
+REMOVED_FIELDS = {
+    "training": ("debug_nonfinite_step",),  # a test hook; tests now inject faults themselves
 }
 
 # Fields that change how the network is computed, not what it computes or

@@ -25,14 +25,6 @@ def make_eval_step(model, mesh=None):
   return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=data)
 
 
-def _check_values(images: np.ndarray, mask: np.ndarray, vocab_size) -> None:
-  """Every evaluated value must lie below V: a larger one gives a meaningless (even negative) likelihood."""
-  top = int(np.max(images[mask > 0], initial=0))
-  if vocab_size is not None and top >= vocab_size:
-    raise input_pipeline.DataError(f"config.model.vocab_size: the evaluated data hold values up to {top}, "
-                                   f"expected all < vocab_size ({vocab_size})")
-
-
 def evaluate(model, params, split: input_pipeline.Split, *, batch_size: int, draws: int,
              key: jax.Array, limit: Optional[int] = None, eval_step=None,
              progress: bool = False, return_per_example: bool = False, mesh=None) -> dict:
@@ -60,7 +52,9 @@ def evaluate(model, params, split: input_pipeline.Split, *, batch_size: int, dra
     batches = input_pipeline.eval_batches(split, batch_size, limit=n, process_index=jax.process_index(),
                                           process_count=jax.process_count())
     for b, (images, mask) in enumerate(batches):
-      _check_values(images, mask, getattr(model, "vocab_size", None))
+      if hasattr(model, "vocab_size"):
+        input_pipeline.check_values(int(np.max(images[mask > 0], initial=0)), model.vocab_size,
+                                    "the evaluated data")
       batch_key = jax.random.fold_in(jax.random.fold_in(key, r), b)
       if mesh is None:
         out = jax.device_get(eval_step(params, images, batch_key))

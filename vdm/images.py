@@ -1,10 +1,11 @@
 """Image grids and PNG files."""
 
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from vdm import files
 
 
 def grid(images: np.ndarray, columns: int = 0, pad: int = 1) -> np.ndarray:
@@ -21,16 +22,12 @@ def grid(images: np.ndarray, columns: int = 0, pad: int = 1) -> np.ndarray:
 
 def write_png(path: str, image: np.ndarray) -> None:
   """Writes a uint8 ``[H, W, C]`` image atomically (temporary name, then rename)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   image = image[..., 0] if image.shape[-1] == 1 else image
-  tmp = f"{path}.tmp-{os.getpid()}"
-  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
 
 
 def write_npz(path: str, **arrays: np.ndarray) -> None:
   """Writes compressed arrays atomically (temporary name, then rename)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, path)
+  with files.atomic_path(path, suffix=".npz") as tmp:
+    np.savez_compressed(tmp, **arrays)

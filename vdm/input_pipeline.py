@@ -72,6 +72,13 @@ class Split:
     return int(self.images[idx].max())
 
 
+def check_values(top: int, vocab_size: int, what: str = "the data") -> None:
+  """Refuses data values ≥ V (``top``: the largest seen): each gives a meaningless, even negative, likelihood."""
+  if top >= vocab_size:
+    raise DataError(f"config.model.vocab_size: {what} hold values up to {top}, "
+                    f"expected all < vocab_size ({vocab_size})")
+
+
 def _as_nhwc(name: str, array: np.ndarray) -> np.ndarray:
   if array.ndim == 3:
     array = array[..., None]

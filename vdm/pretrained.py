@@ -16,7 +16,7 @@ import numpy as np
 from vdm import checkpoints, evaluation, input_pipeline, sampling, sharding
 from vdm import config as config_lib
 from vdm import model as model_lib
-from vdm import training
+from vdm import train_step
 from vdm.config import ConfigError
 
 
@@ -98,7 +98,7 @@ def load(path: str, step: Optional[int] = None) -> TrainedVDM:
   if not image_shape:
     raise ConfigError(f"{path}: checkpoint has no image_shape metadata")
   model = config_lib.build_model(config)
-  like = training.abstract_state(config, image_shape)
+  like = train_step.abstract_state(config, image_shape)
   state = checkpoints.restore(mngr, like, step, sharding=sharding.replicated(sharding.make_mesh()))
   return TrainedVDM(config=config, params=state.ema_params, step=int(state.step), model=model,
                     image_shape=image_shape)

@@ -4,9 +4,11 @@ Each module maps times ``t`` (scalar or ``[B]``, in [0, 1]) to γ of the same
 shape, strictly increasing in t, from γ(0) = ``gamma_min`` to γ(1) =
 ``gamma_max``. Learned schedules keep their endpoints as two parameters,
 ``gamma_min`` and ``gamma_max``, that γ(0) and γ(1) equal exactly however
-training moves the rest; γ is then increasing as long as
-``gamma_max > gamma_min`` (the ELBO's gradients push the two apart: the
-reconstruction term lowers γ(0), the prior term raises γ(1)).
+training moves the rest. The span is taken as ``|gamma_max − gamma_min|``
+(as the paper's code takes |w|), so γ increases by construction even if an
+update were to cross the two; while ``gamma_max > gamma_min``, as the
+ELBO's gradients keep them (the reconstruction term lowers γ(0), the prior
+term raises γ(1)), that is the plain difference, gradients included.
 
 γ'(t), which the continuous-time loss needs, is taken with ``jax.jvp`` by the
 caller; nothing here differentiates.
@@ -36,7 +38,7 @@ class FixedLinear(nn.Module):
 
 
 class LearnedLinear(nn.Module):
-  """γ(t) = γ_0 + (γ_1 − γ_0) t with both endpoints trained (paper §4)."""
+  """γ(t) = γ_0 + |γ_1 − γ_0| t with both endpoints trained (paper §4)."""
   gamma_min: float = -13.3
   gamma_max: float = 5.0
 
@@ -45,7 +47,7 @@ class LearnedLinear(nn.Module):
     gamma_0 = _endpoint(self, "gamma_min", self.gamma_min)
     gamma_1 = _endpoint(self, "gamma_max", self.gamma_max)
     t = jnp.asarray(t, jnp.float32)
-    return gamma_0 + (gamma_1 - gamma_0) * t
+    return gamma_0 + jnp.abs(gamma_1 - gamma_0) * t
 
 
 class _MonotoneDense(nn.Module):
@@ -84,7 +86,7 @@ class MonotoneNet(nn.Module):
     g = (h + l3(jax.nn.sigmoid(l2(h))))[:, 0]
     g_t, g_0, g_1 = g[:-2], g[-2], g[-1]
     unit = ((g_t - g_0) / (g_1 - g_0)).reshape(t.shape)
-    return gamma_0 + (gamma_1 - gamma_0) * unit
+    return gamma_0 + jnp.abs(gamma_1 - gamma_0) * unit
 
 
 class _ReparameterisedFixed(nn.Module):
