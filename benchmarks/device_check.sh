@@ -43,7 +43,7 @@ if ! $PY -c "import ml_collections" 2>/dev/null; then
 fi
 
 if [[ -n "${SMALL:-}" ]]; then  # tiny shapes, to check the script itself on a CPU
-  BATCH=4; NET=(--config.model.channels=8 --config.model.num_blocks=1); SAMPLE_STEPS=10; REPEATS=2
+  BATCH=4; NET=(--config.model.network.channels=8 --config.model.network.num_blocks=1); SAMPLE_STEPS=10; REPEATS=2
   QS=(--config.training.num_steps=20 --config.training.log_every=10 --config.training.checkpoint_every=10
       --config.eval.num_samples=4 --config.eval.sample_steps=5 --config.eval.draws=1)
   QS_SAMPLE_STEPS=10; EVAL_BATCH=8; REF_ARGS=(4 32 3 2)
@@ -77,13 +77,13 @@ fi
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
 step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
   --results="$OUT/train_step.jsonl" \
-  --variant=model.dtype=float32 \
-  --variant=model.dtype=bfloat16 \
-  --variant=model.dtype=bfloat16,model.remat=False
+  --variant=execution.dtype=float32 \
+  --variant=execution.dtype=bfloat16 \
+  --variant=execution.dtype=bfloat16,execution.remat=False
 
 for dtype in float32 bfloat16; do
   step "sampler_$dtype" 150 $PY benchmarks/sampler.py "${C10[@]}" --batch_size=$BATCH --samplers=ancestral \
-    --num_steps=$SAMPLE_STEPS --timed_steps=$SAMPLE_STEPS --results="$OUT/sampler.jsonl" --config.model.dtype=$dtype
+    --num_steps=$SAMPLE_STEPS --timed_steps=$SAMPLE_STEPS --results="$OUT/sampler.jsonl" --config.execution.dtype=$dtype
 done
 
 step eval_step 90 $PY benchmarks/eval_step.py "${C10[@]}" --batch_size=$EVAL_BATCH --repeats=$REPEATS \
@@ -108,7 +108,7 @@ EOF
 step precision 90 $PY benchmarks/precision.py --workdir="$QS_DIR" --results="$OUT/quickstart.jsonl"
 # The same training in bfloat16 (same seed): does the precision move the reported bpd?
 step quickstart_bf16 180 bash -c "$PY train.py --config=configs/mnist.py --workdir='$QS_DIR-bf16' ${QS[*]} \
-  --config.model.dtype=bfloat16 --config.eval.num_samples=0 | tail -n 1 | \
+  --config.execution.dtype=bfloat16 --config.eval.num_samples=0 | tail -n 1 | \
   $PY -c 'import json,sys; print(json.dumps({\"benchmark\": \"quickstart_bf16\", \"eval\": json.loads(sys.stdin.read())}))' \
   >> '$OUT/quickstart.jsonl'"
 cat "$OUT/quickstart.jsonl" | tee -a "$LOG"

@@ -56,8 +56,8 @@ def main(argv):
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
   record = {"benchmark": "eval_step", "batch_size": batch, "image_shape": list(shape),
-            "channels": config.model.channels, "num_blocks": config.model.num_blocks,
-            "scan_blocks": config.model.scan_blocks, "dtype": np.dtype(model.network.dtype).name,
+            "channels": config.model.network.channels, "num_blocks": config.model.network.num_blocks,
+            "scan_blocks": config.model.network.scan_blocks, "dtype": np.dtype(model.network.dtype).name,
             "matmul_precision": model.network.matmul_precision,
             "trace_and_compile_s": t1 - t0, "step_ms_median": 1e3 * median,
             "step_ms_spread": 1e3 * (max(times) - min(times)), "images_per_s": batch / median,

@@ -66,7 +66,7 @@ def main(argv):
   alone = jax.jit(jax.value_and_grad(
       lambda g, e: losses.reconstruction_loss(x, e, g, config.model.vocab_size).mean()))
   eps_0 = jax.random.normal(key, shape)
-  gamma_0 = jnp.float32(config.model.gamma_min)
+  gamma_0 = jnp.float32(config.model.schedule.gamma_min)
   _time(alone, gamma_0, eps_0)
   a, b, c = [], [], []
   for _ in range(_REPEATS.value):
@@ -75,7 +75,7 @@ def main(argv):
     c.append(_time(alone, gamma_0, eps_0))
   full, rest, term = (1e3 * statistics.median(t) for t in (a, b, c))
   record = {"benchmark": "loss_terms", "batch_size": shape[0], "image_shape": list(shape[1:]),
-            "channels": config.model.channels, "num_blocks": config.model.num_blocks,
+            "channels": config.model.network.channels, "num_blocks": config.model.network.num_blocks,
             "decoder": config.model.decoder, "vocab_size": config.model.vocab_size,
             "loss_grad_ms": full, "loss_grad_without_recon_ms": rest, "recon_alone_ms": term,
             "recon_share_of_loss_grad": (full - rest) / full, "recon_alone_share": term / full,

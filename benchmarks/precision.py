@@ -3,8 +3,8 @@
     python benchmarks/precision.py --workdir=runs/mnist
     python benchmarks/precision.py --workdir=runs/mnist --policies=float32:highest,float32:default,bfloat16:default
 
-Each policy is ``DTYPE:MATMUL_PRECISION`` for the network (``model.dtype``,
-``model.matmul_precision``). Every policy sees the same examples and the same
+Each policy is ``DTYPE:MATMUL_PRECISION`` for the network (``execution.dtype``,
+``execution.matmul_precision``). Every policy sees the same examples and the same
 draws of (t, ε, ε_0), so the differences are paired: each record gives the
 split's bpd and its Monte-Carlo standard error, and the mean per-example
 difference to the first policy with the standard error of that difference.
@@ -47,7 +47,7 @@ def main(argv):
   for policy in _POLICIES.value:
     dtype, _, precision = policy.partition(":")
     config = copy.deepcopy(trained.config)
-    config.model.dtype, config.model.matmul_precision, config.eval.full_precision = dtype, precision, False
+    config.execution.dtype, config.execution.matmul_precision, config.eval.full_precision = dtype, precision, False
     config_lib.validate(config)
     model = config_lib.build_model(config, for_eval=True)
     result = evaluation.evaluate(model, trained.params, split, batch_size=config.eval.batch_size,

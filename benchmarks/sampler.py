@@ -53,8 +53,8 @@ def main(argv):
       compiled = fn.lower(params, key, indices).compile()
       t1 = time.perf_counter()
       result = {"benchmark": "sampler", "sampler": sampler, "num_steps": n, "batch_size": _BATCH.value,
-                "image_shape": list(shape), "channels": config.model.channels,
-                "num_blocks": config.model.num_blocks, "compile_s": t1 - t0,
+                "image_shape": list(shape), "channels": config.model.network.channels,
+                "num_blocks": config.model.network.num_blocks, "compile_s": t1 - t0,
                 "device": jax.devices()[0].device_kind, "jax": jax.__version__}
       if n == _TIMED.value:
         jax.block_until_ready(compiled(params, key, indices))  # warm, as the chunked loop below is
@@ -62,7 +62,7 @@ def main(argv):
         jax.block_until_ready(compiled(params, key, indices))
         elapsed = time.perf_counter() - t2
         result.update(loop_s=elapsed, steps_per_s=n / elapsed, images_steps_per_s=n * _BATCH.value / elapsed,
-                      matmul_precision=config.model.matmul_precision, dtype=config.model.dtype)
+                      matmul_precision=config.execution.matmul_precision, dtype=config.execution.dtype)
         # The same loop as vdm.load(...).sample(progress=True) runs it: in ~50 calls, a bar one call behind.
         chunked = functools.partial(sampling.generate, model, params, key, _BATCH.value, shape, num_steps=n,
                                     sampler=sampler, eta=0.0, steps_per_call=-(-n // 50))

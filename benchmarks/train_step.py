@@ -7,11 +7,11 @@
 Side by side in one process, one variant after the other:
 
     python benchmarks/train_step.py --config=configs/cifar10.py --batch_size=8 --image_shape=32,32,3 \
-        --sweep=model.scan_blocks=False,True --repeats=3
+        --sweep=model.network.scan_blocks=False,True --repeats=3
     python benchmarks/train_step.py --config=configs/cifar10.py --batch_size=8 --image_shape=32,32,3 \
-        --sweep=model.remat_policy=convs,full --compile_only
+        --sweep=execution.remat_policy=convs,full --compile_only
     python benchmarks/train_step.py --config=configs/cifar10.py --batch_size=8 --image_shape=32,32,3 \
-        --variant=model.scan_blocks=False,model.conv_grad=xla --variant=model.scan_blocks=True --repeats=3
+        --variant=model.network.scan_blocks=False,execution.conv_grad=xla --variant=model.network.scan_blocks=True --repeats=3
 
 Each variant reports trace, compile and first-run seconds, the median step
 and its spread, images/s, XLA's memory analysis of the compiled step
@@ -69,10 +69,10 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
   t2 = time.perf_counter()
   memory = compiled.memory_analysis()
   base = {"benchmark": "train_step", "batch_size": batch_size, "image_shape": list(image_shape),
-          "channels": config.model.channels, "num_blocks": config.model.num_blocks,
-          "scan_blocks": config.model.scan_blocks, "remat": config.model.remat,
-          "remat_policy": config.model.remat_policy, "dtype": config.model.dtype,
-          "conv_grad": config_lib.resolve_conv_grad(config.model.conv_grad, config.model.scan_blocks), "matmul_precision": config.model.matmul_precision,
+          "channels": config.model.network.channels, "num_blocks": config.model.network.num_blocks,
+          "scan_blocks": config.model.network.scan_blocks, "remat": config.execution.remat,
+          "remat_policy": config.execution.remat_policy, "dtype": config.execution.dtype,
+          "conv_grad": config_lib.resolve_conv_grad(config.execution.conv_grad, config.model.network.scan_blocks), "matmul_precision": config.execution.matmul_precision,
           "trace_s": t1 - t0, "compile_s": t2 - t1, "device": jax.devices()[0].device_kind,
           "num_devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
           "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
@@ -92,7 +92,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
   step_flops = model_flops(config, batch)  # after the timings: it traces the model again
   median = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
-  kind = flops.matmul_kind(config.model.dtype, config.model.matmul_precision, jax.default_backend())
+  kind = flops.matmul_kind(config.execution.dtype, config.execution.matmul_precision, jax.default_backend())
   peak = _PEAK.value or flops.peak_tflops(jax.devices()[0].device_kind, kind)
   return {**base, "flops_per_step": step_flops, "params": params, "first_run_s": t3 - t2, "first_call_s": t3 - t0,
           "step_ms_median": 1e3 * median, "step_ms_spread": 1e3 * (max(times) - min(times)),
@@ -110,7 +110,7 @@ def model_flops(config, batch) -> float:
   figure is the same for every variant of a model.
   """
   plain = copy.deepcopy(config)
-  plain.model.remat, plain.model.conv_grad = False, "xla"
+  plain.execution.remat, plain.execution.conv_grad = False, "xla"
   model, optimizer, mesh, init = training.setup(plain, batch.shape[2:])
   return flops.count(train_step.make_train_fn(plain, model, optimizer, mesh), jax.eval_shape(init), batch)
 

@@ -19,34 +19,46 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ""  # TFDS data dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   config.data.augment = False  # random flips + 90° rotations, passed to the network as conditioning
 
+  # What the model computes: the likelihood, the schedule γ(t), the network ε̂. Changing any of
+  # these makes another model: a checkpoint refuses to resume with other values.
   config.model = ml_collections.ConfigDict()
   config.model.vocab_size = 256  # values per dimension (256 for 8-bit images)
-  config.model.schedule = "learned_linear"  # fixed_linear|learned_linear|monotone_net|linear_beta|cosine
-  config.model.gamma_min = -13.3  # γ(0) (initial value, if learned): log SNR⁻¹ at t = 0
-  config.model.gamma_max = 5.0  # γ(1) (initial value, if learned)
-  config.model.schedule_hidden = 1024  # hidden units of the monotone_net schedule
   config.model.num_diffusion_steps = 0  # T of the discrete-time loss; 0 = continuous time
   config.model.antithetic_time_sampling = True  # low-discrepancy t over the batch
   config.model.decoder = "softmax"  # "softmax" (the paper's) or "cdf" (binned Gaussian)
-  config.model.channels = 128  # width of every U-Net block
-  config.model.num_blocks = 32  # ResNet blocks going down (up has one more)
-  config.model.dropout = 0.1  # dropout rate in the blocks
-  config.model.mid_attention = True  # self-attention between the two middle blocks
-  config.model.attention_everywhere = False  # self-attention after every block
-  config.model.fourier_exponents = (6, 7)  # base-2 exponents of Fourier features; () = none
-  config.model.scan_blocks = True  # compile identical blocks once (nn.scan)
-  config.model.remat = False  # recompute activations in the backward pass (less memory)
+
+  config.model.schedule = ml_collections.ConfigDict()
+  config.model.schedule.name = "learned_linear"  # fixed_linear|learned_linear|monotone_net|linear_beta|cosine
+  config.model.schedule.gamma_min = -13.3  # γ(0) (initial value, if learned): log SNR⁻¹ at t = 0
+  config.model.schedule.gamma_max = 5.0  # γ(1) (initial value, if learned)
+  config.model.schedule.hidden = 1024  # hidden units of the monotone_net schedule (others ignore it)
+
+  config.model.network = ml_collections.ConfigDict()  # the U-Net's arguments (vdm.networks.ScoreUNet)
+  config.model.network.channels = 128  # width of every U-Net block
+  config.model.network.num_blocks = 32  # ResNet blocks going down (up has one more)
+  config.model.network.dropout = 0.1  # dropout rate in the blocks
+  config.model.network.mid_attention = True  # self-attention between the two middle blocks
+  config.model.network.attention_everywhere = False  # self-attention after every block
+  config.model.network.fourier_exponents = (6, 7)  # base-2 exponents of Fourier features; () = none
+  # Compile identical blocks once (nn.scan). Their parameters are then stacked, so a checkpoint
+  # keeps the value it was trained with.
+  config.model.network.scan_blocks = True
+
+  # How the network is computed, not what: a checkpoint may be resumed, evaluated or sampled with
+  # other values.
+  config.execution = ml_collections.ConfigDict()
+  config.execution.remat = False  # recompute activations in the backward pass (less memory)
   # What remat keeps: "convs" (convolution outputs; norms/activations recomputed, no extra
   # convolutions) or "full" (nothing; the forward pass runs twice, the least memory).
-  config.model.remat_policy = "convs"
-  config.model.dtype = "float32"  # network compute dtype: float32 or bfloat16 (params, loss stay float32)
+  config.execution.remat_policy = "convs"
+  config.execution.dtype = "float32"  # network compute dtype: float32 or bfloat16 (params, loss stay float32)
   # jax.default_matmul_precision of the network's matmuls and convolutions in training and sampling:
   # "default" is the backend's fast float32 (TF32 on A100/H100/H200, one bf16 pass on TPUs, exact on
   # CPUs), as the paper trained; "highest" is true float32 (3.3x slower steps on an H200).
-  config.model.matmul_precision = "default"
+  config.execution.matmul_precision = "default"
   # Convolution backward pass: "dot" (as matmuls; fast inside nn.scan on CPU), "xla" (XLA's own;
   # faster unrolled) or "auto" ("dot" for scanned blocks on CPU, else "xla").
-  config.model.conv_grad = "auto"
+  config.execution.conv_grad = "auto"
 
   config.training = ml_collections.ConfigDict()
   config.training.num_steps = 10_000_000  # optimiser steps in total

@@ -22,9 +22,7 @@ from configs import base
 def get_config():
   config = base.get_config()
   config.data.dataset = "cifar10"
-  config.model.remat = True  # remat_policy "convs" (base): same FLOPs, 0.29× the activation memory
-  config.training.num_steps = 10_000_000
-  config.training.batch_size = 128
+  config.execution.remat = True  # remat_policy "convs" (base): same FLOPs, 0.29× the activation memory
   config.training.log_every = 1000
   config.training.eval_every = 50_000
   config.training.checkpoint_every = 10_000

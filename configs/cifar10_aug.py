@@ -17,9 +17,9 @@ from configs import cifar10
 def get_config():
   config = cifar10.get_config()
   config.data.augment = True
-  config.model.channels = 256
-  config.model.attention_everywhere = True
-  config.model.schedule = "monotone_net"
-  config.model.dropout = 0.05
+  config.model.network.channels = 256
+  config.model.network.attention_everywhere = True
+  config.model.schedule.name = "monotone_net"
+  config.model.network.dropout = 0.05
   config.training.batch_size = 1024
   return config

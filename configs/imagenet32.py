@@ -19,10 +19,8 @@ from configs import cifar10
 def get_config():
   config = cifar10.get_config()
   config.data.dataset = "imagenet_resized/32x32"
-  config.model.channels = 256
-  config.model.num_blocks = 32
-  config.model.dropout = 0.0
-  config.model.fourier_exponents = (6, 7)
+  config.model.network.channels = 256
+  config.model.network.dropout = 0.0
   config.training.batch_size = 512
   config.training.num_steps = 2_000_000
   config.eval.periodic_examples = 4096

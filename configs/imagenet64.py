@@ -7,7 +7,7 @@ The paper reports 3.40 test bits/dim on the *original* downsampled ImageNet
 configs/imagenet32.py for using the original files). The reference code's
 ImageNet-64 config never ran. Here: the paper's 64 blocks × 256 channels at
 full resolution, which only fits with full rematerialisation
-(``model.remat_policy="full"``: each block's forward pass runs again in the
+(``execution.remat_policy="full"``: each block's forward pass runs again in the
 backward pass; "convs" would keep the convolutions' outputs, 3.96 GB) and bfloat16
 activations (parameters, optimiser and every likelihood term stay float32).
 Global batch 512 as 4 micro-batches; raise ``training.grad_accum_steps``
@@ -24,10 +24,8 @@ from configs import imagenet32
 def get_config():
   config = imagenet32.get_config()
   config.data.dataset = "imagenet_resized/64x64"
-  config.model.num_blocks = 64
-  config.model.remat = True
-  config.model.remat_policy = "full"
-  config.model.dtype = "bfloat16"
-  config.training.batch_size = 512
+  config.model.network.num_blocks = 64
+  config.execution.remat_policy = "full"
+  config.execution.dtype = "bfloat16"
   config.training.grad_accum_steps = 4
   return config

@@ -16,11 +16,11 @@ from configs import base
 def get_config():
   config = base.get_config()
   config.data.dataset = "mnist5k"
-  config.model.channels = 32
-  config.model.num_blocks = 2
-  config.model.dropout = 0.0
-  config.model.mid_attention = False  # attention over 784 positions is half the step on a CPU
-  config.model.scan_blocks = False  # 2 blocks: nothing to gain; unrolled steps 1.2× faster on CPU
+  config.model.network.channels = 32
+  config.model.network.num_blocks = 2
+  config.model.network.dropout = 0.0
+  config.model.network.mid_attention = False  # attention over 784 positions is half the step on a CPU
+  config.model.network.scan_blocks = False  # 2 blocks: nothing to gain; unrolled steps 1.2× faster on CPU
   config.training.num_steps = 1500
   config.training.batch_size = 32
   config.training.log_every = 50

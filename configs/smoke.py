@@ -11,11 +11,11 @@ from configs import base
 
 def get_config():
   config = base.get_config()
-  config.model.channels = 8
-  config.model.num_blocks = 1
-  config.model.dropout = 0.0
-  config.model.fourier_exponents = (6,)
-  config.model.schedule_hidden = 8
+  config.model.network.channels = 8
+  config.model.network.num_blocks = 1
+  config.model.network.dropout = 0.0
+  config.model.network.fourier_exponents = (6,)
+  config.model.schedule.hidden = 8
   config.training.num_steps = 4
   config.training.batch_size = 8
   config.training.log_every = 2

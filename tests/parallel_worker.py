@@ -18,7 +18,7 @@ from vdm import input_pipeline, sharding, train_step, training  # noqa: E402
 
 def main(out: str, num_steps: str, grad_accum: str = "1") -> None:
   config = smoke.get_config()
-  config.model.dropout = 0.0
+  config.model.network.dropout = 0.0
   config.training.grad_accum_steps = int(grad_accum)
   split = input_pipeline.load_dataset("mnist5k")["train"]
   model, optimizer, mesh, init = training.setup(config, split.image_shape)

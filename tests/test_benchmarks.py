@@ -36,7 +36,7 @@ def test_loops_count_every_iteration_and_cond_its_larger_branch():
 
 def _train_step_flops(**model_fields):
   config = cifar10.get_config()
-  config.model.channels, config.model.num_blocks = 32, 2
+  config.model.network.channels, config.model.network.num_blocks = 32, 2
   for name, value in model_fields.items():
     config.model[name] = value
   config.training.batch_size = 2

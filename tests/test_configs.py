@@ -2,8 +2,11 @@
 
 import importlib
 
-import jax
+import numpy as np
 import pytest
+
+import jax
+import jax.numpy as jnp
 
 from vdm import config as config_lib
 
@@ -21,21 +24,34 @@ def test_config_loads_validates_and_builds(name):
 
 
 def test_cifar10_is_the_paper_recipe():
+  """Checked on the objects the config builds, not on its literals."""
+  from vdm import schedules, train_step
   c = importlib.import_module("configs.cifar10").get_config()
-  m, o = c.model, c.optimizer
-  assert (m.schedule, m.gamma_min, m.gamma_max, m.num_diffusion_steps) == ("learned_linear", -13.3, 5.0, 0)
-  assert (m.channels, m.num_blocks, m.dropout, tuple(m.fourier_exponents)) == (128, 32, 0.1, (6, 7))
-  assert m.antithetic_time_sampling and m.mid_attention and not m.attention_everywhere
-  assert (o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay, o.warmup_steps) == (2e-4, 0.9, 0.99, 1e-8, 0.01, 100)
+  model = config_lib.build_model(c)
+  assert isinstance(model.schedule, schedules.LearnedLinear)
+  gamma = model.schedule.apply(model.schedule.init(jax.random.key(0), jnp.zeros(2)), jnp.array([0.0, 1.0]))
+  np.testing.assert_allclose(gamma, [-13.3, 5.0], rtol=1e-6)
+  assert (model.num_steps, model.antithetic_time_sampling, model.decoder) == (0, True, "softmax")
+  net = model.network
+  assert (net.channels, net.num_blocks, net.dropout, tuple(net.fourier_exponents)) == (128, 32, 0.1, (6, 7))
+  assert net.mid_attention and not net.attention_everywhere and net.num_augmentations == 0
+  params = train_step.abstract_state(c, (32, 32, 3)).params
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  assert round(count / 1e6, 1) == 30.6, count  # as the config's docstring says
+  lr = config_lib.learning_rate_schedule(c)
+  np.testing.assert_allclose([lr(0), lr(50), lr(100), lr(5_000_000)], [0.0, 1e-4, 2e-4, 2e-4], rtol=1e-6)
+  o = c.optimizer
+  assert (o.b1, o.b2, o.eps, o.weight_decay) == (0.9, 0.99, 1e-8, 0.01)
   assert (c.training.batch_size, o.ema_rate, c.data.dataset) == (128, 0.9999, "cifar10")
 
 
 def test_augmented_cifar10_is_the_papers_second_model():
+  from vdm import schedules
   c = importlib.import_module("configs.cifar10_aug").get_config()
-  m = c.model
-  assert c.data.augment and c.data.dataset == "cifar10"
-  assert (m.channels, m.schedule, m.dropout, m.attention_everywhere) == (256, "monotone_net", 0.05, True)
-  assert config_lib.build_model(c).network.num_augmentations == 8
+  model = config_lib.build_model(c)
+  assert c.data.dataset == "cifar10" and isinstance(model.schedule, schedules.MonotoneNet)
+  net = model.network
+  assert (net.channels, net.dropout, net.attention_everywhere, net.num_augmentations) == (256, 0.05, True, 8)
 
 
 @pytest.mark.parametrize("name,dataset,target", [("cifar10", "cifar10", "2.65"), ("cifar10_aug", "cifar10", "2.49"),
@@ -60,7 +76,29 @@ def test_conv_grad_auto_writes_out_the_backward_only_for_scanned_blocks_on_cpu()
   assert config_lib.resolve_conv_grad("dot", False) == "dot" and config_lib.resolve_conv_grad("xla", True) == "xla"
 
 
-def test_checkpoints_written_before_later_fields_load_with_the_values_they_were_trained_with(tmp_path):
+# The config.json of a CIFAR-10 checkpoint from before the config had sections (flat ``model``),
+# before conv_grad, matmul_precision, remat_policy, data.augment, eval.full_precision existed,
+# and with the since-removed training.debug_nonfinite_step: as the first version wrote it.
+FIRST_CHECKPOINT_CONFIG = {
+    "data": {"data_dir": "", "dataset": "cifar10"},
+    "eval": {"batch_size": 256, "draws": 1, "num_samples": 64, "periodic_examples": 2048, "sample_steps": 1000,
+             "split": "test"},
+    "model": {"antithetic_time_sampling": True, "attention_everywhere": False, "channels": 128,
+              "decoder": "softmax", "dropout": 0.1, "dtype": "float32", "fourier_exponents": [6, 7],
+              "gamma_max": 5.0, "gamma_min": -13.3, "mid_attention": True, "num_blocks": 32,
+              "num_diffusion_steps": 0, "remat": True, "scan_blocks": True, "schedule": "learned_linear",
+              "schedule_hidden": 1024, "vocab_size": 256},
+    "optimizer": {"b1": 0.9, "b2": 0.99, "decay": "constant", "ema_rate": 0.9999, "ema_warmup": True,
+                  "eps": 1e-08, "grad_clip_norm": 0.0, "learning_rate": 0.0002, "warmup_steps": 100,
+                  "weight_decay": 0.01},
+    "seed": 0,
+    "training": {"batch_size": 128, "checkpoint_every": 10000, "checkpoints_to_keep": 3, "debug_nonfinite_step": -1,
+                 "eval_every": 50000, "grad_accum_steps": 1, "log_every": 1000, "num_steps": 10000000,
+                 "on_nonfinite": "skip", "steps_per_call": 1},
+}
+
+
+def test_a_first_version_checkpoint_config_migrates_to_the_model_it_trained(tmp_path):
   import flax
   import jax.numpy as jnp
   import ml_collections
@@ -72,22 +110,36 @@ def test_checkpoints_written_before_later_fields_load_with_the_values_they_were_
     step: jax.Array
     key: jax.Array
 
-  config = importlib.import_module("configs.cifar10").get_config()
-  old = config.to_dict()
-  for section, fields in checkpoints.LATER_FIELDS.items():
-    for name in fields:
-      del old[section][name]
-  old["training"]["debug_nonfinite_step"] = -1  # removed since
   mngr = checkpoints.manager(str(tmp_path / "checkpoints"))
-  checkpoints.save(mngr, State(jnp.int32(3), jax.random.key(0)), ml_collections.ConfigDict(old),
+  checkpoints.save(mngr, State(jnp.int32(3), jax.random.key(0)), ml_collections.ConfigDict(FIRST_CHECKPOINT_CONFIG),
                    {"image_shape": [32, 32, 3]})
   restored, metadata = checkpoints.restore_config(mngr)
-  assert (restored.model.conv_grad, restored.model.matmul_precision, restored.model.remat_policy,
-          restored.data.augment) == ("xla", "default", "full", False)
+  # Today's CIFAR-10 config, with the values those checkpoints ran with where later fields differ.
+  config = importlib.import_module("configs.cifar10").get_config()
+  want = config.copy_and_resolve_references()
+  want.execution.conv_grad, want.execution.remat_policy = "xla", "full"
+  assert _plain(restored.to_dict()) == _plain(want.to_dict())
   config_lib.validate(restored)
-  fields = lambda c: {(s, f) for s in c for f in (c[s] if isinstance(c[s], dict) else ())}  # noqa: E731
-  assert fields(restored.to_dict()) == fields(config.to_dict())  # nothing missing, nothing left over
+  # Same parameters: the two configs build models with identical parameter trees.
+  from vdm import train_step
+  shapes = lambda c: jax.tree.map(lambda x: x.shape, train_step.abstract_state(c, (8, 8, 3)).params)  # noqa: E731
+  small = lambda c: c.model.network.update(channels=8, num_blocks=1) or c  # noqa: E731
+  assert shapes(small(restored.copy_and_resolve_references())) == shapes(small(config.copy_and_resolve_references()))
   checkpoints.check_compatible(mngr, None, config, metadata["image_shape"])  # execution fields may differ
-  config.model.channels = 64
-  with pytest.raises(checkpoints.CheckpointError, match="model.channels: checkpoint 128, config 64"):
+  config.model.network.channels = 64
+  with pytest.raises(checkpoints.CheckpointError, match="model.network.channels: checkpoint 128, config 64"):
     checkpoints.check_compatible(mngr, None, config, (32, 32, 3))
+
+
+def test_migration_leaves_todays_configs_unchanged():
+  from vdm import checkpoints
+  for name in CONFIGS:
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert _plain(checkpoints.migrate_config(config.to_dict()).to_dict()) == _plain(config.to_dict())
+
+
+def _plain(tree):
+  """Tuples as lists (JSON has no tuples)."""
+  if isinstance(tree, dict):
+    return {k: _plain(v) for k, v in tree.items()}
+  return [_plain(v) for v in tree] if isinstance(tree, (list, tuple)) else tree

@@ -70,7 +70,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_like_one(tmp_path):
-  args = ["--config=configs/smoke.py", "--config.model.dropout=0.0", "--config.training.num_steps=3",
+  args = ["--config=configs/smoke.py", "--config.model.network.dropout=0.0", "--config.training.num_steps=3",
           "--config.training.log_every=1", "--config.training.checkpoint_every=3",
           "--config.eval.sample_steps=2", "--config.eval.periodic_examples=0"]
   single = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'single'}", *args], cwd=ROOT,

@@ -29,7 +29,7 @@ def workdir(tmp_path_factory):
 def test_load_a_workdir_or_a_checkpoint_folder(workdir):
   trained = vdm.load(workdir)
   assert trained.step == 4 and trained.image_shape == (28, 28, 1)
-  assert trained.config.model.channels == 8
+  assert trained.config.model.network.channels == 8
   again = vdm.load(os.path.join(workdir, "checkpoints", "2"))
   assert again.step == 2
   moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(again.params))]

@@ -87,7 +87,7 @@ def test_two_training_steps_with_the_cifar10_config(prepared_cifar10, tmp_path):
   data_dir, _, _ = prepared_cifar10
   config = cifar10.get_config()
   config.data.data_dir = str(data_dir)
-  config.model.channels, config.model.num_blocks, config.model.fourier_exponents = 8, 1, (6,)
+  config.model.network.channels, config.model.network.num_blocks, config.model.network.fourier_exponents = 8, 1, (6,)
   config.training.num_steps, config.training.batch_size, config.training.log_every = 2, 4, 1
   config.training.checkpoint_every = 2
   config.eval.batch_size, config.eval.num_samples = 8, 0

@@ -186,8 +186,8 @@ def test_training_resumed_from_a_checkpoint_equals_uninterrupted(setup, tmp_path
 
 def test_validation_names_the_field():
   config = smoke.get_config()
-  config.model.gamma_min = 6.0
-  with pytest.raises(config_lib.ConfigError, match=r"config.model.gamma_min: expected < model.gamma_max"):
+  config.model.schedule.gamma_min = 6.0
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.schedule.gamma_min: expected < model.schedule.gamma_max"):
     config_lib.validate(config)
   config = smoke.get_config()
   config.training.log_every = 3
@@ -195,8 +195,8 @@ def test_validation_names_the_field():
   with pytest.raises(config_lib.ConfigError, match="config.training.log_every: expected a multiple of"):
     config_lib.validate(config)
   config = smoke.get_config()
-  config.model.schedule = "wobbly"
-  with pytest.raises(config_lib.ConfigError, match="config.model.schedule: expected one of"):
+  config.model.schedule.name = "wobbly"
+  with pytest.raises(config_lib.ConfigError, match="config.model.schedule.name: expected one of"):
     config_lib.validate(config)
 
 
@@ -208,7 +208,7 @@ def _pattern(n=8):
 
 def test_bfloat16_training_lowers_the_loss_with_float32_params_and_terms():
   config = smoke.get_config()
-  config.model.dtype = "bfloat16"
+  config.execution.dtype = "bfloat16"
   config.optimizer.learning_rate, config.optimizer.warmup_steps = 1e-2, 0
   model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
   state = train_step.create_train_state(config, model, optimizer, (8, 8, 1))
@@ -231,7 +231,7 @@ def test_bfloat16_training_lowers_the_loss_with_float32_params_and_terms():
 def test_bfloat16_keeps_the_likelihood_terms_exact():
   config = smoke.get_config()
   f32 = config_lib.build_model(config)
-  config.model.dtype = "bfloat16"
+  config.execution.dtype = "bfloat16"
   bf16 = config_lib.build_model(config)
   x = jnp.asarray(_batch()[0])
   params = f32.init(jax.random.key(0), x, jax.random.key(1))

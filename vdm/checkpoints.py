@@ -7,6 +7,7 @@ when complete; half-written folders are never listed as checkpoints.
 """
 
 import contextlib
+import copy
 import os
 from typing import Any, Optional
 
@@ -92,35 +93,79 @@ def restore_config(mngr: ocp.CheckpointManager, step: Optional[int] = None
 
 
 def migrate_config(saved: dict) -> ml_collections.ConfigDict:
-  """A saved config (as a dict) in today's form: later fields added, removed fields dropped."""
-  config = ml_collections.ConfigDict(saved)
-  for section, fields in LATER_FIELDS.items():  # checkpoints written before these fields existed
-    for name, value in fields.items():
-      if section in config and name not in config[section]:
-        config[section][name] = value
-  for section, names in REMOVED_FIELDS.items():
-    for name in names:
-      if section in config and name in config[section]:
-        del config[section][name]
-  return config
+  """A saved config (as a dict) in today's form: fields moved, later fields added, removed ones dropped.
 
+  The old values are kept, so the model is the one the checkpoint trained.
+  """
+  saved = copy.deepcopy(dict(saved))
+  moved = {new: _pop(saved, old) for old, new in MOVED_FIELDS.items()
+           if _has(saved, old) and not isinstance(_get(saved, old), dict)}  # a dict: already a section
+  for new, value in moved.items():  # after every pop: "model.schedule" was a string, now a section
+    _put(saved, new, value)
+  for field, value in LATER_FIELDS.items():
+    if not _has(saved, field) and _has(saved, field.rsplit(".", 1)[0]):
+      _put(saved, field, value)
+  for field in REMOVED_FIELDS:
+    if _has(saved, field):
+      _pop(saved, field)
+  return ml_collections.ConfigDict(saved)
+
+
+def _has(tree: dict, field: str) -> bool:
+  for name in field.split("."):
+    if not isinstance(tree, dict) or name not in tree:
+      return False
+    tree = tree[name]
+  return True
+
+
+def _get(tree: dict, field: str):
+  for name in field.split("."):
+    tree = tree[name]
+  return tree
+
+
+def _pop(tree: dict, field: str):
+  *sections, name = field.split(".")
+  for section in sections:
+    tree = tree[section]
+  return tree.pop(name)
+
+
+def _put(tree: dict, field: str, value) -> None:
+  *sections, name = field.split(".")
+  for section in sections:
+    tree = tree.setdefault(section, {})
+  tree[name] = value
+
+
+# Where the fields of the flat ``model`` section of the first checkpoints live now.
+MOVED_FIELDS = {
+    "model.schedule": "model.schedule.name",
+    "model.gamma_min": "model.schedule.gamma_min",
+    "model.gamma_max": "model.schedule.gamma_max",
+    "model.schedule_hidden": "model.schedule.hidden",
+    **{f"model.{name}": f"model.network.{name}" for name in (
+        "channels", "num_blocks", "dropout", "mid_attention", "attention_everywhere", "fourier_exponents",
+        "scan_blocks")},
+    **{f"model.{name}": f"execution.{name}" for name in (
+        "remat", "remat_policy", "dtype", "matmul_precision", "conv_grad")},
+}
 
 # Config fields added after checkpoints were first written, with the value
 # that reproduces what those checkpoints were trained with.
 LATER_FIELDS = {
-    "model": {"conv_grad": "xla", "matmul_precision": "default", "remat_policy": "full"},
-    "data": {"augment": False},
-    "eval": {"full_precision": True},
+    "execution.conv_grad": "xla",
+    "execution.matmul_precision": "default",
+    "execution.remat_policy": "full",
+    "data.augment": False,
+    "eval.full_precision": True,
 }
 
 # Config fields that no longer exist; dropped from saved configs.
-REMOVED_FIELDS = {
-    "training": ("debug_nonfinite_step",),  # a test hook; tests now inject faults themselves
-}
-
-# Fields that change how the network is computed, not what it computes or
-# its parameters: a checkpoint may be resumed with other values.
-EXECUTION_FIELDS = ("remat", "remat_policy", "dtype", "matmul_precision", "conv_grad")
+REMOVED_FIELDS = (
+    "training.debug_nonfinite_step",  # a test hook; the tests now inject faults themselves
+)
 
 
 def check_compatible(mngr: ocp.CheckpointManager, step: Optional[int], config: ml_collections.ConfigDict,
@@ -141,13 +186,24 @@ def check_compatible(mngr: ocp.CheckpointManager, step: Optional[int], config: m
 
 
 def model_differences(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[tuple]:
-  """(field, checkpoint's value, config's value) for each model field that differs (execution fields aside)."""
-  want, have = config.model.to_dict(), saved.model.to_dict()
-  diffs = [(f"model.{k}", have.get(k), want.get(k)) for k in sorted(set(want) | set(have))
-           if k not in EXECUTION_FIELDS and _plain(want.get(k)) != _plain(have.get(k))]
+  """(field, checkpoint's value, config's value) for each field of ``model`` (and ``data.augment``) that differs.
+
+  ``execution`` may differ: it changes how the network is computed, not its parameters.
+  """
+  want, have = _flat(config.model.to_dict(), "model."), _flat(saved.model.to_dict(), "model.")
+  diffs = [(k, have.get(k), want.get(k)) for k in sorted(set(want) | set(have))
+           if _plain(want.get(k)) != _plain(have.get(k))]
   if bool(saved.data.get("augment", False)) != bool(config.data.augment):
     diffs.append(("data.augment", saved.data.get("augment", False), config.data.augment))
   return diffs
+
+
+def _flat(tree: dict, prefix: str) -> dict:
+  """{"a": {"b": 1}} → {"<prefix>a.b": 1}."""
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
 
 
 def check_loadable(directory: str, saved_like: Any, like: Any, differences: list[tuple]) -> None:

@@ -14,7 +14,7 @@ import sys
 from absl import flags
 
 from vdm import sharding
-from vdm.checkpoints import CheckpointError
+from vdm.checkpoints import MOVED_FIELDS, CheckpointError
 from vdm.config import ConfigError
 from vdm.input_pipeline import DataError
 
@@ -50,6 +50,12 @@ def parse_flags(argv):
     lines = str(e).strip().splitlines()
     if "config file" in lines[0]:  # the config's get_config() raised: its last line says what
       fail(f"--config: {paths[-1] if paths else ''!r} could not be loaded: {lines[-1]}")
+    section = re.match(r"flag --config\.([\w.]+)=.*as a ConfigDict", lines[0])
+    if section:  # a value given for a whole section
+      field = section.group(1)
+      if field in MOVED_FIELDS:
+        fail(f"config.{field} is a section now; set config.{MOVED_FIELDS[field]}")
+      fail(f"config.{field} is a section; set one of its fields (--print_config lists them)")
     fail(lines[0])
   except SyntaxError as e:  # the config file is not valid Python
     fail(f"--config: {e.filename!r} could not be loaded: SyntaxError: {e.msg} (line {e.lineno})")
@@ -73,6 +79,8 @@ def _config_value():
 def _unknown_field_message(field: str, suggestion=None) -> str:
   """'unknown config field config.training.num_step; did you mean config.training.num_steps?'"""
   message = f"unknown config field config.{field}"
+  if field in MOVED_FIELDS:
+    return message + f"; it moved to config.{MOVED_FIELDS[field]} (the config now has sections)"
   if suggestion:
     return message + f"; did you mean config.{'.'.join(field.split('.')[:-1] + [suggestion])}?"
   try:

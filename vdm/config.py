@@ -29,24 +29,27 @@ def _check(ok: bool, field: str, expected: str, value) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field that is out of range."""
-  m, tr, opt, ev = config.model, config.training, config.optimizer, config.eval
+  m, sched, net, ex = config.model, config.model.schedule, config.model.network, config.execution
+  tr, opt, ev = config.training, config.optimizer, config.eval
   _check(isinstance(config.data.augment, bool), "data.augment", "True or False", config.data.augment)
-  _check(m.schedule in schedules.SCHEDULES, "model.schedule", f"one of {tuple(schedules.SCHEDULES)}",
-         m.schedule)
-  _check(m.gamma_min < m.gamma_max, "model.gamma_min", f"< model.gamma_max ({m.gamma_max})", m.gamma_min)
-  _check(m.decoder in model_lib.DECODERS, "model.decoder", f"one of {model_lib.DECODERS}", m.decoder)
-  _check(m.dtype in DTYPES, "model.dtype", f"one of {tuple(DTYPES)}", m.dtype)
-  _check(m.remat_policy in networks.REMAT_POLICIES, "model.remat_policy",
-         f"one of {tuple(networks.REMAT_POLICIES)}", m.remat_policy)
-  _check(m.conv_grad in CONV_GRADS, "model.conv_grad", f"one of {CONV_GRADS}", m.conv_grad)
-  _check(m.matmul_precision in MATMUL_PRECISIONS, "model.matmul_precision", f"one of {MATMUL_PRECISIONS}",
-         m.matmul_precision)
   _check(m.vocab_size >= 2, "model.vocab_size", "an integer ≥ 2", m.vocab_size)
   _check(m.num_diffusion_steps >= 0, "model.num_diffusion_steps", "≥ 0 (0 = continuous time)",
          m.num_diffusion_steps)
-  for field in ("channels", "num_blocks", "schedule_hidden"):
-    _check(m[field] >= 1, f"model.{field}", "a positive integer", m[field])
-  _check(0.0 <= m.dropout < 1.0, "model.dropout", "a rate in [0, 1)", m.dropout)
+  _check(m.decoder in model_lib.DECODERS, "model.decoder", f"one of {model_lib.DECODERS}", m.decoder)
+  _check(sched.name in schedules.SCHEDULES, "model.schedule.name", f"one of {tuple(schedules.SCHEDULES)}",
+         sched.name)
+  _check(sched.gamma_min < sched.gamma_max, "model.schedule.gamma_min",
+         f"< model.schedule.gamma_max ({sched.gamma_max})", sched.gamma_min)
+  _check(sched.hidden >= 1, "model.schedule.hidden", "a positive integer", sched.hidden)
+  for field in ("channels", "num_blocks"):
+    _check(net[field] >= 1, f"model.network.{field}", "a positive integer", net[field])
+  _check(0.0 <= net.dropout < 1.0, "model.network.dropout", "a rate in [0, 1)", net.dropout)
+  _check(ex.dtype in DTYPES, "execution.dtype", f"one of {tuple(DTYPES)}", ex.dtype)
+  _check(ex.remat_policy in networks.REMAT_POLICIES, "execution.remat_policy",
+         f"one of {tuple(networks.REMAT_POLICIES)}", ex.remat_policy)
+  _check(ex.conv_grad in CONV_GRADS, "execution.conv_grad", f"one of {CONV_GRADS}", ex.conv_grad)
+  _check(ex.matmul_precision in MATMUL_PRECISIONS, "execution.matmul_precision", f"one of {MATMUL_PRECISIONS}",
+         ex.matmul_precision)
   for field in ("num_steps", "batch_size", "grad_accum_steps", "steps_per_call", "log_every", "checkpoint_every",
                 "checkpoints_to_keep"):
     _check(tr[field] >= 1, f"training.{field}", "a positive integer", tr[field])
@@ -71,25 +74,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> model_lib.VDM:
-  """The VDM of ``config.model``.
+  """The VDM of ``config.model``, computed as ``config.execution`` says.
 
-  ``for_eval``: the network as evaluation runs it; with
+  ``config.model.network`` holds :class:`vdm.networks.ScoreUNet`'s own
+  arguments. ``for_eval``: the network as evaluation runs it; with
   ``config.eval.full_precision`` that is float32 activations and "highest"
   matmul precision (same parameters, same function up to rounding).
   """
-  m = config.model
-  dtype, precision = m.dtype, m.matmul_precision
+  m, sched, ex = config.model, config.model.schedule, config.execution
+  dtype, precision = ex.dtype, ex.matmul_precision
   if for_eval and config.eval.full_precision:
     dtype, precision = "float32", "highest"
-  extra = {"hidden": m.schedule_hidden} if m.schedule == "monotone_net" else {}
-  schedule = schedules.get_schedule(m.schedule, m.gamma_min, m.gamma_max, **extra)
+  extra = {"hidden": sched.hidden} if sched.name == "monotone_net" else {}
+  schedule = schedules.get_schedule(sched.name, sched.gamma_min, sched.gamma_max, **extra)
+  network = dict(m.network.to_dict(), fourier_exponents=tuple(m.network.fourier_exponents))
   network = networks.ScoreUNet(
-      channels=m.channels, num_blocks=m.num_blocks, dropout=m.dropout, mid_attention=m.mid_attention,
-      attention_everywhere=m.attention_everywhere, fourier_exponents=tuple(m.fourier_exponents),
-      gamma_min=m.gamma_min, gamma_max=m.gamma_max, scan_blocks=m.scan_blocks, remat=m.remat,
-      remat_policy=m.remat_policy,
-      dtype=DTYPES[dtype], conv_grad=resolve_conv_grad(m.conv_grad, m.scan_blocks),
-      matmul_precision=precision,
+      **network, gamma_min=sched.gamma_min, gamma_max=sched.gamma_max,
+      remat=ex.remat, remat_policy=ex.remat_policy, dtype=DTYPES[dtype],
+      conv_grad=resolve_conv_grad(ex.conv_grad, m.network.scan_blocks), matmul_precision=precision,
       num_augmentations=input_pipeline.NUM_AUGMENTATIONS if config.data.augment else 0)
   return model_lib.VDM(schedule, network, vocab_size=m.vocab_size,
                        num_steps=m.num_diffusion_steps,

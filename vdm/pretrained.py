@@ -40,7 +40,7 @@ class TrainedVDM:
     sharded over them; in a multi-process run every process must call).
     ``eta`` is DDIM's (0: deterministic; 1: the ancestral variance); the
     ancestral sampler ignores it. ``progress``: a bar over sampler steps (on stderr).
-    The network runs as in training (``config.model.dtype`` and
+    The network runs as in training (``config.execution.dtype`` and
     ``matmul_precision``).
     """
     _check_sampling_args(num_samples, num_steps, sampler, eta, batch_size)
