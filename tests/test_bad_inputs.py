@@ -10,7 +10,7 @@ import pytest
 import jax
 import vdm
 from configs import smoke
-from vdm import checkpoints, training
+from vdm import checkpoints, input_pipeline, sharding, training
 from vdm import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +70,7 @@ TRAIN = [  # (arguments after --config=configs/smoke.py, words expected on stder
     (["--config.model.vocab_size=16"], "the data hold values up to 255, expected all < vocab_size (16)"),
     (["--config.data.dataset=npz:{tmp}/float.npz"], "expected a non-empty uint8 array"),
     (["--mode=eval"], "no checkpoint under"),
+    (["--coordinator_address=127.0.0.1:1"], "--coordinator_address needs --num_processes and --process_id"),
     (["--mode=eval", "--checkpoint={tmp}/nothing"], "no checkpoint under"),
     (["--config.model.network.channels=16", "--workdir={tmp}/run"],
      "was made by a different model (model.network.channels"),
@@ -136,3 +137,13 @@ def test_python_api_refuses(trained):
     model.evaluate_bpd(np.zeros((2, 28, 28, 1), np.float32), jax.random.key(0))
   with pytest.raises(config_lib.ConfigError, match=r"images: values must lie in \[0, 255\]"):
     model.evaluate_bpd(np.full((2, 28, 28, 1), 300, np.int32), jax.random.key(0))
+  # The library names its own arguments; only train.py / sample.py speak of flags and config fields.
+  with pytest.raises(config_lib.ConfigError, match="^coordinator_address needs num_processes and process_id$"):
+    sharding.initialize("127.0.0.1:1")
+  with pytest.raises(input_pipeline.DataError, match="^dataset: unknown dataset 'imagenet7'"):
+    input_pipeline.load_dataset("imagenet7")
+  config = smoke.get_config()
+  config.data.dataset = "imagenet7"
+  with pytest.raises(input_pipeline.DataError, match="^config.data.dataset: unknown dataset 'imagenet7'"):
+    training.train_and_evaluate(config, str(trained / "never"), progress=False)
+  assert not (trained / "never").exists()

@@ -181,7 +181,7 @@ def test_augmented_batches_carry_the_code_of_the_transform_applied():
   halves = [next(input_pipeline.train_batches(split, 6, seed=1, process_index=p, process_count=2,
                                               augment_data=True)) for p in range(2)]
   np.testing.assert_array_equal(np.concatenate([h["augment"][0] for h in halves]), codes[:6])
-  with pytest.raises(input_pipeline.DataError, match="config.data.augment: 90° rotations need square"):
+  with pytest.raises(input_pipeline.DataError, match="^augment: 90° rotations need square"):
     next(input_pipeline.train_batches(input_pipeline.Split(np.zeros((4, 2, 3, 1), np.uint8)), 2, 0,
                                       augment_data=True))
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import optax
 from configs import smoke
 from vdm import config as config_lib
-from vdm import checkpoints, evaluation, input_pipeline, train_step, training
+from vdm import checkpoints, evaluation, input_pipeline, losses, train_step, training
+from vdm import model as model_lib
 
 
 @pytest.fixture(scope="module")
@@ -55,20 +56,30 @@ def test_ema_update_is_exact(setup, ema_rate):
       np.testing.assert_array_equal(a, b)
 
 
-def test_weight_decay_skips_biases_norm_scales_and_schedule_endpoints(setup):
-  config, _, _, state = setup
-  config = config.copy_and_resolve_references()
+@pytest.mark.parametrize("schedule", ["learned_linear", "monotone_net"])
+def test_weight_decay_skips_biases_norm_scales_and_schedule_endpoints(schedule):
+  """With zero gradients AdamW's update is exactly −lr · wd · w on the decayed leaves, 0 elsewhere."""
+  config = smoke.get_config()
+  config.model.schedule.name = schedule
   config.optimizer.warmup_steps = 0
-  optimizer = config_lib.build_optimizer(config)
+  model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
+  state = train_step.create_train_state(config, model, optimizer, (8, 8, 1))
   zero_grads = jax.tree.map(jnp.zeros_like, state.params)
   updates, _ = optimizer.update(zero_grads, optimizer.init(state.params), state.params)
-  moved = {jax.tree_util.keystr(p): float(jnp.abs(u).max())
-           for p, u in jax.tree_util.tree_leaves_with_path(updates)}
-  assert moved["['schedule']['gamma_min']"] == 0 and moved["['schedule']['gamma_max']"] == 0
-  assert all(v == 0 for k, v in moved.items() if "bias" in k or "scale" in k)
-  size = {jax.tree_util.keystr(p): float(jnp.abs(x).max()) for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
-  kernels = [k for k in moved if "kernel" in k and size[k] > 0]  # zero-initialised ones have nothing to decay
-  assert len(kernels) > 5 and all(moved[k] > 0 for k in kernels)
+  lr, wd = config.optimizer.learning_rate, config.optimizer.weight_decay
+  decayed = []
+  for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(state.params)):
+    name = jax.tree_util.keystr(path)
+    if "kernel" in name or "embedding" in name:
+      np.testing.assert_allclose(u, -lr * wd * p, rtol=1e-6, atol=1e-12, err_msg=name)
+      decayed.append(name)
+    else:  # biases, norm scales, the schedule's endpoints
+      assert float(jnp.abs(u).max()) == 0, name
+  assert any("'gamma_min'" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(updates))
+  if schedule == "monotone_net":  # its positive-weight layers are kernels too: softplus(w) is pulled towards log 2
+    assert {"['schedule']['l1']['kernel']", "['schedule']['l2']['kernel']", "['schedule']['l3']['kernel']"} <= set(
+        decayed)
+  assert len(decayed) > 5
 
 
 def test_learning_rate_warms_up_then_decays():
@@ -228,7 +239,9 @@ def test_bfloat16_training_lowers_the_loss_with_float32_params_and_terms():
   assert after < before - 1.0, (before, after)
 
 
-def test_bfloat16_keeps_the_likelihood_terms_exact():
+def test_bfloat16_runs_only_the_network_in_bfloat16():
+  """Around a bf16 network the likelihood stays float32: the diffusion term equals the float64
+  formula applied to the network's own ε̂, and the terms without the network equal float32's."""
   config = smoke.get_config()
   f32 = config_lib.build_model(config)
   config.execution.dtype = "bfloat16"
@@ -238,9 +251,23 @@ def test_bfloat16_keeps_the_likelihood_terms_exact():
   leaves, tree = jax.tree.flatten(params)  # move off the identity-at-init network
   params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(jax.random.key(i), p.shape)
                                      for i, p in enumerate(leaves)])
-  a, b = (jax.jit(m.apply)(params, x, jax.random.key(2)) for m in (f32, bf16))
-  for term in ("loss_recon", "loss_prior"):  # no network: identical in both
+  noise = model_lib.draw_noise(jax.random.key(2), x.shape)
+  a, b = (jax.jit(m.apply)(params, x, None, noise=noise) for m in (f32, bf16))
+  for term in ("loss_recon", "loss_prior"):
     assert b[term].dtype == jnp.float32
     np.testing.assert_array_equal(a[term], b[term])
-  assert not np.array_equal(a["loss_diff"], b["loss_diff"])  # the network did run in bfloat16 …
+
+  def eps_hat_and_weight(params):  # z_t as the model forms it; ε̂ from the bf16 network
+    gamma = lambda t: bf16.apply(params, t, method=lambda m, t: m.gamma(t))  # noqa: E731
+    gamma_t, dgamma = jax.jvp(gamma, (noise["t"],), (jnp.ones_like(noise["t"]),))
+    alpha, sigma = model_lib.alpha_sigma(gamma_t[:, None, None, None])
+    z_t = alpha * losses.encode(x) + sigma * noise["eps"]
+    return bf16.apply(params, z_t, gamma_t, method=lambda m, z, g: m.eps_hat(z, g)), dgamma
+
+  eps_hat, dgamma = jax.jit(eps_hat_and_weight)(params)
+  assert eps_hat.dtype == jnp.float32
+  err = np.asarray(noise["eps"], np.float64) - np.asarray(eps_hat, np.float64)
+  want = 0.5 * np.asarray(dgamma, np.float64) * np.sum(err**2, axis=(1, 2, 3))
+  np.testing.assert_allclose(b["loss_diff"], want, rtol=1e-5)
+  assert not np.allclose(a["loss_diff"], b["loss_diff"], rtol=1e-3)  # the network did run in bf16 …
   np.testing.assert_allclose(a["loss_diff"], b["loss_diff"], rtol=0.05)  # … close to float32

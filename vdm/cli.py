@@ -165,5 +165,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 def initialize_distributed() -> None:
   """``jax.distributed.initialize`` from the flags, or auto-detected; nothing on one host."""
+  if _COORDINATOR.value and (_NUM_PROCESSES.value is None or _PROCESS_ID.value is None):
+    fail("--coordinator_address needs --num_processes and --process_id")
   with user_errors():
     sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

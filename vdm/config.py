@@ -4,6 +4,8 @@ Every check names the field and what was expected, and runs before any
 compilation.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,6 +22,24 @@ MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "
 
 class ConfigError(ValueError):
   """A config field or an argument holds a value the library cannot use."""
+
+
+# The arguments of vdm.input_pipeline that a config sets, and the fields that set them.
+DATA_ARGUMENTS = {"dataset": "config.data.dataset", "augment": "config.data.augment",
+                  "vocab_size": "config.model.vocab_size"}
+
+
+def names_config_fields(fn):
+  """Decorates a function of a config: its data errors name the config field, not the argument."""
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except input_pipeline.DataError as e:
+      if e.field not in DATA_ARGUMENTS:
+        raise
+      raise e.for_field(DATA_ARGUMENTS[e.field]) from e
+  return wrapper
 
 
 def _check(ok: bool, field: str, expected: str, value) -> None:

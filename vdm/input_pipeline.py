@@ -1,6 +1,6 @@
 """Datasets → uint8 NHWC batches, sharded per process, resumable by step.
 
-``config.data.dataset`` names the source:
+``dataset`` (``config.data.dataset``) names the source:
 
 * ``mnist5k``: 5,000 real MNIST digits embedded in the package (4,500 train,
   500 test; see ``vdm/data/LICENSE.txt``);
@@ -11,7 +11,7 @@
   from the files);
 * any other name is a TensorFlow Datasets image dataset (``cifar10``,
   ``mnist``, ``fashion_mnist``, ``imagenet_resized/32x32``, …) read from
-  ``config.data.data_dir`` or ``$TFDS_DATA_DIR``. A prepared ArrayRecord
+  ``data_dir`` (``config.data.data_dir``) or ``$TFDS_DATA_DIR``. A prepared ArrayRecord
   dataset is read without TensorFlow, image by image on demand; preparing it
   (download + conversion) needs the ``tfds`` install extra.
 
@@ -37,7 +37,20 @@ import tqdm
 
 
 class DataError(ValueError):
-  """A dataset is missing, malformed or not what the config says."""
+  """A dataset is missing, malformed or does not fit the model.
+
+  ``field`` names the argument at fault (``dataset``, ``augment``,
+  ``vocab_size``) and starts the message; code that takes these from a
+  config renames it with :meth:`for_field` (``config.data.dataset: …``).
+  """
+
+  def __init__(self, message: str, field: Optional[str] = None):
+    super().__init__(f"{field}: {message}" if field else message)
+    self.message, self.field = message, field
+
+  def for_field(self, name: str) -> "DataError":
+    """The same error, its message starting with ``name`` instead of the argument's name."""
+    return DataError(self.message, name)
 
 
 _EMBEDDED = os.path.join(os.path.dirname(__file__), "data", "mnist5k.npz")
@@ -75,8 +88,8 @@ class Split:
 def check_values(top: int, vocab_size: int, what: str = "the data") -> None:
   """Refuses data values ≥ V (``top``: the largest seen): each gives a meaningless, even negative, likelihood."""
   if top >= vocab_size:
-    raise DataError(f"config.model.vocab_size: {what} hold values up to {top}, "
-                    f"expected all < vocab_size ({vocab_size})")
+    raise DataError(f"{what} hold values up to {top}, expected all < vocab_size ({vocab_size})",
+                    field="vocab_size")
 
 
 def _as_nhwc(name: str, array: np.ndarray) -> np.ndarray:
@@ -118,7 +131,7 @@ _MODES = {"L": 1, "RGB": 3}
 def _load_folder(root: str, progress: bool = True) -> dict[str, Split]:
   """``root/train`` and ``root/test`` image files → in-memory splits (labels = class subfolders)."""
   from PIL import Image
-  what = f"config.data.dataset='folder:{root}'"
+  what = f"dataset='folder:{root}'"
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{what}: no folder {root!r}")
   splits = {}
@@ -180,49 +193,50 @@ def _tfds_manual_dir(builder) -> str:
 def _prepare_tfds(tfds, builder, name: str) -> None:
   where = str(builder.data_dir)
   if not tensorflow_available():
-    raise DataError(f"config.data.dataset: the TFDS dataset {name!r} is not prepared in {where!r}, and "
+    raise DataError(f"the TFDS dataset {name!r} is not prepared in {where!r}, and "
                     f"preparing it needs TensorFlow: {TFDS_INSTALL} (or prepare it elsewhere with `tfds build "
-                    f"{name} --file_format=array_record` and set config.data.data_dir or TFDS_DATA_DIR to "
-                    "that data dir)")
+                    f"{name} --file_format=array_record` and point data_dir or "
+                    "TFDS_DATA_DIR at that data dir)", field="dataset")
   manual_dir = _tfds_manual_dir(builder)
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   except Exception as e:  # network, checksum, manual-download and disk errors alike
     detail = " ".join(str(e).split())[:600]
-    raise DataError(f"config.data.dataset: could not download and prepare the TFDS dataset {name!r} into "
+    raise DataError(f"could not download and prepare the TFDS dataset {name!r} into "
                     f"{where!r} ({type(e).__name__}: {detail}). Put the dataset's original files (as named "
-                    f"in its TFDS catalog page) in {manual_dir!r} and run again") from e
+                    f"in its TFDS catalog page) in {manual_dir!r} and run again", field="dataset") from e
 
 
 def _load_tfds(name: str, data_dir: str) -> dict[str, Split]:
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise DataError(f"config.data.dataset: {name!r} is not 'mnist5k', 'npz:…' or 'folder:…', so it is read "
-                    f"with TensorFlow Datasets, which is not installed: {TFDS_INSTALL}") from e
+    raise DataError(f"{name!r} is not 'mnist5k', 'npz:…' or 'folder:…', so it is read "
+                    f"with TensorFlow Datasets, which is not installed: {TFDS_INSTALL}", field="dataset") from e
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
   try:
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   except Exception as e:  # tfds raises DatasetNotFoundError and others for unknown names
-    raise DataError(f"config.data.dataset: unknown dataset {name!r}; expected 'mnist5k', "
+    raise DataError(f"unknown dataset {name!r}; expected 'mnist5k', "
                     f"'npz:/path/file.npz', 'folder:/path' or a TFDS image dataset name "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})", field="dataset") from e
   if not builder.is_prepared():
     _prepare_tfds(tfds, builder, name)
   info = builder.info
   if getattr(info.file_format, "value", info.file_format) != "array_record":
-    raise DataError(f"config.data.dataset: {name!r} in {str(builder.data_dir)!r} was prepared as "
+    raise DataError(f"{name!r} in {str(builder.data_dir)!r} was prepared as "
                     f"{info.file_format}, which cannot be read without TensorFlow; rebuild it with "
-                    f"`tfds build {name} --file_format=array_record` or choose another config.data.data_dir")
+                    f"`tfds build {name} --file_format=array_record` or choose another data_dir",
+                    field="dataset")
   feature = info.features["image"] if "image" in info.features else None
   shape = tuple(getattr(feature, "shape", ()) or ())
   if feature is None or len(shape) != 3 or None in shape or np.dtype(feature.np_dtype) != np.uint8:
-    raise DataError(f"config.data.dataset: {name!r} has no uint8 'image' feature of one fixed size "
-                    f"(got {feature!r})")
+    raise DataError(f"{name!r} has no uint8 'image' feature of one fixed size "
+                    f"(got {feature!r})", field="dataset")
   test = "test" if "test" in info.splits else "validation"  # imagenet_resized has no test split
   if "train" not in info.splits or test not in info.splits:
-    raise DataError(f"config.data.dataset: {name!r} needs 'train' and 'test' (or 'validation') splits, "
-                    f"has {sorted(info.splits)}")
+    raise DataError(f"{name!r} needs 'train' and 'test' (or 'validation') splits, "
+                    f"has {sorted(info.splits)}", field="dataset")
   sources = builder.as_data_source()
   return {"train": Split(_TfdsImages(sources["train"], "image", shape)),
           "test": Split(_TfdsImages(sources[test], "image", shape))}
@@ -231,11 +245,11 @@ def _load_tfds(name: str, data_dir: str) -> dict[str, Split]:
 def load_dataset(dataset: str, data_dir: str = "", progress: bool = True) -> dict[str, Split]:
   """Every split of ``dataset`` as uint8 NHWC (in memory, or read on demand for TFDS)."""
   if not isinstance(dataset, str) or not dataset:
-    raise DataError(f"config.data.dataset: expected a dataset name, got {dataset!r}")
+    raise DataError(f"expected a dataset name, got {dataset!r}", field="dataset")
   if dataset == "mnist5k":
-    return _load_npz(_EMBEDDED, "config.data.dataset='mnist5k'")
+    return _load_npz(_EMBEDDED, "dataset='mnist5k'")
   if dataset.startswith("npz:"):
-    return _load_npz(dataset[len("npz:"):], "config.data.dataset")
+    return _load_npz(dataset[len("npz:"):], "dataset")
   if dataset.startswith("folder:"):
     return _load_folder(dataset[len("folder:"):], progress)
   return _load_tfds(dataset, data_dir)
@@ -277,7 +291,7 @@ def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0,
     ``[K, B_local]`` transform codes (see :func:`augment`) with ``augment_data``.
   """
   if augment_data and split.image_shape[0] != split.image_shape[1]:
-    raise DataError(f"config.data.augment: 90° rotations need square images, got {split.image_shape[:2]}")
+    raise DataError(f"90° rotations need square images, got {split.image_shape[:2]}", field="augment")
   n = len(split)
   local = batch_size // process_count
   cache: dict[int, np.ndarray] = {}

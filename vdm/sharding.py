@@ -76,7 +76,7 @@ def initialize(coordinator_address: str = "", num_processes: Optional[int] = Non
   """Starts ``jax.distributed`` when several processes are asked for or detected; else nothing."""
   if coordinator_address:
     if num_processes is None or process_id is None:
-      raise ConfigError("--coordinator_address needs --num_processes and --process_id")
+      raise ConfigError("coordinator_address needs num_processes and process_id")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
   elif _cluster_detected():

@@ -92,7 +92,7 @@ def _check_checkpoint(mngr, step, config, image_shape, like, allow_config_mismat
 
 def _eval_split(data: dict, name: str) -> input_pipeline.Split:
   if name not in data:
-    raise input_pipeline.DataError(f"config.eval.split: expected one of {sorted(data)}, got {name!r}")
+    raise config_lib.ConfigError(f"config.eval.split: expected one of {sorted(data)}, got {name!r}")
   return data[name]
 
 
@@ -145,6 +145,7 @@ class _Window:
     return summary
 
 
+@config_lib.names_config_fields
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                        allow_config_mismatch: bool = False) -> dict:
   """Trains (resuming from the latest checkpoint in ``workdir``), then evaluates the test split.
@@ -250,6 +251,7 @@ def _initial_state(config, mngr, init, image_shape, allow_config_mismatch: bool,
   return state
 
 
+@config_lib.names_config_fields
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "", *,
                         progress: bool = True, allow_config_mismatch: bool = False) -> dict:
   """Evaluates ``config.eval.split`` with the EMA params of a checkpoint (default: latest in workdir)."""
