@@ -59,6 +59,12 @@ def test_evaluate_bpd_of_user_images(workdir):
   out = trained.evaluate_bpd(images, jax.random.key(0), draws=2)
   assert out["num_examples"] == 5 and out["per_example"].shape == (5,)
   np.testing.assert_allclose(out["per_example"].mean(), out["bpd"], rtol=1e-5)
+  # A second call reuses the compiled eval step: no new jit, no new compilation.
+  from vdm import evaluation
+  hits = evaluation.make_eval_step.cache_info().hits
+  again = trained.evaluate_bpd(images, jax.random.key(0), draws=2)
+  assert evaluation.make_eval_step.cache_info().hits == hits + 1
+  np.testing.assert_array_equal(again["per_example"], out["per_example"])
 
 
 def _sample_cli(*args):
