@@ -93,4 +93,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.periodic_examples = 0  # examples in periodic evals during training; 0 = all
   config.eval.num_samples = 64  # images in each sample grid written during training
   config.eval.sample_steps = 250  # ancestral steps for those samples
+  config.lock()  # a misspelt or moved field is an error, not a new field: set only those defined here
   return config

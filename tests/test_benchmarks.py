@@ -34,11 +34,10 @@ def test_loops_count_every_iteration_and_cond_its_larger_branch():
   assert flops.count(jax.grad(lambda m: jnp.sum(m @ m)), m) == 3 * one  # forward + two backward matmuls
 
 
-def _train_step_flops(**model_fields):
+def _train_step_flops(scan_blocks: bool, **execution):
   config = cifar10.get_config()
-  config.model.network.channels, config.model.network.num_blocks = 32, 2
-  for name, value in model_fields.items():
-    config.model[name] = value
+  config.model.network.update(channels=32, num_blocks=2, scan_blocks=scan_blocks)
+  config.execution.update(execution)
   config.training.batch_size = 2
   model, optimizer, mesh, init = training.setup(config, (32, 32, 3))
   fn = train_step.make_train_fn(config, model, optimizer, mesh)

@@ -131,6 +131,9 @@ class _Window:
   """The metrics of the calls since the last write: their means, skipped steps and speed."""
 
   def __init__(self, step: int):
+    self._reset(step)
+
+  def _reset(self, step: int) -> None:
     self._calls, self._start, self._time = [], step, time.time()
 
   def add(self, metrics: dict) -> None:
@@ -141,7 +144,7 @@ class _Window:
     summary = {k: float(np.mean([m[k] for m in host])) for k in host[0] if not k.startswith("train/nonfinite")}
     summary["train/skipped_steps"] = float(sum(m["train/nonfinite"] for m in host))
     summary["train/steps_per_sec"] = (step - self._start) / (time.time() - self._time)
-    self.__init__(step)
+    self._reset(step)
     return summary
 
 
