@@ -62,14 +62,18 @@ def test_steps_accept_per_example_gamma():
 
 
 def test_clip_eps_hat_bounds_x_hat_and_keeps_inner_predictions():
-  g = 1.0
-  a, s = np.sqrt(_sig(-g)), np.sqrt(_sig(g))
-  z = np.array([[3.0, 0.2]])
-  eps_hat = np.array([[-1.0, 0.1]])  # x̂ = (z − σ ε̂)/α: far outside, then inside
-  clipped = np.asarray(sampling.clip_eps_hat(z, eps_hat, g))
-  x_hat = (z - s * clipped) / a
-  np.testing.assert_allclose(x_hat[0, 0], 1.0, rtol=1e-5)
-  np.testing.assert_allclose(clipped[0, 1], eps_hat[0, 1], rtol=1e-5)
+  """The implied x̂ = (z_t − σ_t ε̂)/α_t becomes clip(x̂, −1, 1) on both sides; inner ε̂ are unchanged."""
+  rng = np.random.default_rng(0)
+  x_hat = np.linspace(-3.0, 3.0, 61)
+  for g in (-5.0, 1.0, 4.0):
+    a, s = np.sqrt(_sig(-g)), np.sqrt(_sig(g))
+    eps_hat = rng.normal(size=x_hat.shape)
+    z = a * x_hat + s * eps_hat
+    clipped = np.asarray(sampling.clip_eps_hat(z[None].astype(np.float32), eps_hat[None].astype(np.float32), g),
+                         np.float64)[0]
+    np.testing.assert_allclose((z - s * clipped) / a, np.clip(x_hat, -1.0, 1.0), atol=1e-4, err_msg=f"gamma={g}")
+    inside = np.abs(x_hat) < 1
+    np.testing.assert_allclose(clipped[inside], eps_hat[inside], rtol=1e-4, atol=1e-5, err_msg=f"gamma={g}")
 
 
 @pytest.mark.parametrize("decoder", ["softmax", "cdf"])
