@@ -2,6 +2,9 @@
 
 Run by tests/test_parallel.py in subprocesses (device count and processes set
 from outside). Usage: python tests/parallel_worker.py OUT.npz NUM_STEPS [GRAD_ACCUM]
+or, to score images with ``vdm.load(WORKDIR).evaluate_bpd`` as one process of
+several: python tests/parallel_worker.py evaluate WORKDIR OUT.npz IMAGES.npy
+COORDINATOR NUM_PROCESSES PROCESS_ID
 """
 
 import os
@@ -33,5 +36,16 @@ def main(out: str, num_steps: str, grad_accum: str = "1") -> None:
   np.savez(out, losses=np.array(losses), num_devices=jax.device_count(), **flat)
 
 
+def evaluate(workdir: str, out: str, images: str, coordinator: str, num_processes: str, process_id: str) -> None:
+  sharding.initialize(coordinator, int(num_processes), int(process_id))
+  import vdm
+  result = vdm.load(workdir).evaluate_bpd(np.load(images), jax.random.key(7), draws=2)
+  np.savez(out, per_example=result["per_example"], bpd=result["bpd"], num_examples=result["num_examples"],
+           process_count=jax.process_count(), device_count=jax.device_count())
+
+
 if __name__ == "__main__":
-  main(*sys.argv[1:])
+  if sys.argv[1] == "evaluate":
+    evaluate(*sys.argv[2:])
+  else:
+    main(*sys.argv[1:])

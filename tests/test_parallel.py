@@ -103,6 +103,26 @@ def test_two_processes_train_like_one(tmp_path):
           for s in states]
   _assert_params_close(*flat)
 
+  # vdm.load(...).evaluate_bpd in two processes: each process gets every image's score, as one process does
+  # (10 images over 2 × 2 devices: padded, masked, gathered).
+  images = np.random.default_rng(0).integers(0, 256, (10, 28, 28, 1)).astype(np.uint8)
+  np.save(tmp_path / "images.npy", images)
+  port = _free_port()
+  evals = [subprocess.Popen([sys.executable, "tests/parallel_worker.py", "evaluate", str(tmp_path / "single"),
+                             str(tmp_path / f"eval{i}.npz"), str(tmp_path / "images.npy"), f"127.0.0.1:{port}", "2",
+                             str(i)], cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for p in evals:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  import vdm
+  want = vdm.load(str(tmp_path / "single")).evaluate_bpd(images, jax.random.key(7), draws=2)
+  for i in range(2):
+    with np.load(tmp_path / f"eval{i}.npz") as got:
+      assert int(got["process_count"]) == 2 and int(got["device_count"]) == 4 and int(got["num_examples"]) == 10
+      np.testing.assert_allclose(got["per_example"], want["per_example"], rtol=1e-5)
+      np.testing.assert_allclose(got["bpd"], want["bpd"], rtol=1e-5)
+
 
 def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
   import signal
