@@ -9,7 +9,6 @@ A progress bar counts sampler steps; every device JAX sees is used.
 import os
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 
 import vdm

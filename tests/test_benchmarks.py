@@ -1,8 +1,5 @@
 """The FLOP counter of the benchmarks (benchmarks/flops.py) against closed forms and XLA's own count."""
 
-import copy
-
-import numpy as np
 import pytest
 
 import jax

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from scipy.special import log_ndtr, logsumexp, ndtr
+from scipy.special import logsumexp, ndtr
 
 import jax
 import jax.numpy as jnp

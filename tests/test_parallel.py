@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 import jax
 from configs import smoke
 from vdm import config as config_lib
-from vdm import train_step, training
+from vdm import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

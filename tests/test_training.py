@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from configs import smoke
 from vdm import config as config_lib
-from vdm import checkpoints, evaluation, input_pipeline, losses, train_step, training
+from vdm import checkpoints, evaluation, input_pipeline, losses, train_step
 from vdm import model as model_lib
 
 
