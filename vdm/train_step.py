@@ -90,7 +90,8 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
 
   A NaN/Inf in any loss term or the gradient skips the update (params, EMA
   and optimiser state stay as they were; the step still advances) and is
-  reported in ``train/nonfinite`` and ``train/nonfinite_term``.
+  reported in ``train/nonfinite``, ``train/nonfinite_term`` and
+  ``train/nonfinite_step``.
   """
   if not isinstance(batch, dict):
     batch = {"images": batch}

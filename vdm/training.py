@@ -47,12 +47,12 @@ def write_samples(config, model, params, image_shape, workdir: str, step: int, m
   return path
 
 
-def evaluate_split(config, model, params, split, step: int, *, limit=None, eval_step=None,
-                   progress: bool = True, mesh=None) -> dict:
+def evaluate_split(config, model, params, split, step: int, *, limit=None, progress: bool = True,
+                   mesh=None) -> dict:
   """The eval record of DESIGN: step, split, num_examples, bpd, bpd_stderr and the three terms."""
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   result = evaluation.evaluate(model, params, split, batch_size=config.eval.batch_size,
-                               draws=config.eval.draws, key=key, limit=limit, eval_step=eval_step,
+                               draws=config.eval.draws, key=key, limit=limit,
                                progress=progress, mesh=mesh)
   return {"step": int(step), "split": config.eval.split, **result}
 
@@ -172,12 +172,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   metadata = {"image_shape": list(image_shape)}
   writer = MetricWriter(workdir, active=is_main, echo=_echo)
   eval_model = config_lib.build_model(config, for_eval=True)  # full precision unless eval.full_precision=False
-  eval_step = evaluation.make_eval_step(eval_model, mesh)
   show = progress and is_main
 
   def evaluate(state, limit=None) -> dict:
     record = evaluate_split(config, eval_model, state.ema_params, eval_split, int(state.step), mesh=mesh,
-                            limit=limit, eval_step=eval_step, progress=show)
+                            limit=limit, progress=show)
     writer.write(int(state.step), {f"eval/{k}": v for k, v in record.items() if k.startswith("bpd")})
     return record
 
@@ -241,11 +240,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 
 def _initial_state(config, mngr, init, image_shape, allow_config_mismatch: bool, mesh):
   """A fresh TrainState, or the latest checkpoint's (after checking it belongs to this model)."""
-  state = init()
   if mngr.latest_step() is None:
-    return state
-  _check_checkpoint(mngr, None, config, image_shape, jax.eval_shape(init), allow_config_mismatch)
-  state = checkpoints.restore(mngr, state, sharding=sharding.replicated(mesh))
+    return init()
+  like = jax.eval_shape(init)  # restoring needs only the shapes: no parameters initialised to be overwritten
+  _check_checkpoint(mngr, None, config, image_shape, like, allow_config_mismatch)
+  state = checkpoints.restore(mngr, like, sharding=sharding.replicated(mesh))
   step = int(state.step)
   _echo(f"resuming from step {step} ({mngr.directory})")
   if step >= config.training.num_steps:
