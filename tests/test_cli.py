@@ -74,3 +74,15 @@ def test_help_exits_0_and_print_config_lists_fields_with_their_meaning():
   missing = run("--config=configs/smoke.py", check=False)
   assert missing.returncode == 2 and missing.stderr.strip() == "error: --workdir: required (a folder for checkpoints, "\
       "metrics and samples)"
+
+
+def test_a_diverging_run_with_on_nonfinite_stop_exits_1_with_one_line(tmp_path):
+  """A learning rate of 1e30 makes step 3's loss non-finite; train.py says so in one line and exits 1."""
+  workdir = str(tmp_path / "run")
+  proc = run("--config=configs/smoke.py", f"--workdir={workdir}", "--config.optimizer.learning_rate=1e30",
+             "--config.training.on_nonfinite=stop", "--config.training.num_steps=6", check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+  assert len(errors) == 1 and "non-finite" in errors[0] and "training.on_nonfinite='stop'" in errors[0]
+  assert "Traceback" not in proc.stderr and proc.stdout.strip() == ""
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]  # the last finite state is kept
