@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.network.mid_attention = True  # self-attention between the two middle blocks
   config.model.network.attention_everywhere = False  # self-attention after every block
   config.model.network.fourier_exponents = (6, 7)  # base-2 exponents of Fourier features; () = none
+  # Groups of every GroupNorm; 0 = 32, fewer in narrow layers (≥ 4 channels a group). The 2022
+  # reference code always used 32 (set 32 to load its checkpoints of other widths).
+  config.model.network.norm_groups = 0
   # Compile identical blocks once (nn.scan). Their parameters are then stacked, so a checkpoint
   # keeps the value it was trained with.
   config.model.network.scan_blocks = True

@@ -160,6 +160,7 @@ LATER_FIELDS = {
     "execution.remat_policy": "full",
     "data.augment": False,
     "eval.full_precision": True,
+    "model.network.norm_groups": 0,
 }
 
 # Config fields that no longer exist; dropped from saved configs.

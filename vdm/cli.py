@@ -67,7 +67,7 @@ def parse_flags(argv):
     field = next((g[len("config."):] for g in given if g.split(".")[-1] == name), name)
     hint = re.search(r'Did you mean "(\w+)"', str(e))
     fail(_unknown_field_message(field, hint.group(1) if hint else None))
-  if "config" in flags.FLAGS:
+  if "config" in flags.FLAGS and (paths or flags.FLAGS["config"].value is not None):
     _check_config_loads(paths[-1] if paths else "")
   return argv
 

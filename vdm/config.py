@@ -5,6 +5,9 @@ compilation.
 """
 
 import functools
+import importlib.util
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,27 @@ def names_config_fields(fn):
   return wrapper
 
 
+def from_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file, e.g. ``configs/cifar10.py``, as ``--config=`` loads it.
+
+  A file inside a package folder (``configs/`` has ``__init__.py``) may
+  import its siblings (``from configs import base``).
+  """
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config: no such file {path!r}")
+  folder = os.path.dirname(path)
+  root = os.path.dirname(folder) if os.path.isfile(os.path.join(folder, "__init__.py")) else folder
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location(f"_vdm_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config: {path!r} defines no get_config()")
+  return module.get_config()
+
+
 def _check(ok: bool, field: str, expected: str, value) -> None:
   if not ok:
     raise ConfigError(f"config.{field}: expected {expected}, got {value!r}")
@@ -64,6 +88,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("channels", "num_blocks"):
     _check(net[field] >= 1, f"model.network.{field}", "a positive integer", net[field])
   _check(0.0 <= net.dropout < 1.0, "model.network.dropout", "a rate in [0, 1)", net.dropout)
+  _check(net.norm_groups >= 0, "model.network.norm_groups", "≥ 0 (0 = automatic)", net.norm_groups)
+  _check(not net.norm_groups or net.channels % net.norm_groups == 0, "model.network.norm_groups",
+         f"a divisor of model.network.channels ({net.channels})", net.norm_groups)
   _check(ex.dtype in DTYPES, "execution.dtype", f"one of {tuple(DTYPES)}", ex.dtype)
   _check(ex.remat_policy in networks.REMAT_POLICIES, "execution.remat_policy",
          f"one of {tuple(networks.REMAT_POLICIES)}", ex.remat_policy)

@@ -98,15 +98,18 @@ REMAT_POLICIES = {
 }
 
 
-def _num_groups(channels: int) -> int:
-  # 32 groups as in the paper (128 channels: 4 per group). Narrow models keep
-  # at least 4 channels per group: with one channel per group the norm would
-  # subtract the per-channel conditioning offset entirely.
-  return math.gcd(32, max(channels // 4, 1))
+def _num_groups(channels: int, groups: int = 0) -> int:
+  """``groups`` if given; else 32 as in the paper (128 channels: 4 per group).
+
+  The automatic choice keeps narrow models at least 4 channels per group:
+  with one channel per group the norm would subtract the per-channel
+  conditioning offset entirely.
+  """
+  return groups or math.gcd(32, max(channels // 4, 1))
 
 
-def _group_norm(channels: int, dtype: Dtype, name: Optional[str] = None) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=_num_groups(channels), dtype=dtype, name=name)
+def _group_norm(channels: int, dtype: Dtype, groups: int = 0, name: Optional[str] = None) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=_num_groups(channels, groups), dtype=dtype, name=name)
 
 
 def _conv(features: int, dtype: Dtype, conv_grad: str, zero_init: bool = False,
@@ -146,14 +149,15 @@ class ResnetBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   conv_grad: str = "dot"
+  norm_groups: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool) -> jax.Array:
-    h = nn.swish(_group_norm(x.shape[-1], self.dtype)(x))
+    h = nn.swish(_group_norm(x.shape[-1], self.dtype, self.norm_groups)(x))
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad)(h), "conv")
     h = h + nn.Dense(self.channels, use_bias=False, kernel_init=nn.initializers.zeros,
                      dtype=self.dtype)(cond)[:, None, None, :]
-    h = nn.swish(_group_norm(self.channels, self.dtype)(h))
+    h = nn.swish(_group_norm(self.channels, self.dtype, self.norm_groups)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True)(h), "conv")
     if x.shape[-1] != self.channels:
@@ -165,11 +169,12 @@ class AttnBlock(nn.Module):
   """Single-head self-attention over all positions, residual."""
   num_heads: int = 1
   dtype: Dtype = jnp.float32
+  norm_groups: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, height, width, c = x.shape
-    h = _group_norm(c, self.dtype)(x).reshape(b, height * width, c)
+    h = _group_norm(c, self.dtype, self.norm_groups)(x).reshape(b, height * width, c)
     h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
                                         out_kernel_init=nn.initializers.zeros)(h, h)
     return x + h.reshape(x.shape)
@@ -187,14 +192,15 @@ class _Layer(nn.Module):
   deterministic: bool
   dtype: Dtype
   conv_grad: str
+  norm_groups: int = 0
 
   @nn.compact
   def __call__(self, h, skip, cond):
     x = h if skip is None else jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-    h = ResnetBlock(self.channels, self.dropout, self.dtype, self.conv_grad, name="resnet")(
+    h = ResnetBlock(self.channels, self.dropout, self.dtype, self.conv_grad, self.norm_groups, name="resnet")(
         x, cond, self.deterministic)
     if self.attention:
-      h = AttnBlock(dtype=self.dtype, name="attn")(h)
+      h = AttnBlock(dtype=self.dtype, norm_groups=self.norm_groups, name="attn")(h)
     return h, (h if skip is None else None)
 
 
@@ -208,6 +214,9 @@ class ScoreUNet(nn.Module):
     mid_attention: self-attention between the two middle blocks (the paper's).
     attention_everywhere: self-attention after every block, not only in the middle.
     fourier_exponents: base-2 exponents of Fourier features; empty for none.
+    norm_groups: groups of every GroupNorm; 0 (default) chooses 32, fewer for
+      narrow layers so each group has at least 4 channels. The 2022
+      reference code always used 32.
     gamma_min, gamma_max: the range mapped to [0, 1] before the embedding.
     scan_blocks: compile each stack of identical blocks once (``nn.scan``).
     remat: recompute block activations in the backward pass (saves memory).
@@ -232,6 +241,7 @@ class ScoreUNet(nn.Module):
   mid_attention: bool = True
   attention_everywhere: bool = False
   fourier_exponents: Sequence[int] = (6, 7)
+  norm_groups: int = 0
   gamma_min: float = -13.3
   gamma_max: float = 5.0
   scan_blocks: bool = True
@@ -278,7 +288,8 @@ class ScoreUNet(nn.Module):
     h, down = self._stack("down", h, None, cond, deterministic)  # down: [N, B, H, W, C]
 
     mid_layer = lambda name, attention: _Layer(  # noqa: E731
-        self.channels, self.dropout, attention, deterministic, self.dtype, self.conv_grad, name=name)
+        self.channels, self.dropout, attention, deterministic, self.dtype, self.conv_grad, self.norm_groups,
+        name=name)
     h, _ = mid_layer("mid_0", self.mid_attention or self.attention_everywhere)(h, None, cond)
     h, _ = mid_layer("mid_1", False)(h, None, cond)
 
@@ -286,7 +297,7 @@ class ScoreUNet(nn.Module):
     skips = jnp.concatenate([h_in[None], down])[::-1]  # [N + 1, B, H, W, C]
     h, _ = self._stack("up", h, skips, cond, deterministic)
 
-    h = nn.swish(_group_norm(self.channels, self.dtype, "norm_out")(h))
+    h = nn.swish(_group_norm(self.channels, self.dtype, self.norm_groups, "norm_out")(h))
     out = _conv(z.shape[-1], self.dtype, self.conv_grad, zero_init=True, name="conv_out")(h)
     return z.astype(jnp.float32) + out.astype(jnp.float32)
 
@@ -296,7 +307,7 @@ class ScoreUNet(nn.Module):
     length = self.num_blocks if skips is None else self.num_blocks + 1
     layer = nn.remat(_Layer, policy=REMAT_POLICIES[self.remat_policy]) if self.remat else _Layer
     args = (self.channels, self.dropout, self.attention_everywhere, deterministic, self.dtype,
-            self.conv_grad)
+            self.conv_grad, self.norm_groups)
     if self.scan_blocks:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast if skips is None else 0, nn.broadcast), length=length)
@@ -315,4 +326,13 @@ def unstack_params(params: dict, num_blocks: int) -> dict:
     stacked = params.pop(name)
     for i in range(length):
       params[f"{name}_{i}"] = jax.tree.map(lambda leaf: leaf[i], stacked)
+  return params
+
+
+def stack_params(params: dict, num_blocks: int) -> dict:
+  """The inverse of :func:`unstack_params`: ``down_i``/``up_i`` → stacked ``down``/``up``."""
+  params = dict(params)
+  for name, length in (("down", num_blocks), ("up", num_blocks + 1)):
+    layers = [params.pop(f"{name}_{i}") for i in range(length)]
+    params[name] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
   return params

@@ -4,6 +4,9 @@
     trained = vdm.load("runs/mnist")                 # a workdir or a checkpoint folder
     images = trained.sample(jax.random.key(0), 16, num_steps=250)   # uint8 [16, 28, 28, 1]
     scores = trained.evaluate_bpd(images, jax.random.key(1), draws=4)
+
+    # The paper's released models (google-research/vdm checkpoints), with the config they trained with:
+    trained = vdm.load("gs://gresearch/vdm/cifar10/checkpoint-final/checkpoints-0", config="configs/cifar10.py")
 """
 
 import dataclasses
@@ -13,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdm import checkpoints, evaluation, input_pipeline, sampling, sharding
+from vdm import checkpoints, evaluation, input_pipeline, reference, sampling, sharding
 from vdm import config as config_lib
 from vdm import model as model_lib
 from vdm import train_step
@@ -85,11 +88,24 @@ def _check_sampling_args(num_samples, num_steps, sampler, eta, batch_size) -> No
     raise ConfigError(f"batch_size: expected ≥ 1, got {batch_size}")
 
 
-def load(path: str, step: Optional[int] = None) -> TrainedVDM:
-  """Loads a workdir's latest checkpoint, or the checkpoint folder ``path``.
+def load(path: str, step: Optional[int] = None, *, config=None, image_shape: Optional[tuple] = None) -> TrainedVDM:
+  """Loads a workdir's latest checkpoint, the checkpoint folder ``path``, or a released model.
+
+  ``path`` may also be a checkpoint of the 2022 reference code
+  (google-research/vdm: its prefix, its ``.flax`` file or their folder;
+  local or ``gs://``). Such a checkpoint carries no config: give the one it
+  trained with as ``config`` (a ConfigDict or a path such as
+  ``"configs/cifar10.py"``), and ``image_shape`` if it is not 32×32 (the
+  reference's data). Its EMA parameters are used, as for our checkpoints.
+  ``config`` is refused for our own checkpoints, which carry theirs.
 
   Raises FileNotFoundError when there is no checkpoint there.
   """
+  if reference.find(path) is not None:
+    return _load_reference(path, config, image_shape)
+  if config is not None:
+    raise ConfigError(f"config: {path} is a vdm checkpoint, which carries its own config; give config only "
+                      "for google-research/vdm checkpoints")
   directory, found_step = checkpoints.resolve(path)
   step = found_step if step is None else step
   mngr = checkpoints.manager(directory, read_only=True)
@@ -103,3 +119,18 @@ def load(path: str, step: Optional[int] = None) -> TrainedVDM:
   return TrainedVDM(config=config, params=state.ema_params, step=int(state.step), model=model,
                     image_shape=image_shape)
 
+
+def _load_reference(path: str, config, image_shape) -> TrainedVDM:
+  if config is None:
+    raise ConfigError(f"config: {path} is a google-research/vdm checkpoint, which carries no config; give the "
+                      "one it trained with, e.g. config='configs/cifar10.py'")
+  if isinstance(config, str):
+    config = config_lib.from_file(config)
+  config_lib.validate(config)
+  if image_shape is None:  # the reference's data: CIFAR-10
+    image_shape = (32, 32, 3)
+  image_shape = tuple(int(n) for n in image_shape)
+  params, step = reference.load(path, config, image_shape)
+  params = jax.device_put(params, sharding.replicated(sharding.make_mesh()))
+  return TrainedVDM(config=config, params=params, step=step, model=config_lib.build_model(config),
+                    image_shape=image_shape)

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from vdm import checkpoints, evaluation, files, images, input_pipeline, preemption, sampling, sharding
+from vdm import checkpoints, evaluation, files, images, input_pipeline, preemption, reference, sampling, sharding
 from vdm import config as config_lib
 from vdm.metric_writers import MetricWriter
 from vdm.preemption import Preempted
@@ -256,18 +256,29 @@ def _initial_state(config, mngr, init, image_shape, allow_config_mismatch: bool,
 @config_lib.names_config_fields
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "", *,
                         progress: bool = True, allow_config_mismatch: bool = False) -> dict:
-  """Evaluates ``config.eval.split`` with the EMA params of a checkpoint (default: latest in workdir)."""
+  """Evaluates ``config.eval.split`` with the EMA params of a checkpoint (default: latest in workdir).
+
+  ``checkpoint`` may be one of the 2022 reference code (google-research/vdm);
+  ``config`` is then the one it trained with (see :mod:`vdm.reference`).
+  """
   config_lib.validate(config)
-  directory, step = checkpoints.resolve(checkpoint or workdir)
+  released = reference.find(checkpoint) if checkpoint else None
+  if released is None:
+    directory, step = checkpoints.resolve(checkpoint or workdir)
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
   split = _eval_split(data, config.eval.split)
   _, _, mesh, init = setup(config, split.image_shape)
   model = config_lib.build_model(config, for_eval=True)
-  mngr = checkpoints.manager(directory, read_only=True)
-  like = jax.eval_shape(init)
-  _check_checkpoint(mngr, step, config, split.image_shape, like, allow_config_mismatch)
-  state = checkpoints.restore(mngr, like, step, sharding=sharding.replicated(mesh))
-  record = evaluate_split(config, model, state.ema_params, split, int(state.step), mesh=mesh,
+  if released is not None:
+    params, step = reference.load(checkpoint, config, split.image_shape)
+    params = jax.device_put(params, sharding.replicated(mesh))
+  else:
+    mngr = checkpoints.manager(directory, read_only=True)
+    like = jax.eval_shape(init)
+    _check_checkpoint(mngr, step, config, split.image_shape, like, allow_config_mismatch)
+    state = checkpoints.restore(mngr, like, step, sharding=sharding.replicated(mesh))
+    params, step = state.ema_params, int(state.step)
+  record = evaluate_split(config, model, params, split, step, mesh=mesh,
                           progress=progress and jax.process_index() == 0)
   if jax.process_index() == 0:
     save_eval_record(os.path.abspath(workdir), record)
