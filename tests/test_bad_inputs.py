@@ -60,6 +60,8 @@ TRAIN = [  # (arguments after --config=configs/smoke.py, words expected on stder
     (["--config.optimizer.learning_rate=-1.0"], "config.optimizer.learning_rate: expected > 0"),
     (["--config.execution.remat_policy=some"], "config.execution.remat_policy: expected one of ('convs', 'full')"),
     (["--config.model.network.dropout=1.5"], "config.model.network.dropout: expected a rate in [0, 1)"),
+    (["--print_config", "--config.model.network.norm_groups=3"],
+     "config.model.network.norm_groups: expected a divisor of model.network.channels (8), got 3"),
     (["--config.optimizer.ema_rate=1.5"], "config.optimizer.ema_rate: expected a decay in [0, 1)"),
     (["--config.training.steps_per_call=3"], "config.training.num_steps: expected a multiple of"),
     (["--config.training.grad_accum_steps=3"], "config.training.batch_size: expected a multiple of"),

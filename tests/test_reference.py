@@ -1,11 +1,8 @@
 """Checkpoints of the 2022 reference code (google-research/vdm) load as the same model.
 
-The fixture writes a checkpoint in the reference's on-disk layout: clu's
-``<prefix>.flax``, ``flax.serialization.to_bytes`` of a TrainState with
-``step``, ``params``, ``ema_params`` and an AdamW ``opt_state``, parameters
-under the reference's module names and shapes (google-research/vdm
-``model_vdm.py``). Random values everywhere, zero-initialised layers included,
-so every parameter matters. A plain float64 re-implementation of the
+``benchmarks/reference_layout.py`` writes checkpoints in the reference's
+on-disk layout, with random values everywhere (zero-initialised layers
+included, so every parameter matters). A plain float64 re-implementation of the
 reference's forward pass, written from the paper and those names, is what
 the loaded model must agree with.
 """
@@ -15,14 +12,13 @@ import os
 import subprocess
 import sys
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import vdm
+from benchmarks import reference_layout
 from configs import smoke
 from vdm import reference
 from vdm.checkpoints import CheckpointError
@@ -30,81 +26,6 @@ from vdm.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
-
-
-@flax.struct.dataclass
-class _ReferenceTrainState:  # the fields the reference's TrainState serialises
-  step: int
-  params: dict
-  ema_params: dict
-  opt_state: optax.OptState
-
-
-def _reference_params(seed, channels, num_blocks, image_channels=3, exponents=(6, 7), attention=False,
-                      w=-18.0, b=-13.0):
-  """Random parameters under the reference's names; ``w`` < 0 exercises its |w|."""
-  rng = np.random.default_rng(seed)
-
-  def dense(n_in, n_out, bias=True, scale=1.0):
-    out = {"kernel": rng.normal(0, scale / np.sqrt(n_in), (n_in, n_out)).astype(np.float32)}
-    if bias:
-      out["bias"] = rng.normal(0, 0.1, (n_out,)).astype(np.float32)
-    return out
-
-  def conv(n_in, n_out, scale=1.0):
-    return {"kernel": rng.normal(0, scale / np.sqrt(9 * n_in), (3, 3, n_in, n_out)).astype(np.float32),
-            "bias": rng.normal(0, 0.1, (n_out,)).astype(np.float32)}
-
-  def norm(n):
-    return {"scale": (1 + rng.normal(0, 0.1, (n,))).astype(np.float32),
-            "bias": rng.normal(0, 0.1, (n,)).astype(np.float32)}
-
-  emb = 4 * channels
-
-  def block(n_in):
-    out = {"GroupNorm_0": norm(n_in), "conv1": conv(n_in, channels), "cond_proj": dense(emb, channels, False),
-           "GroupNorm_1": norm(channels), "conv2": conv(channels, channels, 0.5)}
-    if n_in != channels:
-      out["nin_shortcut"] = dense(n_in, channels)
-    return out
-
-  def attn():
-    return {"GroupNorm_0": norm(channels), **{n: dense(channels, channels) for n in ("q", "k", "v")},
-            "proj_out": dense(channels, channels, scale=0.5)}
-
-  sm = {"dense0": dense(channels + 1, emb), "dense1": dense(emb, emb),
-        "conv_in": conv(image_channels * (1 + 2 * len(exponents)), channels),
-        "mid.block_1": block(channels), "mid.attn_1": attn(), "mid.block_2": block(channels),
-        "GroupNorm_0": norm(channels), "conv_out": conv(channels, image_channels, 0.5)}
-  for i in range(num_blocks):
-    sm[f"down.block_{i}"] = block(channels)
-    if attention:
-      sm[f"down.attn_{i}"] = attn()
-  for i in range(num_blocks + 1):
-    sm[f"up.block_{i}"] = block(2 * channels)
-    if attention:
-      sm[f"up.attn_{i}"] = attn()
-  return {"score_model": sm, "gamma": {"w": np.array([w], np.float32), "b": np.array([b], np.float32)}}
-
-
-def _write_reference_checkpoint(folder, ema_params, step=12345):
-  """<folder>/checkpoints-0.flax as clu's Checkpoint writes it, beside stand-ins for TensorFlow's files."""
-  os.makedirs(folder, exist_ok=True)
-  params = jax.tree.map(lambda x: x + np.float32(0.01), ema_params)  # raw ≠ EMA: the EMA must be used
-
-  def decay_mask(tree):
-    flat = flax.traverse_util.flatten_dict(tree)
-    return flax.traverse_util.unflatten_dict({k: k[-1] != "bias" for k in flat})
-
-  opt = optax.adamw(2e-4, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01, mask=decay_mask)
-  state = _ReferenceTrainState(step=step, params=params, ema_params=ema_params, opt_state=opt.init(params))
-  prefix = os.path.join(folder, "checkpoints-0")
-  with open(prefix + ".flax", "wb") as f:
-    f.write(flax.serialization.to_bytes(state))
-  for suffix in (".index", ".data-00000-of-00001"):
-    with open(prefix + suffix, "wb") as f:
-      f.write(b"TensorFlow's part; vdm does not read it")
-  return prefix
 
 
 # ---- The reference's forward pass, in float64 numpy, from the paper and its names ----
@@ -192,8 +113,8 @@ def _config(channels, num_blocks, exponents=(6, 7), attention=False, augment=Fal
 
 @pytest.mark.parametrize("attention,augment,scan", [(False, False, True), (True, True, False)])
 def test_the_loaded_network_is_the_references_function(tmp_path, attention, augment, scan):
-  ref = _reference_params(0, 64, 2, attention=attention)
-  prefix = _write_reference_checkpoint(tmp_path / "ckpt", ref)
+  ref = reference_layout.parameters(0, 64, 2, attention=attention)
+  prefix = reference_layout.write(tmp_path / "ckpt", ref)
   config = _config(64, 2, attention=attention, augment=augment, scan=scan)
   trained = vdm.load(prefix, config=config, image_shape=(8, 8, 3))
   assert trained.step == 12345
@@ -209,8 +130,8 @@ def test_the_loaded_network_is_the_references_function(tmp_path, attention, augm
 
 
 def test_gamma_is_b_plus_abs_w_t_and_the_loss_terms_are_the_references(tmp_path):
-  ref = _reference_params(2, 32, 1, exponents=(6,), w=-18.0, b=-13.0)
-  trained = vdm.load(_write_reference_checkpoint(tmp_path, ref), config=_config(32, 1, exponents=(6,)),
+  ref = reference_layout.parameters(2, 32, 1, exponents=(6,), w=-18.0, b=-13.0)
+  trained = vdm.load(reference_layout.write(tmp_path, ref), config=_config(32, 1, exponents=(6,)),
                      image_shape=(8, 8, 3))
   t = np.linspace(0.0, 1.0, 11, dtype=np.float32)
   gamma = np.asarray(trained.model.apply({"params": trained.params}, t, method="gamma"))
@@ -246,7 +167,7 @@ def test_gamma_is_b_plus_abs_w_t_and_the_loss_terms_are_the_references(tmp_path)
 
 
 def test_a_checkpoint_that_does_not_fit_the_config_names_the_parameter(tmp_path):
-  prefix = _write_reference_checkpoint(tmp_path, _reference_params(4, 32, 1, exponents=(6,)))
+  prefix = reference_layout.write(tmp_path, reference_layout.parameters(4, 32, 1, exponents=(6,)))
   with pytest.raises(CheckpointError, match=r"score_model/conv_in/kernel: the checkpoint's shape is "
                      r"\(3, 3, 9, 32\), config.model.network needs \(3, 3, 15, 32\)"):
     vdm.load(prefix, config=_config(32, 1), image_shape=(8, 8, 3))
@@ -257,7 +178,7 @@ def test_a_checkpoint_that_does_not_fit_the_config_names_the_parameter(tmp_path)
                      r"\(3, 3, 32, 32\), which config.model.network needs \(its down_1/resnet/Conv_0/kernel\)"):
     vdm.load(prefix, config=_config(32, 2, exponents=(6,), scan=False), image_shape=(8, 8, 3))
   with pytest.raises(CheckpointError, match=r"the checkpoint's score_model/down.attn_0/"):
-    vdm.load(_write_reference_checkpoint(tmp_path / "attn", _reference_params(4, 32, 1, (3), (6,), True)),
+    vdm.load(reference_layout.write(tmp_path / "attn", reference_layout.parameters(4, 32, 1, (3), (6,), True)),
              config=_config(32, 1, exponents=(6,)), image_shape=(8, 8, 3))
   config = _config(32, 1, exponents=(6,))
   config.model.schedule.name = "monotone_net"
@@ -269,7 +190,7 @@ def test_a_checkpoint_that_does_not_fit_the_config_names_the_parameter(tmp_path)
 
 
 def test_a_truncated_or_missing_file_is_one_clear_error(tmp_path):
-  prefix = _write_reference_checkpoint(tmp_path, _reference_params(5, 32, 1, exponents=(6,)))
+  prefix = reference_layout.write(tmp_path, reference_layout.parameters(5, 32, 1, exponents=(6,)))
   data = open(prefix + ".flax", "rb").read()
   with open(prefix + ".flax", "wb") as f:
     f.write(data[: len(data) // 2])
@@ -286,7 +207,7 @@ def test_a_truncated_or_missing_file_is_one_clear_error(tmp_path):
 
 
 def test_eval_and_sample_commands_run_on_a_reference_checkpoint(tmp_path):
-  prefix = _write_reference_checkpoint(tmp_path / "released", _reference_params(6, 32, 1, exponents=(6,)))
+  prefix = reference_layout.write(tmp_path / "released", reference_layout.parameters(6, 32, 1, exponents=(6,)))
   rng = np.random.default_rng(0)
   data = tmp_path / "data.npz"
   np.savez(data, train=rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
@@ -306,3 +227,30 @@ def test_eval_and_sample_commands_run_on_a_reference_checkpoint(tmp_path):
                 f"--output={tmp_path / 'samples'}", *overrides[:3])
   assert sampled.returncode == 0, sampled.stderr[-3000:]
   assert sorted(f.rsplit(".", 1)[1] for f in os.listdir(tmp_path / "samples")) == ["npz", "png"]
+
+
+def test_a_checkpoint_is_found_by_its_prefix_file_or_folder(tmp_path):
+  params = reference_layout.parameters(7, 32, 1, exponents=(6,))
+  prefix = reference_layout.write(tmp_path, params)
+  os.rename(prefix + ".flax", tmp_path / "checkpoints-2.flax")
+  reference_layout.write(tmp_path, params)  # checkpoints-0.flax again
+  assert str(reference.find(str(tmp_path))).endswith("checkpoints-2.flax")  # the highest-numbered
+  assert str(reference.find(prefix)) == prefix + ".flax"
+  assert str(reference.find(prefix + ".flax")) == prefix + ".flax"
+  assert reference.find(str(tmp_path / "elsewhere")) is None  # not one: vdm's own checkpoints are tried
+
+
+@pytest.mark.parametrize("config_module,channels", [("cifar10", 128), ("cifar10_aug_released", 320)])
+def test_the_released_models_fit_their_configs(config_module, channels):
+  """Every name and shape of the released models' networks (fewer blocks for the 190 M-parameter one)."""
+  import importlib  # noqa: PLC0415
+  config = importlib.import_module(f"configs.{config_module}").get_config()
+  blocks = 32 if channels == 128 else 2
+  config.model.network.num_blocks = blocks
+  shapes = reference_layout.parameters(0, channels, blocks, shapes_only=True)
+  params = reference.to_params(shapes, config, (32, 32, 3))
+  count = sum(x.size for x in jax.tree.leaves(params["network"]))
+  reference_count = sum(x.size for x in jax.tree.leaves(shapes["score_model"]))
+  assert count == reference_count + (7 if config.data.augment else -1) * 4 * channels  # dense0's last row
+  if channels == 128:
+    assert round(count / 1e6, 1) == 30.6  # the paper's CIFAR-10 model
