@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.schedule.gamma_min = -13.3  # γ(0) (initial value, if learned): log SNR⁻¹ at t = 0
   config.model.schedule.gamma_max = 5.0  # γ(1) (initial value, if learned)
   config.model.schedule.hidden = 1024  # hidden units of the monotone_net schedule (others ignore it)
+  # monotone_net in continuous time: learn the interior by minimising the diffusion loss's variance
+  # (paper appendix I.2; the ELBO gives it no gradient in expectation). Others ignore it.
+  config.model.schedule.minimize_variance = True
 
   config.model.network = ml_collections.ConfigDict()  # the U-Net's arguments (vdm.networks.ScoreUNet)
   config.model.network.channels = 128  # width of every U-Net block

@@ -103,3 +103,27 @@ def test_bad_schedule_arguments_are_refused():
     schedules.get_schedule("nope", -13.3, 5.0)
   with pytest.raises(ValueError, match="gamma_min .* must be < gamma_max"):
     schedules.get_schedule("fixed_linear", 5.0, -13.3)
+
+
+def test_monotone_net_slope_in_closed_form_is_its_derivative():
+  module = schedules.get_schedule("monotone_net", -13.3, 5.0, hidden=16)
+  params = _init_perturbed(module, 4)
+  gamma, slope, probe = module.apply(params, T, method="with_slope")
+  _, by_jvp = jax.jvp(lambda t: module.apply(params, t), (T,), (jnp.ones_like(T),))
+  np.testing.assert_allclose(gamma, module.apply(params, T), rtol=0, atol=0)
+  np.testing.assert_allclose(slope, by_jvp, rtol=2e-5, atol=1e-5)
+  # Against a float64 central difference of the same function.
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params["params"])
+  sp = lambda x: np.logaddexp(0.0, x)  # noqa: E731
+
+  def g(t):
+    h = t[:, None] * sp(p["l1"]["kernel"][0, 0]) + p["l1"]["bias"]
+    s = 1.0 / (1.0 + np.exp(-(h @ sp(p["l2"]["kernel"]) + p["l2"]["bias"])))
+    return h[:, 0] + s @ sp(p["l3"]["kernel"])[:, 0] + p["l3"]["bias"][0]
+
+  ends = g(np.array([0.0, 1.0]))
+  span = abs(p["gamma_max"] - p["gamma_min"]) / (ends[1] - ends[0])
+  t, h = np.linspace(0.05, 0.95, 19), 1e-6
+  np.testing.assert_allclose(module.apply(params, t, method="with_slope")[1],
+                             span * (g(t + h) - g(t - h)) / (2 * h), rtol=1e-4)
+  assert not np.any(probe)

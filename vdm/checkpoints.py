@@ -161,6 +161,7 @@ LATER_FIELDS = {
     "data.augment": False,
     "eval.full_precision": True,
     "model.network.norm_groups": 0,
+    "model.schedule.minimize_variance": False,
 }
 
 # Config fields that no longer exist; dropped from saved configs.

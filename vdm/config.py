@@ -85,6 +85,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(sched.gamma_min < sched.gamma_max, "model.schedule.gamma_min",
          f"< model.schedule.gamma_max ({sched.gamma_max})", sched.gamma_min)
   _check(sched.hidden >= 1, "model.schedule.hidden", "a positive integer", sched.hidden)
+  _check(isinstance(sched.minimize_variance, bool), "model.schedule.minimize_variance", "True or False",
+         sched.minimize_variance)
   for field in ("channels", "num_blocks"):
     _check(net[field] >= 1, f"model.network.{field}", "a positive integer", net[field])
   _check(0.0 <= net.dropout < 1.0, "model.network.dropout", "a rate in [0, 1)", net.dropout)
@@ -141,7 +143,7 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False) ->
       conv_grad=resolve_conv_grad(ex.conv_grad, m.network.scan_blocks), matmul_precision=precision,
       num_augmentations=input_pipeline.NUM_AUGMENTATIONS if config.data.augment else 0)
   return model_lib.VDM(schedule, network, vocab_size=m.vocab_size,
-                       num_steps=m.num_diffusion_steps,
+                       num_steps=m.num_diffusion_steps, minimize_variance=sched.minimize_variance,
                        antithetic_time_sampling=m.antithetic_time_sampling, decoder=m.decoder)
 
 

@@ -57,6 +57,11 @@ class VDM(nn.Module):
     num_steps: T for the discrete-time loss; 0 for continuous time.
     antithetic_time_sampling: low-discrepancy t (default) or plain uniform.
     decoder: ``"softmax"`` (the paper's) or ``"cdf"``.
+    minimize_variance: in continuous-time training, a schedule with an
+      interior (``with_slope``, e.g. ``monotone_net``) learns it by
+      minimising the diffusion loss's variance (paper appendix I.2); the
+      output ``variance_probe`` must then enter the training loss as
+      :func:`vdm.schedules.route_to_variance` says.
   """
   schedule: nn.Module
   network: nn.Module
@@ -64,6 +69,7 @@ class VDM(nn.Module):
   num_steps: int = 0
   antithetic_time_sampling: bool = True
   decoder: str = "softmax"
+  minimize_variance: bool = False
 
   def gamma(self, t: jax.Array) -> jax.Array:
     return self.schedule(t)
@@ -78,7 +84,8 @@ class VDM(nn.Module):
     noise: the draws of :func:`draw_noise` (then ``key`` is unused).
 
     Returns: ``loss_recon``, ``loss_prior``, ``loss_diff``, ``loss`` (their
-    sum), each ``[B]`` nats; ``gamma_0``, ``gamma_1`` scalars.
+    sum), each ``[B]`` nats; ``gamma_0``, ``gamma_1`` scalars;
+    ``variance_probe`` ``[B]`` zeros (see ``minimize_variance``).
     """
     if self.decoder not in DECODERS:
       raise ValueError(f"unknown decoder {self.decoder!r}; expected one of {DECODERS}")
@@ -95,9 +102,12 @@ class VDM(nn.Module):
     t = noise["t"]
     if self.num_steps > 0:
       t = (jnp.floor(t * self.num_steps) + 1.0) / self.num_steps  # t ∈ {1/T, …, 1}
-    # γ_t and γ'(t) in one forward-mode pass.
-    gamma_t, dgamma_dt = nn.jvp(lambda mdl, t: mdl(t), self.schedule, (t,), (jnp.ones_like(t),),
-                                variable_tangents={})
+    if self.minimize_variance and self.num_steps == 0 and hasattr(self.schedule, "with_slope"):
+      gamma_t, dgamma_dt, probe = self.schedule.with_slope(t, minimize_variance=train)
+    else:  # γ_t and γ'(t) in one forward-mode pass
+      gamma_t, dgamma_dt = nn.jvp(lambda mdl, t: mdl(t), self.schedule, (t,), (jnp.ones_like(t),),
+                                  variable_tangents={})
+      probe = jnp.zeros_like(t)
     eps = noise["eps"]
     alpha_t, sigma_t = alpha_sigma(losses._per_example(gamma_t, f.ndim))
     z_t = alpha_t * f + sigma_t * eps
@@ -115,4 +125,5 @@ class VDM(nn.Module):
         "loss": loss_recon + loss_prior + loss_diff,
         "gamma_0": gamma_0,
         "gamma_1": gamma_1,
+        "variance_probe": probe,
     }

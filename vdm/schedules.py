@@ -52,41 +52,103 @@ class LearnedLinear(nn.Module):
 
 class _MonotoneDense(nn.Module):
   """Dense layer with positive weights softplus(w): increasing in its input."""
+  in_features: int
   features: int
 
-  @nn.compact
+  def setup(self):
+    self.kernel = self.param("kernel", nn.initializers.normal(1.0), (self.in_features, self.features))
+    self.bias = self.param("bias", nn.initializers.zeros, (self.features,))
+
+  def weights(self) -> tuple[jax.Array, jax.Array]:
+    return jax.nn.softplus(self.kernel), self.bias
+
   def __call__(self, h: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.normal(1.0), (h.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    return h @ jax.nn.softplus(kernel) + bias
+    w, b = self.weights()
+    return h @ w + b
+
+
+@jax.custom_vjp
+def route_to_variance(unit: jax.Array, slope: jax.Array):
+  """Identity on (u, u'), plus a zero ``probe``; the gradient reaching u, u' is scaled by the probe's.
+
+  The continuous-time ELBO depends on a schedule's interior only through
+  its endpoints in expectation (paper §5), so its interior is learned by
+  minimising the variance of the diffusion loss L instead (paper appendix
+  I.2): with E[L] independent of the interior η, ∇_η Var[L] = E[2 L ∇_η L].
+  The training loss adds ``Σ_b probe_b · stop_gradient(L_b / mean L)``
+  (zero in value); the cotangent reaching ``probe_b`` is then that factor,
+  and the backward pass multiplies the cotangent of example b's u, u' by
+  it. So η receives ∇_η E[L²] / (2 E[L]) (the variance's gradient in the
+  ELBO's own units) in the same backward pass, while the endpoints and the
+  network receive the ELBO's gradient unchanged.
+  """
+  return unit, slope, jnp.zeros_like(unit)
+
+
+def _route_fwd(unit, slope):
+  return route_to_variance(unit, slope), None
+
+
+def _route_bwd(_, cotangents):
+  d_unit, d_slope, d_probe = cotangents
+  return d_unit * d_probe, d_slope * d_probe
+
+
+route_to_variance.defvjp(_route_fwd, _route_bwd)
 
 
 class MonotoneNet(nn.Module):
   """The paper's monotone "SNR network" (appendix H), pinned to its endpoints.
 
   ``g(t) = l1(t) + l3(sigmoid(l2(l1(t))))`` with positive weights is
-  increasing; ``(g(t) − g(0)) / (g(1) − g(0))`` runs exactly from 0 to 1 and
-  is scaled onto the trained endpoints [γ_min, γ_max].
+  increasing; ``u(t) = (g(t) − g(0)) / (g(1) − g(0))`` runs exactly from 0
+  to 1 and is scaled onto the trained endpoints: γ(t) = γ_min + |γ_max −
+  γ_min| u(t). The endpoints are learned by the ELBO; the interior (l1, l2,
+  l3) by minimising the diffusion loss's variance (:meth:`with_slope`,
+  :func:`route_to_variance`), which the ELBO leaves without a gradient in
+  expectation.
   """
   gamma_min: float = -13.3
   gamma_max: float = 5.0
   hidden: int = 1024
 
-  @nn.compact
-  def __call__(self, t: ArrayLike) -> jax.Array:
+  def setup(self):
+    self.gamma_0 = _endpoint(self, "gamma_min", self.gamma_min)
+    self.gamma_1 = _endpoint(self, "gamma_max", self.gamma_max)
+    self.l1 = _MonotoneDense(1, 1)
+    self.l2 = _MonotoneDense(1, self.hidden)
+    self.l3 = _MonotoneDense(self.hidden, 1)
+
+  def _g(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """g(t) and g'(t) for t ``[N]``, the derivative in closed form."""
+    (w1, b1), (w2, b2), (w3, b3) = self.l1.weights(), self.l2.weights(), self.l3.weights()
+    h = t[:, None] * w1[0, 0] + b1  # l1(t), [N, 1]
+    s = jax.nn.sigmoid(h @ w2 + b2)  # [N, H]
+    g = h[:, 0] + s @ w3[:, 0] + b3[0]
+    dg = w1[0, 0] * (1.0 + (s * (1.0 - s)) @ (w2[0] * w3[:, 0]))
+    return g, dg
+
+  def unit(self, t: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """u(t) ∈ [0, 1] (exactly 0 at t = 0 and 1 at t = 1) and u'(t), shaped like t."""
     t = jnp.asarray(t, jnp.float32)
-    gamma_0 = _endpoint(self, "gamma_min", self.gamma_min)
-    gamma_1 = _endpoint(self, "gamma_max", self.gamma_max)
-    l1 = _MonotoneDense(1, name="l1")
-    l2 = _MonotoneDense(self.hidden, name="l2")
-    l3 = _MonotoneDense(1, name="l3")
     # Evaluate t, 0 and 1 in one batch so the normalisation is exact.
-    ts = jnp.concatenate([t.reshape(-1), jnp.array([0.0, 1.0], t.dtype)])[:, None]
-    h = l1(ts)
-    g = (h + l3(jax.nn.sigmoid(l2(h))))[:, 0]
-    g_t, g_0, g_1 = g[:-2], g[-2], g[-1]
-    unit = ((g_t - g_0) / (g_1 - g_0)).reshape(t.shape)
-    return gamma_0 + jnp.abs(gamma_1 - gamma_0) * unit
+    g, dg = self._g(jnp.concatenate([t.reshape(-1), jnp.array([0.0, 1.0], jnp.float32)]))
+    span = g[-1] - g[-2]
+    return ((g[:-2] - g[-2]) / span).reshape(t.shape), (dg[:-2] / span).reshape(t.shape)
+
+  def __call__(self, t: ArrayLike) -> jax.Array:
+    return self.gamma_0 + jnp.abs(self.gamma_1 - self.gamma_0) * self.unit(t)[0]
+
+  def with_slope(self, t: ArrayLike, minimize_variance: bool = False):
+    """(γ(t), γ'(t), probe): with ``minimize_variance``, gradients to the interior go through
+    :func:`route_to_variance` and ``probe`` (zeros) must enter the loss as it says."""
+    unit, slope = self.unit(t)
+    if minimize_variance:
+      unit, slope, probe = route_to_variance(unit, slope)
+    else:
+      probe = jnp.zeros_like(unit)
+    span = jnp.abs(self.gamma_1 - self.gamma_0)
+    return self.gamma_0 + span * unit, span * slope, probe
 
 
 class _ReparameterisedFixed(nn.Module):

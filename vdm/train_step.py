@@ -71,7 +71,10 @@ def _loss_and_grads(model, params, batch, conditioning, noise, dropout_key, num_
     out = model.apply({"params": params}, batch, None, conditioning, train=True, noise=noise,
                       rngs={"dropout": dropout_key})
     out["loss"] = out["loss_recon"] + out["loss_prior"] + out["loss_diff"]
-    return losses.bits_per_dim(out["loss"].mean(), num_dims), out
+    bpd = losses.bits_per_dim(out["loss"].mean(), num_dims)
+    # Zero in value; routes ∇ Var[loss_diff] to the schedule's interior (schedules.route_to_variance).
+    diff = jax.lax.stop_gradient(out["loss_diff"])
+    return bpd + jnp.sum(out["variance_probe"] * diff / diff.mean()), out
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
@@ -132,6 +135,8 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
       "train/bpd_recon": losses.bits_per_dim(out["loss_recon"].mean(), num_dims),
       "train/bpd_prior": losses.bits_per_dim(out["loss_prior"].mean(), num_dims),
       "train/bpd_diff": losses.bits_per_dim(out["loss_diff"].mean(), num_dims),
+      # The spread of the one-draw diffusion-loss estimator over the batch (what a learned schedule lowers).
+      "train/bpd_diff_std": losses.bits_per_dim(jnp.std(out["loss_diff"]), num_dims),
       "train/lr": lr_fn(state.step),
       "train/grad_norm": grad_norm,
       "train/nonfinite": 1.0 - ok.astype(jnp.float32),
