@@ -26,6 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_diffusion_steps = 0  # T of the discrete-time loss; 0 = continuous time
   config.model.antithetic_time_sampling = True  # low-discrepancy t over the batch
   config.model.decoder = "softmax"  # "softmax" (the paper's) or "cdf" (binned Gaussian)
+  config.model.prediction = "eps"  # the network's output: "eps" (the paper's), "x" or "v"; converted to ε̂
+  # w(λ) of the diffusion term in training (λ = −γ): "elbo" (w = 1, the paper's), "sigmoid" (sigmoid(b − λ)),
+  # "edm_monotone" or "eps_mse" (Ho et al.'s simple loss). Evaluation always reports the unweighted ELBO.
+  config.model.loss_weighting = "elbo"
+  config.model.sigmoid_bias = 2.0  # b of the "sigmoid" weighting
 
   config.model.schedule = ml_collections.ConfigDict()
   config.model.schedule.name = "learned_linear"  # fixed_linear|learned_linear|monotone_net|linear_beta|cosine

@@ -162,6 +162,9 @@ LATER_FIELDS = {
     "eval.full_precision": True,
     "model.network.norm_groups": 0,
     "model.schedule.minimize_variance": False,
+    "model.prediction": "eps",
+    "model.loss_weighting": "elbo",
+    "model.sigmoid_bias": 2.0,
 }
 
 # Config fields that no longer exist; dropped from saved configs.

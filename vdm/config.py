@@ -15,7 +15,7 @@ import ml_collections
 import optax
 
 from vdm import model as model_lib
-from vdm import input_pipeline, networks, schedules
+from vdm import input_pipeline, networks, objectives, schedules
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LR_DECAYS = ("constant", "cosine", "linear")
@@ -80,6 +80,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(m.num_diffusion_steps >= 0, "model.num_diffusion_steps", "≥ 0 (0 = continuous time)",
          m.num_diffusion_steps)
   _check(m.decoder in model_lib.DECODERS, "model.decoder", f"one of {model_lib.DECODERS}", m.decoder)
+  _check(m.prediction in objectives.PREDICTIONS, "model.prediction", f"one of {objectives.PREDICTIONS}",
+         m.prediction)
+  _check(m.loss_weighting in objectives.WEIGHTINGS, "model.loss_weighting", f"one of {objectives.WEIGHTINGS}",
+         m.loss_weighting)
   _check(sched.name in schedules.SCHEDULES, "model.schedule.name", f"one of {tuple(schedules.SCHEDULES)}",
          sched.name)
   _check(sched.gamma_min < sched.gamma_max, "model.schedule.gamma_min",
@@ -143,7 +147,10 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False) ->
       conv_grad=resolve_conv_grad(ex.conv_grad, m.network.scan_blocks), matmul_precision=precision,
       num_augmentations=input_pipeline.NUM_AUGMENTATIONS if config.data.augment else 0)
   return model_lib.VDM(schedule, network, vocab_size=m.vocab_size,
-                       num_steps=m.num_diffusion_steps, minimize_variance=sched.minimize_variance,
+                       num_steps=m.num_diffusion_steps, prediction=m.prediction, loss_weighting=m.loss_weighting,
+                       sigmoid_bias=m.sigmoid_bias,
+                       # a weighted loss depends on the interior: then it is what the interior follows
+                       minimize_variance=sched.minimize_variance and m.loss_weighting == "elbo",
                        antithetic_time_sampling=m.antithetic_time_sampling, decoder=m.decoder)
 
 

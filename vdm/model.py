@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm import losses
+from vdm import losses, objectives
 
 DECODERS = ("softmax", "cdf")
 
@@ -57,6 +57,11 @@ class VDM(nn.Module):
     num_steps: T for the discrete-time loss; 0 for continuous time.
     antithetic_time_sampling: low-discrepancy t (default) or plain uniform.
     decoder: ``"softmax"`` (the paper's) or ``"cdf"``.
+    prediction: what the network outputs, ``"eps"``, ``"x"`` or ``"v"``
+      (:func:`vdm.objectives.eps_from_prediction`); :meth:`eps_hat` is ε̂ in every case.
+    loss_weighting: w(λ) of the diffusion term in training
+      (:func:`vdm.objectives.loss_weight`), returned as ``loss_weight``;
+      ``loss_diff`` is always the ELBO's. ``sigmoid_bias``: b of ``"sigmoid"``.
     minimize_variance: in continuous-time training, a schedule with an
       interior (``with_slope``, e.g. ``monotone_net``) learns it by
       minimising the diffusion loss's variance (paper appendix I.2); the
@@ -69,6 +74,9 @@ class VDM(nn.Module):
   num_steps: int = 0
   antithetic_time_sampling: bool = True
   decoder: str = "softmax"
+  prediction: str = "eps"
+  loss_weighting: str = "elbo"
+  sigmoid_bias: float = 2.0
   minimize_variance: bool = False
 
   def gamma(self, t: jax.Array) -> jax.Array:
@@ -76,7 +84,8 @@ class VDM(nn.Module):
 
   def eps_hat(self, z_t: jax.Array, gamma_t: jax.Array, conditioning: Optional[jax.Array] = None,
               train: bool = False) -> jax.Array:
-    return self.network(z_t, gamma_t, conditioning, train=train)
+    output = self.network(z_t, gamma_t, conditioning, train=train)
+    return objectives.eps_from_prediction(output, z_t, gamma_t, self.prediction)
 
   def __call__(self, x: jax.Array, key: Optional[jax.Array], conditioning: Optional[jax.Array] = None,
                *, train: bool = False, noise: Optional[dict] = None) -> dict[str, jax.Array]:
@@ -85,7 +94,8 @@ class VDM(nn.Module):
 
     Returns: ``loss_recon``, ``loss_prior``, ``loss_diff``, ``loss`` (their
     sum), each ``[B]`` nats; ``gamma_0``, ``gamma_1`` scalars;
-    ``variance_probe`` ``[B]`` zeros (see ``minimize_variance``).
+    ``variance_probe`` ``[B]`` zeros (see ``minimize_variance``); ``loss_weight``
+    ``[B]``, w(λ_t) of ``loss_weighting`` (no gradient).
     """
     if self.decoder not in DECODERS:
       raise ValueError(f"unknown decoder {self.decoder!r}; expected one of {DECODERS}")
@@ -111,7 +121,7 @@ class VDM(nn.Module):
     eps = noise["eps"]
     alpha_t, sigma_t = alpha_sigma(losses._per_example(gamma_t, f.ndim))
     z_t = alpha_t * f + sigma_t * eps
-    eps_hat = self.network(z_t, gamma_t, conditioning, train=train)
+    eps_hat = self.eps_hat(z_t, gamma_t, conditioning, train=train)
     if self.num_steps > 0:
       gamma_s = self.schedule(t - 1.0 / self.num_steps)
       loss_diff = losses.diffusion_loss_discrete(eps, eps_hat, gamma_t, gamma_s, self.num_steps)
@@ -126,4 +136,6 @@ class VDM(nn.Module):
         "gamma_0": gamma_0,
         "gamma_1": gamma_1,
         "variance_probe": probe,
+        "loss_weight": objectives.loss_weight(self.loss_weighting, gamma_t, dgamma_dt, gamma_0, gamma_1,
+                                              self.sigmoid_bias),
     }

@@ -110,6 +110,9 @@ def to_params(reference: dict, config: ml_collections.ConfigDict, image_shape) -
   Raises CheckpointError naming the first parameter whose shape does not fit
   the config, or one the config's network has no place for.
   """
+  if config.model.prediction != "eps":
+    raise ConfigError(f"config.model.prediction: the reference's network predicts ε; expected 'eps', got "
+                      f"{config.model.prediction!r}")
   flat = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(reference).items()}
   schedule = _schedule(flat, config)
   unrolled = ml_collections.ConfigDict(config.to_dict())

@@ -70,11 +70,13 @@ def _loss_and_grads(model, params, batch, conditioning, noise, dropout_key, num_
   def loss_fn(params):
     out = model.apply({"params": params}, batch, None, conditioning, train=True, noise=noise,
                       rngs={"dropout": dropout_key})
-    out["loss"] = out["loss_recon"] + out["loss_prior"] + out["loss_diff"]
-    bpd = losses.bits_per_dim(out["loss"].mean(), num_dims)
+    out["loss"] = out["loss_recon"] + out["loss_prior"] + out["loss_diff"]  # the ELBO, reported
+    objective = out["loss_recon"] + out["loss_prior"] + out["loss_weight"] * out["loss_diff"]  # trained
+    out["objective"] = objective
     # Zero in value; routes ∇ Var[loss_diff] to the schedule's interior (schedules.route_to_variance).
     diff = jax.lax.stop_gradient(out["loss_diff"])
-    return bpd + jnp.sum(out["variance_probe"] * diff / diff.mean()), out
+    return (losses.bits_per_dim(objective.mean(), num_dims)
+            + jnp.sum(out["variance_probe"] * diff / diff.mean())), out
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
@@ -103,23 +105,22 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
   num_dims = int(np.prod(batch.shape[1:]))
   noise = model_lib.draw_noise(loss_key, batch.shape, model.antithetic_time_sampling)
   if grad_accum_steps == 1:
-    (bpd, out), grads = _loss_and_grads(model, state.params, batch, conditioning, noise, dropout_key, num_dims)
+    (_, out), grads = _loss_and_grads(model, state.params, batch, conditioning, noise, dropout_key, num_dims)
   else:
     split = lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:])  # noqa: E731
 
     def micro(carry, inputs):
       i, micro_batch, micro_cond, micro_noise = inputs
-      (bpd, out), grads = _loss_and_grads(model, state.params, micro_batch, micro_cond, micro_noise,
-                                          jax.random.fold_in(dropout_key, i), num_dims)
-      return jax.tree.map(jnp.add, carry, grads), (bpd, out)
+      (_, out), grads = _loss_and_grads(model, state.params, micro_batch, micro_cond, micro_noise,
+                                        jax.random.fold_in(dropout_key, i), num_dims)
+      return jax.tree.map(jnp.add, carry, grads), out
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (bpds, outs) = jax.lax.scan(
+    grads, outs = jax.lax.scan(
         micro, zeros, (jnp.arange(grad_accum_steps), split(batch),
                        None if conditioning is None else split(conditioning), jax.tree.map(split, noise)))
     grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
-    bpd = bpds.mean()
-    out = {k: (v.reshape(-1) if k.startswith("loss") else v[0]) for k, v in outs.items()}
+    out = {k: (v[0] if k.startswith("gamma_") else v.reshape(-1)) for k, v in outs.items()}
   grad_norm = optax.tree.norm(grads)
   finite = jnp.stack([jnp.all(jnp.isfinite(out[k])) for k in NONFINITE_TERMS[:3]] + [jnp.isfinite(grad_norm)])
   ok = jnp.all(finite)
@@ -131,7 +132,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
   params, ema_params = keep(params, state.params), keep(ema_params, state.ema_params)
   opt_state = keep(opt_state, state.opt_state)
   metrics = {
-      "train/bpd": bpd,
+      "train/bpd": losses.bits_per_dim(out["loss"].mean(), num_dims),  # the ELBO, whatever the weighting
       "train/bpd_recon": losses.bits_per_dim(out["loss_recon"].mean(), num_dims),
       "train/bpd_prior": losses.bits_per_dim(out["loss_prior"].mean(), num_dims),
       "train/bpd_diff": losses.bits_per_dim(out["loss_diff"].mean(), num_dims),
@@ -145,6 +146,8 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
       "train/gamma_0": out["gamma_0"],
       "train/gamma_1": out["gamma_1"],
   }
+  if model.loss_weighting != "elbo":
+    metrics["train/bpd_objective"] = losses.bits_per_dim(out["objective"].mean(), num_dims)
   state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
   return state, metrics
 
