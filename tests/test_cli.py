@@ -34,6 +34,10 @@ def test_train_resume_and_eval(tmp_path):
   assert [m["step"] for m in lines if "train/bpd" in m] == [2, 4]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert os.path.isfile(os.path.join(workdir, "samples", "step_4.png"))
+  with open(os.path.join(workdir, "eval", "gamma_step4.json")) as f:  # the learned schedule, as evaluated
+    curve = json.load(f)
+  assert len(curve["t"]) == len(curve["gamma"]) == 101 and curve["t"][0] == 0.0 and curve["t"][-1] == 1.0
+  assert all(b > a for a, b in zip(curve["gamma"], curve["gamma"][1:]))
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["training"]["num_steps"] == 4
 

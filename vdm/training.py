@@ -63,6 +63,15 @@ def save_eval_record(workdir: str, record: dict) -> str:
   return path
 
 
+def save_schedule(workdir: str, model, params, step: int) -> str:
+  """The learned γ(t) at 101 evenly spaced t, as ``<workdir>/eval/gamma_step<step>.json``."""
+  t = np.linspace(0.0, 1.0, 101, dtype=np.float32)
+  gamma = np.asarray(jax.device_get(model.apply({"params": params}, t, method="gamma")), np.float64)
+  path = os.path.join(workdir, "eval", f"gamma_step{step}.json")
+  files.write_json(path, {"step": step, "t": t.astype(np.float64).round(6).tolist(), "gamma": gamma.tolist()})
+  return path
+
+
 def setup(config: ml_collections.ConfigDict, image_shape):
   """Validates, builds the model and optimiser, and the mesh; checks the batch split.
 
@@ -230,6 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   record = evaluate(state)
   if is_main:
     save_eval_record(workdir, record)
+    save_schedule(workdir, eval_model, state.ema_params, int(state.step))
   if config.eval.num_samples:
     path = sample(state)
     if is_main:
@@ -282,4 +292,5 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
                           progress=progress and jax.process_index() == 0)
   if jax.process_index() == 0:
     save_eval_record(os.path.abspath(workdir), record)
+    save_schedule(os.path.abspath(workdir), model, params, step)
   return record
