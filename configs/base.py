@@ -37,9 +37,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.schedule.gamma_min = -13.3  # γ(0) (initial value, if learned): log SNR⁻¹ at t = 0
   config.model.schedule.gamma_max = 5.0  # γ(1) (initial value, if learned)
   config.model.schedule.hidden = 1024  # hidden units of the monotone_net schedule (others ignore it)
-  # monotone_net in continuous time: learn the interior by minimising the diffusion loss's variance
-  # (paper appendix I.2; the ELBO gives it no gradient in expectation). Others ignore it.
-  config.model.schedule.minimize_variance = True
 
   config.model.network = ml_collections.ConfigDict()  # the U-Net's arguments (vdm.networks.ScoreUNet)
   config.model.network.channels = 128  # width of every U-Net block
@@ -81,6 +78,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.training.checkpoint_every = 10_000  # steps between checkpoints
   config.training.checkpoints_to_keep = 3  # older checkpoints are deleted
   config.training.on_nonfinite = "skip"  # a NaN/Inf loss or gradient: "skip" the update (counted) or "stop"
+  # monotone_net in continuous time with the ELBO weighting: learn the schedule's interior by minimising
+  # the diffusion loss's variance (paper appendix I.2; the ELBO gives it no gradient in expectation).
+  config.training.minimize_variance = True
+  # Adaptive importance sampling of t (Kingma & Gao 2023, app. F): K equal bins of t hold an EMA of the
+  # diffusion loss²; t is drawn ∝ its square root (plus a uniform floor) and weighted by 1/q(t), so the
+  # expectation is unchanged. 0 = off (t uniform). Changes the checkpointed state: a run resumes with the
+  # K it saved, or from a checkpoint without it.
+  config.training.importance_bins = 0
+  config.training.importance_decay = 0.99  # EMA decay of the per-bin loss²
+  config.training.importance_floor = 0.1  # share of the uniform density mixed into q
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 2e-4  # peak learning rate

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
@@ -71,12 +72,25 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: Optional[int] = None,
   abstract = jax.eval_shape(_to_saveable, like)  # works for concrete and abstract ``like``
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    state = _restore_state(mngr, step, abstract)
   except Exception as e:  # orbax raises many types for unreadable or mismatched folders
-    raise CheckpointError(f"checkpoint {mngr.directory}/{step} could not be restored: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-  state = restored["state"]
+    if "noise_stats" not in str(e):
+      raise CheckpointError(f"checkpoint {mngr.directory}/{step} could not be restored: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    # Written before importance sampling existed: restore what it has; the histogram starts uniform.
+    fields = {k: getattr(abstract, k) for k in abstract.__dataclass_fields__ if k != "noise_stats"}
+    try:
+      restored = _restore_state(mngr, step, fields)
+    except Exception as e2:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint {mngr.directory}/{step} could not be restored: "
+                            f"{type(e2).__name__}: {str(e2).splitlines()[0][:300]}") from e2
+    fresh = jax.tree.map(lambda s: jax.device_put(np.ones(s.shape, s.dtype), sharding), abstract.noise_stats)
+    state = like.replace(**restored, noise_stats=fresh)
   return state.replace(key=jax.random.wrap_key_data(state.key))
+
+
+def _restore_state(mngr: ocp.CheckpointManager, step: int, abstract: Any) -> Any:
+  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 
 
 def restore_config(mngr: ocp.CheckpointManager, step: Optional[int] = None
@@ -150,6 +164,7 @@ MOVED_FIELDS = {
         "scan_blocks")},
     **{f"model.{name}": f"execution.{name}" for name in (
         "remat", "remat_policy", "dtype", "matmul_precision", "conv_grad")},
+    "model.schedule.minimize_variance": "training.minimize_variance",  # how it trains, not what it is
 }
 
 # Config fields added after checkpoints were first written, with the value
@@ -161,10 +176,13 @@ LATER_FIELDS = {
     "data.augment": False,
     "eval.full_precision": True,
     "model.network.norm_groups": 0,
-    "model.schedule.minimize_variance": False,
+    "training.minimize_variance": False,
     "model.prediction": "eps",
     "model.loss_weighting": "elbo",
     "model.sigmoid_bias": 2.0,
+    "training.importance_bins": 0,
+    "training.importance_decay": 0.99,
+    "training.importance_floor": 0.1,
 }
 
 # Config fields that no longer exist; dropped from saved configs.

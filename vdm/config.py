@@ -89,8 +89,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(sched.gamma_min < sched.gamma_max, "model.schedule.gamma_min",
          f"< model.schedule.gamma_max ({sched.gamma_max})", sched.gamma_min)
   _check(sched.hidden >= 1, "model.schedule.hidden", "a positive integer", sched.hidden)
-  _check(isinstance(sched.minimize_variance, bool), "model.schedule.minimize_variance", "True or False",
-         sched.minimize_variance)
+  _check(isinstance(config.training.minimize_variance, bool), "training.minimize_variance", "True or False",
+         config.training.minimize_variance)
   for field in ("channels", "num_blocks"):
     _check(net[field] >= 1, f"model.network.{field}", "a positive integer", net[field])
   _check(0.0 <= net.dropout < 1.0, "model.network.dropout", "a rate in [0, 1)", net.dropout)
@@ -110,6 +110,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"a multiple of training.grad_accum_steps ({tr.grad_accum_steps})", tr.batch_size)
   _check(tr.on_nonfinite in ("skip", "stop"), "training.on_nonfinite", "'skip' or 'stop'", tr.on_nonfinite)
   _check(tr.eval_every >= 0, "training.eval_every", "≥ 0 (0 = never)", tr.eval_every)
+  _check(tr.importance_bins >= 0, "training.importance_bins", "≥ 0 (0 = off)", tr.importance_bins)
+  _check(0.0 <= tr.importance_decay < 1.0, "training.importance_decay", "a decay in [0, 1)", tr.importance_decay)
+  _check(0.0 < tr.importance_floor <= 1.0, "training.importance_floor", "a share in (0, 1]", tr.importance_floor)
+  _check(not (tr.importance_bins and sched.name == "monotone_net" and tr.minimize_variance),
+         "training.importance_bins", "0 with training.minimize_variance (monotone_net learns its interior "
+         "from the uniform-t estimator; set one of them off)", tr.importance_bins)
   for field in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
     _check(tr[field] % tr.steps_per_call == 0, f"training.{field}",
            f"a multiple of training.steps_per_call ({tr.steps_per_call})", tr[field])
@@ -150,7 +156,7 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False) ->
                        num_steps=m.num_diffusion_steps, prediction=m.prediction, loss_weighting=m.loss_weighting,
                        sigmoid_bias=m.sigmoid_bias,
                        # a weighted loss depends on the interior: then it is what the interior follows
-                       minimize_variance=sched.minimize_variance and m.loss_weighting == "elbo",
+                       minimize_variance=config.training.minimize_variance and m.loss_weighting == "elbo",
                        antithetic_time_sampling=m.antithetic_time_sampling, decoder=m.decoder)
 
 

@@ -92,3 +92,49 @@ def loss_weight(weighting: str, gamma_t: ArrayLike, dgamma_dt: ArrayLike, gamma_
   else:
     raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
   return jax.lax.stop_gradient(w)
+
+
+# ---- Adaptive importance sampling of the noise level (Kingma & Gao 2023, appendix F) ----
+#
+# The diffusion term is E_{t~U(0,1)}[L(t)]. Drawing t from a density q instead and weighting each
+# draw by 1/q(t) keeps the expectation, E_q[L/q] = E_U[L], and the variance is least for
+# q ∝ √E[L(t)²]. K equal bins of t (so of λ = −γ(t), with edges λ(k/K)) hold an exponential moving
+# average of L² per bin; q is piecewise constant, ∝ its square root, mixed with a uniform floor so
+# every t keeps a chance.
+
+
+def importance_probs(second_moment: ArrayLike, floor: float) -> jax.Array:
+  """Bin probabilities ``[K]``: (1 − floor) √m / Σ√m + floor / K."""
+  root = jnp.sqrt(jnp.maximum(jnp.asarray(second_moment, jnp.float32), 0.0))
+  k = root.shape[0]
+  return (1.0 - floor) * root / jnp.maximum(root.sum(), 1e-30) + floor / k
+
+
+def importance_times(key: jax.Array, batch: int, probs: ArrayLike, antithetic: bool = True):
+  """t ``[B]`` drawn from the piecewise-constant density of ``probs`` over K equal bins of [0, 1).
+
+  Antithetic as :func:`vdm.model.sample_times`: one uniform shifts an even
+  grid of the CDF, so the batch is stratified under q. Returns (t, q(t), bin).
+  """
+  probs = jnp.asarray(probs, jnp.float32)
+  probs = probs / probs.sum()
+  k = probs.shape[0]
+  if antithetic:
+    u = jnp.mod(jax.random.uniform(key, ()) + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
+  else:
+    u = jax.random.uniform(key, (batch,))
+  cdf = jnp.concatenate([jnp.zeros(1, jnp.float32), jnp.cumsum(probs)])
+  bins = jnp.clip(jnp.searchsorted(cdf, u, side="right") - 1, 0, k - 1)
+  within = jnp.clip((u - cdf[bins]) / probs[bins], 0.0, 1.0 - 1e-7)
+  return (bins + within) / k, probs[bins] * k, bins
+
+
+def update_second_moment(second_moment: ArrayLike, bins: ArrayLike, loss: ArrayLike, decay: float) -> jax.Array:
+  """The per-bin EMA of L² after one batch; bins without a draw keep their value."""
+  second_moment = jnp.asarray(second_moment, jnp.float32)
+  k = second_moment.shape[0]
+  loss = jax.lax.stop_gradient(jnp.asarray(loss, jnp.float32))
+  sums = jax.ops.segment_sum(jnp.square(loss), bins, num_segments=k)
+  counts = jax.ops.segment_sum(jnp.ones_like(loss), bins, num_segments=k)
+  mean = sums / jnp.maximum(counts, 1.0)
+  return jnp.where(counts > 0, decay * second_moment + (1.0 - decay) * mean, second_moment)

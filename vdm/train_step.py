@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vdm import losses, sharding
+from vdm import losses, objectives, sharding
 from vdm import config as config_lib
 from vdm import model as model_lib
 
@@ -29,6 +29,9 @@ class TrainState:
   ema_params: Any  # what evaluation and sampling use
   opt_state: Any
   key: jax.Array  # typed PRNG key; step n uses fold_in(key, n)
+  # With training.importance_bins = K > 0: the per-bin EMA of the diffusion loss² [K] that t is drawn by
+  # (vdm.objectives, adaptive importance sampling); () otherwise.
+  noise_stats: Any = ()
 
 
 def create_train_state(config: ml_collections.ConfigDict, model, optimizer, image_shape) -> TrainState:
@@ -36,8 +39,10 @@ def create_train_state(config: ml_collections.ConfigDict, model, optimizer, imag
   dummy = jnp.zeros((1,) + tuple(image_shape), jnp.int32)
   params = jax.jit(model.init)(init_key, dummy, loss_key)["params"]
   ema_params = jax.tree.map(jnp.copy, params)  # own buffers: the state is donated
+  bins = config.training.importance_bins
   return TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=ema_params,
-                    opt_state=optimizer.init(params), key=train_key)
+                    opt_state=optimizer.init(params), key=train_key,
+                    noise_stats=jnp.ones((bins,), jnp.float32) if bins else ())
 
 
 def abstract_state(config: ml_collections.ConfigDict, image_shape) -> TrainState:
@@ -70,6 +75,8 @@ def _loss_and_grads(model, params, batch, conditioning, noise, dropout_key, num_
   def loss_fn(params):
     out = model.apply({"params": params}, batch, None, conditioning, train=True, noise=noise,
                       rngs={"dropout": dropout_key})
+    out["loss_diff_at_t"] = out["loss_diff"]
+    out["loss_diff"] = out["loss_diff"] * noise.get("inv_density", 1.0)  # importance-weighted: E = the ELBO term
     out["loss"] = out["loss_recon"] + out["loss_prior"] + out["loss_diff"]  # the ELBO, reported
     objective = out["loss_recon"] + out["loss_prior"] + out["loss_weight"] * out["loss_diff"]  # trained
     out["objective"] = objective
@@ -81,7 +88,8 @@ def _loss_and_grads(model, params, batch, conditioning, noise, dropout_key, num_
 
 
 def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: float,
-               ema_warmup: bool, grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+               ema_warmup: bool, grad_accum_steps: int = 1, importance_decay: float = 0.99,
+               importance_floor: float = 0.1) -> tuple[TrainState, dict]:
   """One optimiser step on uint8 images; the loss is bits/dim.
 
   ``batch`` is the images ``[B, H, W, C]`` or a dict of them (``"images"``)
@@ -104,6 +112,12 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
   loss_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
   num_dims = int(np.prod(batch.shape[1:]))
   noise = model_lib.draw_noise(loss_key, batch.shape, model.antithetic_time_sampling)
+  importance = not isinstance(state.noise_stats, tuple)
+  if importance:  # t from the adaptive histogram, each draw weighted by 1/q(t)
+    probs = objectives.importance_probs(state.noise_stats, importance_floor)
+    t, density, _ = objectives.importance_times(jax.random.fold_in(loss_key, 1), batch.shape[0], probs,
+                                                model.antithetic_time_sampling)
+    noise = dict(noise, t=t, inv_density=1.0 / density)
   if grad_accum_steps == 1:
     (_, out), grads = _loss_and_grads(model, state.params, batch, conditioning, noise, dropout_key, num_dims)
   else:
@@ -131,6 +145,11 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
   params, ema_params = keep(params, state.params), keep(ema_params, state.ema_params)
   opt_state = keep(opt_state, state.opt_state)
+  noise_stats = state.noise_stats
+  if importance:
+    bins = jnp.clip(jnp.floor(noise["t"] * noise_stats.shape[0]).astype(jnp.int32), 0, noise_stats.shape[0] - 1)
+    updated = objectives.update_second_moment(noise_stats, bins, out["loss_diff_at_t"], importance_decay)
+    noise_stats = jnp.where(ok, updated, noise_stats)
   metrics = {
       "train/bpd": losses.bits_per_dim(out["loss"].mean(), num_dims),  # the ELBO, whatever the weighting
       "train/bpd_recon": losses.bits_per_dim(out["loss_recon"].mean(), num_dims),
@@ -148,7 +167,8 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
   }
   if model.loss_weighting != "elbo":
     metrics["train/bpd_objective"] = losses.bits_per_dim(out["objective"].mean(), num_dims)
-  state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
+  state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
+                        noise_stats=noise_stats)
   return state, metrics
 
 
@@ -167,7 +187,9 @@ def make_train_fn(config: ml_collections.ConfigDict, model, optimizer, mesh=None
   step = functools.partial(train_step, model=model, optimizer=optimizer,
                            lr_fn=config_lib.learning_rate_schedule(config),
                            ema_rate=config.optimizer.ema_rate, ema_warmup=config.optimizer.ema_warmup,
-                           grad_accum_steps=config.training.grad_accum_steps)
+                           grad_accum_steps=config.training.grad_accum_steps,
+                           importance_decay=config.training.importance_decay,
+                           importance_floor=config.training.importance_floor)
 
   def steps(state, batches):
     if not isinstance(batches, dict):
