@@ -101,6 +101,10 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
   averaged: the same update as one pass, the same noise (drawn for the whole
   batch first), only dropout masks differ.
 
+  With a histogram in ``state.noise_stats`` (``training.importance_bins``),
+  t is drawn from it and each draw weighted by 1/q(t) (adaptive importance
+  sampling, :mod:`vdm.objectives`); the histogram is updated after the step.
+
   A NaN/Inf in any loss term or the gradient skips the update (params, EMA
   and optimiser state stay as they were; the step still advances) and is
   reported in ``train/nonfinite``, ``train/nonfinite_term`` and
