@@ -26,8 +26,8 @@ def pytest_sessionfinish(session, exitstatus):
 # The slowest files first: with the files spread over worker processes (README: -n … --dist loadfile),
 # the long ones start at once instead of running alone at the end. Measured per-file totals, 2 cores.
 _SLOWEST_FIRST = ("test_robustness.py", "test_parallel.py", "test_bad_inputs.py", "test_training.py",
-                  "test_networks.py", "test_cli.py", "test_sampling.py", "test_model.py", "test_pretrained.py",
-                  "test_tfds.py")
+                  "test_objectives.py", "test_networks.py", "test_cli.py", "test_sampling.py", "test_model.py",
+                  "test_pretrained.py", "test_reference.py", "test_sample_quality.py", "test_tfds.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

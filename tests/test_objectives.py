@@ -1,5 +1,6 @@
 """Training objectives beyond the plain ELBO gradient: variance minimisation, predictions, weightings."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,28 +8,39 @@ import pytest
 
 from configs import smoke
 from vdm import config as config_lib
-from vdm import losses, model as model_lib, objectives, train_step
+from vdm import losses, model as model_lib, objectives, schedules, train_step
 
 
-def _monotone_config(minimize_variance):
-  config = smoke.get_config()
-  config.model.schedule.name = "monotone_net"
-  config.training.minimize_variance = minimize_variance
-  return config
+class _PixelNet(nn.Module):
+  """ε̂ = a ⊙ z + b·γ + c per pixel: a network with parameters that compiles in a moment."""
+
+  @nn.compact
+  def __call__(self, z, gamma_t, conditioning=None, *, train=False):
+    a = self.param("a", nn.initializers.normal(1.0), z.shape[1:])
+    b = self.param("b", nn.initializers.normal(0.1), z.shape[1:])
+    c = self.param("c", nn.initializers.normal(1.0), z.shape[1:])
+    return a * z + b * jnp.reshape(gamma_t, (-1,) + (1,) * (z.ndim - 1)) + c
+
+
+def _pixel_vdm(schedule: str, **fields):
+  hidden = {"hidden": 8} if schedule == "monotone_net" else {}
+  return model_lib.VDM(schedules.get_schedule(schedule, -13.3, 5.0, **hidden), _PixelNet(), **fields)
 
 
 def test_variance_minimisation_gives_the_interior_grad_var_and_the_rest_the_elbo_gradient():
   """Interior (l1, l2, l3): ∇ mean(L²) / (2 mean L); endpoints and network: the ELBO's own gradient."""
-  routed = config_lib.build_model(_monotone_config(True))
-  plain = config_lib.build_model(_monotone_config(False))
+  routed = _pixel_vdm("monotone_net", minimize_variance=True)
+  plain = _pixel_vdm("monotone_net", minimize_variance=False)
   x = jax.random.randint(jax.random.key(0), (8, 8, 8, 1), 0, 256)
   params = plain.init(jax.random.key(1), x, jax.random.key(2))["params"]
   params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(3), p.shape), params)  # not at init
   noise = model_lib.draw_noise(jax.random.key(4), x.shape)
   dims = 8 * 8
-  (bpd_r, _), grads_r = train_step._loss_and_grads(routed, params, x, None, noise, jax.random.key(5), dims)
-  (bpd_p, _), grads_p = train_step._loss_and_grads(plain, params, x, None, noise, jax.random.key(5), dims)
-  assert float(bpd_r) == float(bpd_p)  # the probe adds nothing to the value
+  loss_and_grads = lambda model: jax.jit(lambda p: train_step._loss_and_grads(  # noqa: E731
+      model, p, x, None, noise, jax.random.key(5), dims))(params)
+  (bpd_r, _), grads_r = loss_and_grads(routed)
+  (bpd_p, _), grads_p = loss_and_grads(plain)
+  assert float(bpd_r) == pytest.approx(float(bpd_p), rel=1e-6)  # the probe adds nothing to the value
   largest = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_p["network"]))
   for a, b in zip(jax.tree.leaves(grads_r["network"]), jax.tree.leaves(grads_p["network"])):
     # γ'(t) in closed form vs by jvp: equal up to float32 rounding, which moves the gradients a little.
@@ -37,18 +49,19 @@ def test_variance_minimisation_gives_the_interior_grad_var_and_the_rest_the_elbo
     np.testing.assert_allclose(grads_r["schedule"][name], grads_p["schedule"][name], rtol=1e-5)
 
   # The same closed-form γ'(t) as training (train=False: nothing routed), so only the routing differs.
-  diff = routed.apply({"params": params}, x, None, noise=noise)["loss_diff"]
+  diff = jax.jit(lambda p: routed.apply({"params": p}, x, None, noise=noise)["loss_diff"])(params)
   mean = jax.lax.stop_gradient(diff.mean())
 
   def second_moment(p):
     d = routed.apply({"params": p}, x, None, noise=noise)["loss_diff"]
     return losses.bits_per_dim(jnp.mean(d ** 2) / (2 * mean), dims)
 
-  expected = jax.grad(second_moment)(params)["schedule"]
+  expected = jax.jit(jax.grad(second_moment))(params)["schedule"]
   for name in ("l1", "l2", "l3"):
     assert float(jnp.max(jnp.abs(expected[name]["kernel"]))) > 0  # (l3's bias cancels from u(t): 0)
+    scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(expected[name]))
     for a, b in zip(jax.tree.leaves(grads_r["schedule"][name]), jax.tree.leaves(expected[name])):
-      np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-4 * float(jnp.max(jnp.abs(b))))  # float32 sums of L²
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-4 * scale)  # float32 sums of L²
     assert not np.allclose(grads_r["schedule"][name]["kernel"], grads_p["schedule"][name]["kernel"])  # not the ELBO's
 
 
@@ -58,9 +71,7 @@ def test_evaluation_and_discrete_time_are_untouched_by_the_switch():
   for steps in (0, 10):
     outs = []
     for flag in (True, False):
-      config = _monotone_config(flag)
-      config.model.num_diffusion_steps = steps
-      model = config_lib.build_model(config)
+      model = _pixel_vdm("monotone_net", minimize_variance=flag, num_steps=steps)
       params = model.init(jax.random.key(1), x, jax.random.key(2))["params"]
       outs.append(model.apply({"params": params}, x, None, noise=noise))
     for k in ("loss_recon", "loss_prior", "loss_diff"):
@@ -109,10 +120,7 @@ def test_the_weightings_in_closed_form():
 
 def test_a_weighted_loss_trains_on_the_weighted_term_and_reports_the_elbo():
   """eps_mse on the cosine schedule: the trained term is ½ (γ_1 − γ_0) ‖ε − ε̂‖²; the reported loss the ELBO."""
-  config = smoke.get_config()
-  config.model.schedule.name = "cosine"
-  config.model.loss_weighting = "eps_mse"
-  model = config_lib.build_model(config)
+  model = _pixel_vdm("cosine", loss_weighting="eps_mse")
   x = jax.random.randint(jax.random.key(0), (8, 8, 8, 1), 0, 256)
   params = model.init(jax.random.key(1), x, jax.random.key(2))["params"]
   noise = model_lib.draw_noise(jax.random.key(4), x.shape)
@@ -153,8 +161,7 @@ def test_importance_times_follow_their_density():
 
 def test_importance_sampled_diffusion_loss_keeps_its_mean_and_lowers_its_variance():
   """A fixed network and batch: L(t)/q(t) with t ~ q has the uniform estimator's mean and a smaller spread."""
-  config = smoke.get_config()
-  model = config_lib.build_model(config)
+  model = config_lib.build_model(smoke.get_config())  # at init ε̂ = z_t: L(t) varies strongly with t
   x = jax.random.randint(jax.random.key(0), (16, 8, 8, 1), 0, 256)
   params = model.init(jax.random.key(1), x, jax.random.key(2))["params"]
 
@@ -206,8 +213,9 @@ def test_training_resumes_from_a_checkpoint_written_before_importance_sampling(t
   mngr = checkpoints.manager(checkpoints.checkpoint_dir(str(tmp_path)))
   checkpoints.save(mngr, old, config, {"image_shape": [28, 28, 1]})
   config.training.importance_bins = bins
-  record = training.train_and_evaluate(config, str(tmp_path), progress=False)
-  assert record["step"] == 4 and np.isfinite(record["bpd"])
+  if bins:  # resume training from it
+    record = training.train_and_evaluate(config, str(tmp_path), progress=False)
+    assert record["step"] == 4 and np.isfinite(record["bpd"])
   like = train_step.abstract_state(config, (28, 28, 1))
   final = checkpoints.restore(checkpoints.manager(checkpoints.checkpoint_dir(str(tmp_path)), read_only=True), like)
   for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(state.params)):
@@ -216,4 +224,4 @@ def test_training_resumes_from_a_checkpoint_written_before_importance_sampling(t
     stats = np.asarray(final.noise_stats)
     assert stats.shape == (8,) and not np.allclose(stats, 1.0) and np.all(stats > 0)
   else:
-    assert final.noise_stats == ()
+    assert final.noise_stats == () and int(final.step) == 2
