@@ -101,8 +101,9 @@ def load(path: str, step: Optional[int] = None, *, config=None, image_shape: Opt
 
   Raises FileNotFoundError when there is no checkpoint there.
   """
-  if reference.find(path) is not None:
-    return _load_reference(path, config, image_shape)
+  released = reference.find(path)
+  if released is not None:
+    return _load_reference(path, released, config, image_shape)
   if config is not None:
     raise ConfigError(f"config: {path} is a vdm checkpoint, which carries its own config; give config only "
                       "for google-research/vdm checkpoints")
@@ -120,7 +121,7 @@ def load(path: str, step: Optional[int] = None, *, config=None, image_shape: Opt
                     image_shape=image_shape)
 
 
-def _load_reference(path: str, config, image_shape) -> TrainedVDM:
+def _load_reference(path: str, file, config, image_shape) -> TrainedVDM:
   if config is None:
     raise ConfigError(f"config: {path} is a google-research/vdm checkpoint, which carries no config; give the "
                       "one it trained with, e.g. config='configs/cifar10.py'")
@@ -130,7 +131,7 @@ def _load_reference(path: str, config, image_shape) -> TrainedVDM:
   if image_shape is None:  # the reference's data: CIFAR-10
     image_shape = (32, 32, 3)
   image_shape = tuple(int(n) for n in image_shape)
-  params, step = reference.load(path, config, image_shape)
+  params, step = reference.load(file, config, image_shape)
   params = jax.device_put(params, sharding.replicated(sharding.make_mesh()))
   return TrainedVDM(config=config, params=params, step=step, model=config_lib.build_model(config),
                     image_shape=image_shape)

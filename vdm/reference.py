@@ -205,11 +205,8 @@ def _convert(key: tuple, array: np.ndarray, shape: tuple) -> np.ndarray:
   return array.reshape(shape)
 
 
-def load(path: str, config: ml_collections.ConfigDict, image_shape) -> tuple[dict, int]:
-  """(our parameters from its EMA parameters, its step) of the reference checkpoint at ``path``."""
-  file = find(path)
-  if file is None:
-    raise FileNotFoundError(f"{path}: no google-research/vdm checkpoint (<prefix>{SUFFIX}) there")
+def load(file: epath.Path, config: ml_collections.ConfigDict, image_shape) -> tuple[dict, int]:
+  """(our parameters from its EMA parameters, its step) of the reference checkpoint ``file`` (see :func:`find`)."""
   state = read(file)
   params = to_params(state["ema_params"], config, image_shape)
   return jax.tree.map(jnp.asarray, params), int(np.asarray(state["step"]))

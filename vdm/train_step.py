@@ -119,7 +119,7 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
   importance = not isinstance(state.noise_stats, tuple)
   if importance:  # t from the adaptive histogram, each draw weighted by 1/q(t)
     probs = objectives.importance_probs(state.noise_stats, importance_floor)
-    t, density, _ = objectives.importance_times(jax.random.fold_in(loss_key, 1), batch.shape[0], probs,
+    t, density, bins = objectives.importance_times(jax.random.fold_in(loss_key, 1), batch.shape[0], probs,
                                                 model.antithetic_time_sampling)
     noise = dict(noise, t=t, inv_density=1.0 / density)
   if grad_accum_steps == 1:
@@ -151,7 +151,6 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
   opt_state = keep(opt_state, state.opt_state)
   noise_stats = state.noise_stats
   if importance:
-    bins = jnp.clip(jnp.floor(noise["t"] * noise_stats.shape[0]).astype(jnp.int32), 0, noise_stats.shape[0] - 1)
     updated = objectives.update_second_moment(noise_stats, bins, out["loss_diff_at_t"], importance_decay)
     noise_stats = jnp.where(ok, updated, noise_stats)
   metrics = {

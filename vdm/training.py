@@ -280,7 +280,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   _, _, mesh, init = setup(config, split.image_shape)
   model = config_lib.build_model(config, for_eval=True)
   if released is not None:
-    params, step = reference.load(checkpoint, config, split.image_shape)
+    params, step = reference.load(released, config, split.image_shape)
     params = jax.device_put(params, sharding.replicated(mesh))
   else:
     mngr = checkpoints.manager(directory, read_only=True)
