@@ -2,6 +2,7 @@
 
     python sample.py --workdir=runs/mnist --num_samples=64 --num_steps=1000     # the defaults
     python sample.py --checkpoint=runs/mnist/checkpoints/1500 --sampler=ddim --eta=0 --num_steps=100 --seed=1
+    python sample.py --workdir=runs/mnist_cond --labels=all --num_samples=8 --guidance=2   # a conditional model
     python sample.py --checkpoint=gs://gresearch/vdm/cifar10/checkpoint-final/checkpoints-0 \
         --config=configs/cifar10.py --output=samples/    # a released google-research/vdm model
 
@@ -11,25 +12,53 @@ A progress bar counts sampler steps; every device JAX sees is used.
 import os
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import vdm
-from vdm import cli, images, reference
+from vdm import cli, images, ode, reference
+from vdm.config import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", "", "Training workdir (its latest checkpoint is used).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "A checkpoint folder (overrides --workdir).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "Images to draw.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 1000, "Reverse steps on the grid t_i = i/N.")
-_SAMPLER = flags.DEFINE_string("sampler", "ancestral", "ancestral or ddim.")
+_SAMPLER = flags.DEFINE_string("sampler", "ancestral", "ancestral, ddim, or ode (the probability-flow ODE, "
+                               "adaptive steps to --rtol/--atol; needs the [ode] extra).")
 _ETA = flags.DEFINE_float("eta", 1.0, "DDIM's η in [0, 1]: 0 deterministic, 1 the ancestral variance.")
+_RTOL = flags.DEFINE_float("rtol", 1e-5, "--sampler=ode: the solver's relative tolerance.")
+_ATOL = flags.DEFINE_float("atol", 1e-5, "--sampler=ode: the solver's absolute tolerance.")
 _CLIP = flags.DEFINE_bool("clip_denoised", False, "Clip x̂ to [-1, 1] inside every step.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sample k depends only on (seed, k).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Images per compiled batch (default: all at once).")
+_LABELS = flags.DEFINE_list("labels", [], "A class-conditional model: the classes to draw, e.g. 0,1,2 (one grid "
+                             "row each, --num_samples images per row); 'all' for every class.")
+_GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w ≥ −1 (with --labels): "
+                               "(1 + w) ε̂(z, c) − w ε̂(z, ∅); 0 = the conditional model.")
 _OUTPUT = flags.DEFINE_string("output", "", "Output folder (default: <workdir>/samples/; ./samples for a released model).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Only for a google-research/vdm checkpoint (which carries no config): the config it "
     "trained with, e.g. configs/cifar10.py.")
+
+
+def _classes(num_classes: int):
+  """--labels as an array of classes (None: unconditional samples); one clear line on bad values."""
+  if not _LABELS.value:
+    if _GUIDANCE.value != 0.0:
+      raise ConfigError("--guidance: needs --labels (guidance contrasts a class with none)")
+    return None
+  if not num_classes:
+    raise ConfigError("--labels: this model is unconditional (config.model.num_classes = 0)")
+  if _LABELS.value == ["all"]:
+    return np.arange(num_classes, dtype=np.int32)
+  try:
+    classes = np.array([int(v) for v in _LABELS.value], np.int32)
+  except ValueError:
+    raise ConfigError(f"--labels: expected integers or 'all', got {','.join(_LABELS.value)!r}") from None
+  if classes.min() < 0 or classes.max() >= num_classes:
+    raise ConfigError(f"--labels: expected classes in [0, {num_classes - 1}], got {','.join(_LABELS.value)}")
+  return classes
 
 
 def main(argv):
@@ -42,9 +71,14 @@ def main(argv):
     if not path:
       raise FileNotFoundError("give --workdir or --checkpoint")
     trained = vdm.load(path, config=_CONFIG.value)
-    samples = trained.sample(jax.random.key(_SEED.value), _NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
-                             sampler=_SAMPLER.value, eta=_ETA.value, clip_denoised=_CLIP.value,
-                             batch_size=_BATCH.value or None, progress=True)
+    classes = _classes(trained.num_classes)
+    stats = {}
+    labels = None if classes is None else np.repeat(classes, _NUM_SAMPLES.value)
+    samples = trained.sample(jax.random.key(_SEED.value), _NUM_SAMPLES.value * (1 if classes is None else len(classes)),
+                             num_steps=_NUM_STEPS.value, sampler=_SAMPLER.value, eta=_ETA.value,
+                             clip_denoised=_CLIP.value, batch_size=_BATCH.value or None, progress=True,
+                             labels=labels, guidance=_GUIDANCE.value, rtol=_RTOL.value, atol=_ATOL.value,
+                             stats=stats)
   if jax.process_index() != 0:
     return
   if _OUTPUT.value or _WORKDIR.value:
@@ -53,11 +87,18 @@ def main(argv):
     out = "samples"
   else:
     out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_CHECKPOINT.value))), "samples")
-  name = f"{_SAMPLER.value}_step{trained.step}_n{_NUM_STEPS.value}_seed{_SEED.value}"
+  steps = f"n{_NUM_STEPS.value}" if _SAMPLER.value != "ode" else f"tol{_RTOL.value:g}"
+  name = f"{_SAMPLER.value}_step{trained.step}_{steps}_seed{_SEED.value}"
+  if classes is not None:
+    name += f"_w{_GUIDANCE.value:g}"
   png = os.path.join(out, name + ".png")
-  images.write_png(png, images.grid(samples))
+  images.write_png(png, images.grid(samples, _NUM_SAMPLES.value if classes is not None else 0))
   npz = os.path.join(out, name + ".npz")
-  images.write_npz(npz, samples=samples)
+  images.write_npz(npz, samples=samples, **({} if labels is None else {"labels": labels}))
+  if "solver_steps" in stats:
+    steps = stats["solver_steps"]
+    print(f"ode: {sum(steps)} solver steps over {len(steps)} batch(es), about {ode.EVALS_PER_STEP} network "
+          "evaluations each")
   print(f"wrote {png}\nwrote {npz}")
 
 

@@ -2,6 +2,7 @@
 
     python train.py --config=configs/mnist.py --workdir=runs/mnist
     python train.py --config=configs/mnist.py --workdir=runs/mnist --mode=eval
+    python train.py --config=configs/mnist.py --workdir=runs/mnist --mode=eval --likelihood=ode  # exact, by the ODE
     python train.py --config=configs/mnist.py --print_config      # every field, its value and meaning
 
 Running the same training command again resumes from the latest checkpoint.
@@ -23,6 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics, samples.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (then evaluate) or only evaluate.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Checkpoint to evaluate (default: latest in --workdir).")
+_LIKELIHOOD = flags.DEFINE_enum("likelihood", "elbo", ["elbo", "ode"],
+                                "--mode=eval: the variational bound (elbo), or the probability-flow ODE's "
+                                "(ode: config.eval.ode; needs the [ode] extra).")
 _ALLOW_MISMATCH = flags.DEFINE_bool("allow_config_mismatch", False,
                                     "Load a checkpoint even if its model config differs from --config.")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print every field of the config (overrides applied) "
@@ -42,6 +46,8 @@ def main(argv):
     return
   if not _WORKDIR.value:
     cli.fail("--workdir: required (a folder for checkpoints, metrics and samples)")
+  if _LIKELIHOOD.value != "elbo" and _MODE.value != "eval":
+    cli.fail(f"--likelihood={_LIKELIHOOD.value}: only with --mode=eval (training reports the ELBO)")
   cli.initialize_distributed()
   try:
     with cli.user_errors():
@@ -50,7 +56,8 @@ def main(argv):
                                              allow_config_mismatch=_ALLOW_MISMATCH.value)
       else:
         record = training.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value,
-                                              allow_config_mismatch=_ALLOW_MISMATCH.value)
+                                              allow_config_mismatch=_ALLOW_MISMATCH.value,
+                                              likelihood=_LIKELIHOOD.value)
   except preemption.Preempted as e:  # SIGINT: exit 130; SIGTERM: exit 143
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(e.exit_code)

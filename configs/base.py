@@ -31,6 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
   # "edm_monotone" or "eps_mse" (Ho et al.'s simple loss). Evaluation always reports the unweighted ELBO.
   config.model.loss_weighting = "elbo"
   config.model.sigmoid_bias = 2.0  # b of the "sigmoid" weighting
+  # Class-conditional: K > 0 classes (the data's labels, 0 … K−1) embedded into the network; 0 = unconditional.
+  config.model.num_classes = 0
+  # Share of training labels replaced by the null class, so the model also learns p(x) and samples can use
+  # classifier-free guidance (Ho & Salimans 2021). Only for num_classes > 0.
+  config.model.label_dropout = 0.1
 
   config.model.schedule = ml_collections.ConfigDict()
   config.model.schedule.name = "learned_linear"  # fixed_linear|learned_linear|monotone_net|linear_beta|cosine
@@ -111,5 +116,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.periodic_examples = 0  # examples in periodic evals during training; 0 = all
   config.eval.num_samples = 64  # images in each sample grid written during training
   config.eval.sample_steps = 250  # ancestral steps for those samples
+  # Classifier-free guidance weight w of a conditional model's sample grids (one row per class):
+  # ε̃ = (1 + w) ε̂(z, c) − w ε̂(z, ∅); 0 = the conditional model as trained.
+  config.eval.guidance = 0.0
+  # --mode=eval --likelihood=ode: the bound on −log P(x) by the probability-flow ODE (vdm.ode, the [ode] extra).
+  config.eval.ode = ml_collections.ConfigDict()
+  config.eval.ode.rtol = 1e-5  # Dormand–Prince relative tolerance
+  config.eval.ode.atol = 1e-5  # and absolute tolerance
+  config.eval.ode.max_steps = 4096  # solver steps before it gives up (an error, not a wrong number)
+  # Density on the pixel bins: "decoder" (the model's own decoder at t = 0, as the ELBO) or "uniform" (y = x + U(bin)).
+  config.eval.ode.dequantization = "decoder"
+  config.eval.ode.examples = 0  # evaluate the first N examples of the split; 0 = all (each costs ~100s of passes)
   config.lock()  # a misspelt or moved field is an error, not a new field: set only those defined here
   return config

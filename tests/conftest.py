@@ -14,8 +14,22 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> str:
+  """``npz:<path>`` of 64 training and 10 test digits of mnist5k (with labels), for runs whose
+  whole-split evaluation is not the point: it takes a moment instead of 500 images' worth."""
+  from vdm import input_pipeline
+  data = input_pipeline.load_dataset("mnist5k")
+  path = tmp_path_factory.mktemp("small_data") / "mnist64.npz"
+  np.savez(path, train=data["train"].images[:64], train_labels=data["train"].labels[:64],
+           test=data["test"].images[:10], test_labels=data["test"].labels[:10])
+  return f"npz:{path}"
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -25,9 +39,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 # The slowest files first: with the files spread over worker processes (README: -n … --dist loadfile),
 # the long ones start at once instead of running alone at the end. Measured per-file totals, 2 cores.
-_SLOWEST_FIRST = ("test_robustness.py", "test_parallel.py", "test_bad_inputs.py", "test_training.py",
+_SLOWEST_FIRST = ("test_robustness.py", "test_parallel.py", "test_guidance.py", "test_bad_inputs.py", "test_training.py",
                   "test_objectives.py", "test_networks.py", "test_cli.py", "test_sampling.py", "test_model.py",
-                  "test_pretrained.py", "test_reference.py", "test_sample_quality.py", "test_tfds.py")
+                  "test_pretrained.py", "test_reference.py", "test_sample_quality.py", "test_tfds.py", "test_ode.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -1,6 +1,7 @@
 """Bad input of every kind: one clear line, a non-zero exit (or a specific exception), nothing changed."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -64,6 +65,9 @@ TRAIN = [  # (arguments after --config=configs/smoke.py, words expected on stder
      "config.model.network.norm_groups: expected a divisor of model.network.channels (8), got 3"),
     (["--config.optimizer.ema_rate=1.5"], "config.optimizer.ema_rate: expected a decay in [0, 1)"),
     (["--config.training.steps_per_call=3"], "config.training.num_steps: expected a multiple of"),
+    (["--config.model.num_classes=5"], "config.model.num_classes: the training split has labels up to 9, "
+                                       "expected all < num_classes (5)"),
+    (["--likelihood=ode"], "--likelihood=ode: only with --mode=eval"),
     (["--config.training.grad_accum_steps=3"], "config.training.batch_size: expected a multiple of"),
     (["--config.training.on_nonfinite=ignore"], "config.training.on_nonfinite: expected 'skip' or 'stop'"),
     (["--config.eval.split=validation"], "config.eval.split: expected one of ['test', 'train']"),
@@ -95,6 +99,7 @@ SAMPLE = [
     (["--checkpoint={tmp}/no/such"], "no checkpoint under"),
     ([], "give --workdir or --checkpoint"),
     (["--checkpoint={tmp}/run/checkpoints/7"], "saved steps: 2, 4"),
+    (["--workdir={tmp}/run", "--labels=3"], "--labels: this model is unconditional (config.model.num_classes = 0)"),
 ]
 
 
@@ -139,6 +144,35 @@ def test_python_api_refuses(trained):
     model.evaluate_bpd(np.zeros((2, 28, 28, 1), np.float32), jax.random.key(0))
   with pytest.raises(config_lib.ConfigError, match=r"images: values must lie in \[0, 255\]"):
     model.evaluate_bpd(np.full((2, 28, 28, 1), 300, np.int32), jax.random.key(0))
+  with pytest.raises(config_lib.ConfigError, match="labels: this model is unconditional"):
+    model.sample(jax.random.key(0), 2, labels=[1, 2])
+  with pytest.raises(config_lib.ConfigError, match="guidance: expected 0 without labels"):
+    model.sample(jax.random.key(0), 2, guidance=1.0)
+  with pytest.raises(config_lib.ConfigError, match="rtol, atol: expected tolerances > 0"):
+    model.sample(jax.random.key(0), 2, sampler="ode", rtol=0.0)
+  with pytest.raises(config_lib.ConfigError, match=r"latents: expected \[N, 28, 28, 1\]"):
+    model.decode(np.zeros((2, 8, 8, 1)), 4)
+  with pytest.raises(config_lib.ConfigError, match="num_points: expected ≥ 2"):
+    model.interpolate(np.zeros((28, 28, 1), np.uint8), np.zeros((28, 28, 1), np.uint8), num_points=1)
+  for field, value, words in [("model.num_classes", -1, "config.model.num_classes: expected an integer ≥ 0"),
+                              ("model.label_dropout", 1.0, "config.model.label_dropout: expected a rate in [0, 1)"),
+                              ("eval.guidance", -2.0, "config.eval.guidance: expected a weight ≥ −1"),
+                              ("eval.ode.rtol", 0.0, "config.eval.ode.rtol: expected tolerances > 0"),
+                              ("eval.ode.dequantization", "gauss", "config.eval.ode.dequantization: expected "
+                                                                   "'uniform' or 'decoder'"),
+                              ("eval.ode.examples", -1, "config.eval.ode.examples: expected ≥ 0")]:
+    bad = smoke.get_config()
+    section, name = field.rsplit(".", 1)
+    node = bad
+    for part in section.split("."):
+      node = node[part]
+    node[name] = value
+    with pytest.raises(config_lib.ConfigError, match=re.escape(words)):
+      config_lib.validate(bad)
+  unlabelled = input_pipeline.Split(np.zeros((4, 8, 8, 1), np.uint8))
+  with pytest.raises(input_pipeline.DataError, match="^num_classes: a class-conditional model needs labels, and the "
+                                                     "data has none"):
+    input_pipeline.check_labels(unlabelled, 10)
   # The library names its own arguments; only train.py / sample.py speak of flags and config fields.
   with pytest.raises(config_lib.ConfigError, match="^coordinator_address needs num_processes and process_id$"):
     sharding.initialize("127.0.0.1:1")

@@ -119,6 +119,16 @@ def test_folder_source_reads_png_exactly(tmp_path, channels):
   np.testing.assert_array_equal(data["test"].images, test)
   np.testing.assert_array_equal(data["train"].labels, [0, 0, 1, 1, 1])
   assert data["test"].labels is None
+  # A test split with class folders: its labels index the training split's classes, even with one of them.
+  _write_images(tmp_path / "test2" / "dogs", test)
+  os.rename(tmp_path / "test", tmp_path / "test_flat")
+  os.rename(tmp_path / "test2", tmp_path / "test")
+  data = input_pipeline.load_dataset(f"folder:{tmp_path}")
+  np.testing.assert_array_equal(data["test"].labels, [1, 1, 1])
+  assert data["test"].label_count() == data["train"].label_count() == 2
+  _write_images(tmp_path / "test" / "birds", test[:1])
+  with pytest.raises(input_pipeline.DataError, match=r"class folders that train/ lacks: \['birds'\]"):
+    input_pipeline.load_dataset(f"folder:{tmp_path}")
 
 
 def test_folder_source_errors(tmp_path):

@@ -68,8 +68,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path):
-  args = ["--config=configs/smoke.py", "--config.model.network.dropout=0.0", "--config.training.num_steps=3",
+def test_two_processes_train_like_one(tmp_path, small_data):
+  args = ["--config=configs/smoke.py", f"--config.data.dataset={small_data}", "--config.model.network.dropout=0.0",
+          "--config.training.num_steps=3",
           "--config.training.log_every=1", "--config.training.checkpoint_every=3",
           "--config.eval.sample_steps=2", "--config.eval.periodic_examples=0"]
   single = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path / 'single'}", *args], cwd=ROOT,
@@ -85,7 +86,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert p.returncode == 0, err[-3000:] + "\n--- first part of stderr ---\n" + "\n".join(line for line in err.splitlines() if "train:" not in line)[:6000]
   single_record = json.loads(single.stdout.strip().splitlines()[-1])
   multi_record = json.loads(outs[0][0].strip().splitlines()[-1])
-  assert multi_record["num_examples"] == single_record["num_examples"] == 500
+  assert multi_record["num_examples"] == single_record["num_examples"] == 10  # 10 over 4 devices: padded, masked
   np.testing.assert_allclose(multi_record["bpd"], single_record["bpd"], rtol=1e-4)
   # Only process 0 wrote the logs: one line per log step, one eval file.
   with open(tmp_path / "multi" / "metrics.jsonl") as f:

@@ -22,20 +22,21 @@ LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse
 def write_cifar10_binary(path, per_batch=6, num_test=10, seed=0):
   """``cifar-10-binary.tar.gz`` in the official layout: records of 1 label byte + 3072 CHW bytes."""
   rng = np.random.default_rng(seed)
-  files, images = {}, {"train": [], "test": []}
+  files, images, classes = {}, {"train": [], "test": []}, {"train": [], "test": []}
   for name, n, split in [(f"data_batch_{i}.bin", per_batch, "train") for i in range(1, 6)] + [
       ("test_batch.bin", num_test, "test")]:
     labels = rng.integers(0, 10, (n, 1)).astype(np.uint8)
     chw = rng.integers(0, 256, (n, 3, 32, 32)).astype(np.uint8)
     files[name] = np.concatenate([labels, chw.reshape(n, -1)], axis=1).tobytes()
     images[split].append(chw.transpose(0, 2, 3, 1))
+    classes[split].append(labels[:, 0])
   files["batches.meta.txt"] = ("\n".join(LABELS) + "\n").encode()
   with tarfile.open(path, "w:gz") as tar:
     for name, data in files.items():
       info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
-  return {k: np.concatenate(v) for k, v in images.items()}
+  return ({k: np.concatenate(v) for k, v in images.items()}, {k: np.concatenate(v) for k, v in classes.items()})
 
 
 def _as_set(images):
@@ -49,7 +50,7 @@ def prepared_cifar10(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   manual = data_dir / "downloads" / "manual"  # where vdm tells TFDS to look for hand-downloaded files
   manual.mkdir(parents=True)
-  expected = write_cifar10_binary(manual / "cifar-10-binary.tar.gz")
+  expected, labels = write_cifar10_binary(manual / "cifar-10-binary.tar.gz")
   # Test only: our archive is not the real one, so skip TFDS's registered-checksum comparison.
   dm = tfds.download.DownloadManager
   original = dm._register_or_validate_checksums
@@ -59,20 +60,23 @@ def prepared_cifar10(tmp_path_factory):
     data = input_pipeline.load_dataset("cifar10", str(data_dir))
   finally:
     dm._register_or_validate_checksums = original
-  return data_dir, data, expected
+  return data_dir, data, expected, labels
 
 
-def test_prepared_cifar10_has_the_archives_images(prepared_cifar10):
-  _, data, expected = prepared_cifar10
+def test_prepared_cifar10_has_the_archives_images_and_labels(prepared_cifar10):
+  _, data, expected, labels = prepared_cifar10
   assert len(data["train"]) == 30 and len(data["test"]) == 10
   assert data["train"].image_shape == (32, 32, 3) and data["train"].images.dtype == np.uint8
   for split in ("train", "test"):
     got = data[split].images[np.arange(len(data[split]))]
     assert _as_set(got) == _as_set(expected[split])  # TFDS stores its own order; the images are exact
+    label_of = {x.tobytes(): int(c) for x, c in zip(expected[split], labels[split])}
+    assert [label_of[x.tobytes()] for x in got] == data[split].labels[np.arange(len(got))].tolist()
+    assert data[split].label_count() == 10  # from the dataset's metadata, not the labels seen
 
 
 def test_reading_again_needs_no_preparation_and_indexes_like_an_array(prepared_cifar10, monkeypatch):
-  data_dir, _, expected = prepared_cifar10
+  data_dir, _, expected, _ = prepared_cifar10
   monkeypatch.setattr(input_pipeline, "tensorflow_available", lambda: False)  # reading must not need it
   monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
   data = input_pipeline.load_dataset("cifar10")
@@ -84,7 +88,7 @@ def test_reading_again_needs_no_preparation_and_indexes_like_an_array(prepared_c
 
 
 def test_two_training_steps_with_the_cifar10_config(prepared_cifar10, tmp_path):
-  data_dir, _, _ = prepared_cifar10
+  data_dir, _, _, _ = prepared_cifar10
   config = cifar10.get_config()
   config.data.data_dir = str(data_dir)
   config.model.network.channels, config.model.network.num_blocks, config.model.network.fourier_exponents = 8, 1, (6,)
@@ -121,7 +125,7 @@ def test_unknown_tfds_name(tmp_path):
 def test_reading_a_prepared_dataset_never_imports_tensorflow(prepared_cifar10):
   import subprocess
   import sys
-  data_dir, _, _ = prepared_cifar10
+  data_dir, _, _, _ = prepared_cifar10
   code = ("import sys; from vdm import input_pipeline; "
           f"d = input_pipeline.load_dataset('cifar10', {str(data_dir)!r}); "
           "x = d['train'].images[[0, 5, 7]]; print(x.shape, 'tensorflow' in sys.modules)")

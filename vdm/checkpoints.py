@@ -183,6 +183,10 @@ LATER_FIELDS = {
     "training.importance_bins": 0,
     "training.importance_decay": 0.99,
     "training.importance_floor": 0.1,
+    "model.num_classes": 0,
+    "model.label_dropout": 0.1,
+    "eval.guidance": 0.0,
+    "eval.ode": {"rtol": 1e-5, "atol": 1e-5, "max_steps": 4096, "dequantization": "decoder", "examples": 0},
 }
 
 # Config fields that no longer exist; dropped from saved configs.

@@ -17,8 +17,9 @@ from vdm import sharding
 from vdm.checkpoints import MOVED_FIELDS, CheckpointError
 from vdm.config import ConfigError
 from vdm.input_pipeline import DataError
+from vdm.ode import MissingDependency, SolverError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, MissingDependency, SolverError)
 
 
 def fail(message: str) -> None:

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 # The arguments of vdm.input_pipeline that a config sets, and the fields that set them.
 DATA_ARGUMENTS = {"dataset": "config.data.dataset", "augment": "config.data.augment",
-                  "vocab_size": "config.model.vocab_size"}
+                  "vocab_size": "config.model.vocab_size", "num_classes": "config.model.num_classes"}
 
 
 def names_config_fields(fn):
@@ -84,6 +84,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
          m.prediction)
   _check(m.loss_weighting in objectives.WEIGHTINGS, "model.loss_weighting", f"one of {objectives.WEIGHTINGS}",
          m.loss_weighting)
+  _check(isinstance(m.num_classes, int) and m.num_classes >= 0, "model.num_classes",
+         "an integer ≥ 0 (0 = unconditional)", m.num_classes)
+  _check(0.0 <= m.label_dropout < 1.0, "model.label_dropout", "a rate in [0, 1)", m.label_dropout)
   _check(sched.name in schedules.SCHEDULES, "model.schedule.name", f"one of {tuple(schedules.SCHEDULES)}",
          sched.name)
   _check(sched.gamma_min < sched.gamma_max, "model.schedule.gamma_min",
@@ -130,15 +133,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(isinstance(ev.full_precision, bool), "eval.full_precision", "True or False", ev.full_precision)
   _check(ev.num_samples >= 0, "eval.num_samples", "≥ 0", ev.num_samples)
   _check(ev.sample_steps >= 1, "eval.sample_steps", "a positive integer", ev.sample_steps)
+  _check(ev.ode.rtol > 0 and ev.ode.atol > 0, "eval.ode.rtol", "tolerances > 0 (eval.ode.rtol and .atol)",
+         (ev.ode.rtol, ev.ode.atol))
+  _check(ev.ode.max_steps >= 1, "eval.ode.max_steps", "a positive integer", ev.ode.max_steps)
+  _check(ev.ode.dequantization in ("uniform", "decoder"), "eval.ode.dequantization", "'uniform' or 'decoder'",
+         ev.ode.dequantization)
+  _check(ev.ode.examples >= 0, "eval.ode.examples", "≥ 0 (0 = all)", ev.ode.examples)
+  _check(ev.guidance >= -1.0, "eval.guidance", "a weight ≥ −1 (0 = the conditional model, −1 = unconditional)",
+         ev.guidance)
 
 
-def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> model_lib.VDM:
+def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
+                forward_mode: bool = False) -> model_lib.VDM:
   """The VDM of ``config.model``, computed as ``config.execution`` says.
 
   ``config.model.network`` holds :class:`vdm.networks.ScoreUNet`'s own
   arguments. ``for_eval``: the network as evaluation runs it; with
   ``config.eval.full_precision`` that is float32 activations and "highest"
   matmul precision (same parameters, same function up to rounding).
+  ``forward_mode``: a network that ``jax.jvp`` can differentiate (XLA's own
+  convolution derivatives; the ODE likelihood's divergence needs them).
   """
   m, sched, ex = config.model, config.model.schedule, config.execution
   dtype, precision = ex.dtype, ex.matmul_precision
@@ -150,14 +164,17 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False) ->
   network = networks.ScoreUNet(
       **network, gamma_min=sched.gamma_min, gamma_max=sched.gamma_max,
       remat=ex.remat, remat_policy=ex.remat_policy, dtype=DTYPES[dtype],
-      conv_grad=resolve_conv_grad(ex.conv_grad, m.network.scan_blocks), matmul_precision=precision,
-      num_augmentations=input_pipeline.NUM_AUGMENTATIONS if config.data.augment else 0)
+      conv_grad="xla" if forward_mode else resolve_conv_grad(ex.conv_grad, m.network.scan_blocks),
+      matmul_precision=precision,
+      num_augmentations=input_pipeline.NUM_AUGMENTATIONS if config.data.augment else 0,
+      num_classes=m.num_classes)
   return model_lib.VDM(schedule, network, vocab_size=m.vocab_size,
                        num_steps=m.num_diffusion_steps, prediction=m.prediction, loss_weighting=m.loss_weighting,
                        sigmoid_bias=m.sigmoid_bias,
                        # a weighted loss depends on the interior: then it is what the interior follows
                        minimize_variance=config.training.minimize_variance and m.loss_weighting == "elbo",
-                       antithetic_time_sampling=m.antithetic_time_sampling, decoder=m.decoder)
+                       antithetic_time_sampling=m.antithetic_time_sampling, decoder=m.decoder,
+                       num_classes=m.num_classes, label_dropout=m.label_dropout)
 
 
 def resolve_conv_grad(conv_grad: str, scan_blocks: bool) -> str:

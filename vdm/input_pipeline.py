@@ -68,7 +68,16 @@ class Split:
   array (a TFDS source reads and decodes only the images asked for).
   """
   images: Any
-  labels: Optional[np.ndarray] = None
+  labels: Optional[np.ndarray] = None  # integer class labels [N] (or indexable like them), if the data has them
+  num_classes: Optional[int] = None  # how many classes the data set defines; None: the labels' largest + 1
+
+  def label_count(self) -> int:
+    """How many classes the labels index: the data set's own count, or the largest label + 1."""
+    if self.labels is None:
+      return 0
+    if self.num_classes is not None:
+      return int(self.num_classes)
+    return int(np.max(self.labels)) + 1
 
   def __len__(self) -> int:
     return len(self.images)
@@ -90,6 +99,20 @@ def check_values(top: int, vocab_size: int, what: str = "the data") -> None:
   if top >= vocab_size:
     raise DataError(f"{what} hold values up to {top}, expected all < vocab_size ({vocab_size})",
                     field="vocab_size")
+
+
+def check_labels(split: Split, num_classes: int, what: str = "the data") -> None:
+  """Refuses a class-conditional model (``num_classes`` > 0) on data without labels or with more classes."""
+  if not num_classes:
+    return
+  if split.labels is None:
+    raise DataError(f"a class-conditional model needs labels, and {what} has none (npz: 'train_labels' and "
+                    "'test_labels' arrays; folder: one sub-folder per class; TFDS: a 'label' feature)",
+                    field="num_classes")
+  count = split.label_count()
+  if count > num_classes:
+    raise DataError(f"{what} has labels up to {count - 1}, expected all < num_classes ({num_classes})",
+                    field="num_classes")
 
 
 def _as_nhwc(name: str, array: np.ndarray) -> np.ndarray:
@@ -141,7 +164,12 @@ def _load_folder(root: str, progress: bool = True) -> dict[str, Split]:
                    if f.lower().endswith(_IMAGE_SUFFIXES))
     if not files:
       raise DataError(f"{what}: expected PNG/JPEG files under {folder!r}, found none")
-    classes = sorted({os.path.relpath(os.path.dirname(f), folder) for f in files})
+    found = sorted({os.path.relpath(os.path.dirname(f), folder) for f in files})
+    if name == "train":
+      classes = found  # the test split's labels index the training split's classes
+    labelled = len(classes) > 1 and found != ["."]
+    if labelled and set(found) - set(classes):
+      raise DataError(f"{what}: {folder!r} has class folders that train/ lacks: {sorted(set(found) - set(classes))}")
     images, first = [], None
     for path in tqdm.tqdm(files, desc=f"reading {name}", disable=not progress or len(files) < 1000,
                           leave=False):
@@ -158,27 +186,43 @@ def _load_folder(root: str, progress: bool = True) -> dict[str, Split]:
         raise DataError(f"{what}: all images must have one size and colour mode; {path!r} is "
                         f"{array.shape} (H, W, C) but {first[0]!r} is {first[1]}")
       images.append(array)
-    labels = np.array([classes.index(os.path.relpath(os.path.dirname(f), folder)) for f in files], np.int64)
-    splits[name] = Split(np.stack(images), labels if len(classes) > 1 else None)
+    labels = (np.array([classes.index(os.path.relpath(os.path.dirname(f), folder)) for f in files], np.int64)
+              if labelled else None)
+    splits[name] = Split(np.stack(images), labels, num_classes=len(classes) if labelled else None)
   return _check_same_shape(what, splits)
 
 
-class _TfdsImages:
-  """The images of one TFDS split, read and decoded on demand; indexes like an ``[N, H, W, C]`` array."""
+class _TfdsRecords:
+  """A TFDS data source that remembers its last read, so images and labels of one batch decode once."""
 
-  def __init__(self, source, key: str, shape: tuple[int, ...]):
-    self._source, self._key = source, key
-    self.shape = (len(source),) + tuple(shape)
-    self.dtype = np.dtype(np.uint8)
+  def __init__(self, source):
+    self.source, self._last = source, (None, None)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def read(self, idx: np.ndarray) -> list:
+    wanted = tuple(int(i) for i in idx.ravel())
+    if self._last[0] != wanted:
+      self._last = (wanted, self.source.__getitems__(list(wanted)))
+    return self._last[1]
+
+
+class _TfdsColumn:
+  """One feature of a TFDS split (``image`` or ``label``), read on demand; indexes like an array."""
+
+  def __init__(self, records: _TfdsRecords, key: str, shape: tuple[int, ...], dtype):
+    self._records, self._key = records, key
+    self.shape = (len(records),) + tuple(shape)
+    self.dtype = np.dtype(dtype)
 
   def __len__(self) -> int:
     return self.shape[0]
 
   def __getitem__(self, idx) -> np.ndarray:
     idx = np.asarray(idx)
-    records = self._source.__getitems__([int(i) for i in idx.ravel()])
-    images = np.stack([np.asarray(r[self._key], np.uint8) for r in records])
-    return images.reshape(idx.shape + self.shape[1:])
+    values = np.stack([np.asarray(r[self._key], self.dtype) for r in self._records.read(idx)])
+    return values.reshape(idx.shape + self.shape[1:])
 
 
 def tensorflow_available() -> bool:
@@ -238,8 +282,15 @@ def _load_tfds(name: str, data_dir: str) -> dict[str, Split]:
     raise DataError(f"{name!r} needs 'train' and 'test' (or 'validation') splits, "
                     f"has {sorted(info.splits)}", field="dataset")
   sources = builder.as_data_source()
-  return {"train": Split(_TfdsImages(sources["train"], "image", shape)),
-          "test": Split(_TfdsImages(sources[test], "image", shape))}
+  label = info.features["label"] if "label" in info.features else None
+  has_labels = getattr(label, "num_classes", None) is not None  # a ClassLabel
+  splits = {}
+  for name, source in (("train", sources["train"]), ("test", sources[test])):
+    records = _TfdsRecords(source)
+    splits[name] = Split(_TfdsColumn(records, "image", shape, np.uint8),
+                         _TfdsColumn(records, "label", (), np.int64) if has_labels else None,
+                         num_classes=label.num_classes if has_labels else None)
+  return splits
 
 
 def load_dataset(dataset: str, data_dir: str = "", progress: bool = True) -> dict[str, Split]:
@@ -275,7 +326,7 @@ def augmentation_codes(seed: int, step: int, batch_size: int) -> np.ndarray:
 
 def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0,
                   steps_per_call: int = 1, process_index: int = 0, process_count: int = 1,
-                  augment_data: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                  augment_data: bool = False, labels: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Yields this process's part of each training batch, from ``start_step`` on.
 
   Args:
@@ -286,12 +337,16 @@ def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0,
     start_step: the first step to produce (resume).
     steps_per_call: batches stacked per yield (K; K = 1 still has the axis).
     augment_data: flip/rotate each example (square images only).
+    labels: also yield each example's class label.
   Yields:
     ``{"images": uint8 [K, B_local, H, W, C]}``, plus ``"augment"``: int32
-    ``[K, B_local]`` transform codes (see :func:`augment`) with ``augment_data``.
+    ``[K, B_local]`` transform codes (see :func:`augment`) with ``augment_data``,
+    and ``"labels"``: int32 ``[K, B_local]`` with ``labels``.
   """
   if augment_data and split.image_shape[0] != split.image_shape[1]:
     raise DataError(f"90° rotations need square images, got {split.image_shape[:2]}", field="augment")
+  if labels and split.labels is None:
+    raise DataError("a class-conditional model needs labels, and this data set has none", field="num_classes")
   n = len(split)
   local = batch_size // process_count
   cache: dict[int, np.ndarray] = {}
@@ -305,12 +360,14 @@ def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0,
 
   step = start_step
   while True:
-    images, codes = [], []
+    images, codes, classes = [], [], []
     for k in range(steps_per_call):
       start = (step + k) * batch_size + process_index * local
       epochs, offsets = np.divmod(np.arange(start, start + local), n)
       idx = np.array([order(e)[o] for e, o in zip(epochs, offsets)])
       batch = np.asarray(split.images[idx])
+      if labels:
+        classes.append(np.asarray(split.labels[idx]).astype(np.int32))
       if augment_data:
         code = augmentation_codes(seed, step + k, batch_size)[process_index * local:(process_index + 1) * local]
         batch = augment(batch, code)
@@ -319,23 +376,30 @@ def train_batches(split: Split, batch_size: int, seed: int, start_step: int = 0,
     out = {"images": np.stack(images)}
     if augment_data:
       out["augment"] = np.stack(codes)
+    if labels:
+      out["labels"] = np.stack(classes)
     yield out
     step += steps_per_call
 
 
 def eval_batches(split: Split, batch_size: int, limit: Optional[int] = None, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                 process_count: int = 1, labels: bool = False) -> Iterator[tuple[np.ndarray, ...]]:
   """Every example of ``split`` (or its first ``limit``) exactly once, in order.
 
   Yields ``(images, mask)``: the last batch is padded with copies of the
   first image and ``mask`` (float, ``[B_local]``) is 0 on the padding.
+  With ``labels``: ``(images, mask, labels)``, labels int32 ``[B_local]``.
   """
   n = len(split) if not limit else min(limit, len(split))
   local = batch_size // process_count
   for start in range(0, n, batch_size):
     idx = np.arange(start + process_index * local, start + (process_index + 1) * local)
     mask = (idx < n).astype(np.float32)
-    yield np.asarray(split.images[np.where(idx < n, idx, 0)]), mask
+    idx = np.where(idx < n, idx, 0)
+    if labels:
+      yield np.asarray(split.images[idx]), mask, np.asarray(split.labels[idx]).astype(np.int32)
+    else:
+      yield np.asarray(split.images[idx]), mask
 
 
 def ahead(iterator: Iterator, size: int = 2) -> Iterator:

@@ -67,6 +67,10 @@ class VDM(nn.Module):
       minimising the diffusion loss's variance (paper appendix I.2); the
       output ``variance_probe`` must then enter the training loss as
       :func:`vdm.schedules.route_to_variance` says.
+    num_classes: K > 0 for a class-conditional model; label K is the null
+      class (no label), which classifier-free guidance contrasts with.
+    label_dropout: the share of training labels replaced by the null class
+      (:func:`vdm.guidance.drop_labels`, applied by the training step).
   """
   schedule: nn.Module
   network: nn.Module
@@ -78,19 +82,26 @@ class VDM(nn.Module):
   loss_weighting: str = "elbo"
   sigmoid_bias: float = 2.0
   minimize_variance: bool = False
+  num_classes: int = 0
+  label_dropout: float = 0.0
 
   def gamma(self, t: jax.Array) -> jax.Array:
     return self.schedule(t)
 
   def eps_hat(self, z_t: jax.Array, gamma_t: jax.Array, conditioning: Optional[jax.Array] = None,
-              train: bool = False) -> jax.Array:
-    output = self.network(z_t, gamma_t, conditioning, train=train)
+              train: bool = False, labels: Optional[jax.Array] = None) -> jax.Array:
+    """ε̂(z_t; γ_t), given the class ``labels`` ``[B]`` of a conditional model (None: the null class)."""
+    extra = {} if labels is None else {"labels": labels}
+    output = self.network(z_t, gamma_t, conditioning, train=train, **extra)
     return objectives.eps_from_prediction(output, z_t, gamma_t, self.prediction)
 
   def __call__(self, x: jax.Array, key: Optional[jax.Array], conditioning: Optional[jax.Array] = None,
-               *, train: bool = False, noise: Optional[dict] = None) -> dict[str, jax.Array]:
+               *, labels: Optional[jax.Array] = None, train: bool = False,
+               noise: Optional[dict] = None) -> dict[str, jax.Array]:
     """Args: x integers ``[B, …]``; key a PRNG key; conditioning ``[B, K]``;
-    noise: the draws of :func:`draw_noise` (then ``key`` is unused).
+    labels ``[B]`` (a conditional model: the loss is −log p(x│c); None: the
+    null class, −log p(x)); noise: the draws of :func:`draw_noise` (then
+    ``key`` is unused).
 
     Returns: ``loss_recon``, ``loss_prior``, ``loss_diff``, ``loss`` (their
     sum), each ``[B]`` nats; ``gamma_0``, ``gamma_1`` scalars;
@@ -121,7 +132,7 @@ class VDM(nn.Module):
     eps = noise["eps"]
     alpha_t, sigma_t = alpha_sigma(losses._per_example(gamma_t, f.ndim))
     z_t = alpha_t * f + sigma_t * eps
-    eps_hat = self.eps_hat(z_t, gamma_t, conditioning, train=train)
+    eps_hat = self.eps_hat(z_t, gamma_t, conditioning, train=train, labels=labels)
     if self.num_steps > 0:
       gamma_s = self.schedule(t - 1.0 / self.num_steps)
       loss_diff = losses.diffusion_loss_discrete(eps, eps_hat, gamma_t, gamma_s, self.num_steps)

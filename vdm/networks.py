@@ -231,6 +231,9 @@ class ScoreUNet(nn.Module):
       conditioning is then the integer code ``[B]`` of the augmentation
       applied to each example (one-hot embedded); none given means code 0,
       the identity, as in evaluation and sampling.
+    num_classes: K > 0 for a class-conditional network: ``labels`` ``[B]`` in
+      {0, …, K} (K is the null class of classifier-free guidance, also what
+      no labels mean) add a learned embedding to the time embedding.
     matmul_precision: ``jax.default_matmul_precision`` for the network's
       matmuls and convolutions; "highest" is true float32 (GPUs otherwise
       may use TF32), None leaves JAX's default.
@@ -250,21 +253,23 @@ class ScoreUNet(nn.Module):
   dtype: Dtype = jnp.float32
   conv_grad: str = "dot"
   num_augmentations: int = 0
+  num_classes: int = 0
   matmul_precision: Optional[str] = "highest"
 
   @nn.compact
   def __call__(self, z: jax.Array, gamma_t: jax.Array, conditioning: Optional[jax.Array] = None,
-               *, train: bool = False) -> jax.Array:
-    """Args: z ``[B, H, W, C]``; gamma_t scalar or ``[B]``; conditioning ``[B, K]``.
+               *, labels: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
+    """Args: z ``[B, H, W, C]``; gamma_t scalar or ``[B]``; conditioning ``[B, K]``;
+    labels ``[B]`` integers (``num_classes`` > 0; None: the null class).
 
     Returns: ε̂ ``[B, H, W, C]``, float32.
     """
     if self.matmul_precision is None:
-      return self._eps_hat(z, gamma_t, conditioning, train)
+      return self._eps_hat(z, gamma_t, conditioning, labels, train)
     with jax.default_matmul_precision(self.matmul_precision):
-      return self._eps_hat(z, gamma_t, conditioning, train)
+      return self._eps_hat(z, gamma_t, conditioning, labels, train)
 
-  def _eps_hat(self, z, gamma_t, conditioning, train):
+  def _eps_hat(self, z, gamma_t, conditioning, labels, train):
     deterministic = not train
     batch = z.shape[0]
     gamma_t = jnp.broadcast_to(jnp.asarray(gamma_t, jnp.float32), (batch,))
@@ -278,6 +283,9 @@ class ScoreUNet(nn.Module):
       cond = jnp.concatenate([cond, conditioning.astype(jnp.float32)], axis=-1)
     cond = nn.swish(nn.Dense(emb_dim, dtype=self.dtype, name="temb_0")(cond))
     cond = nn.swish(nn.Dense(emb_dim, dtype=self.dtype, name="temb_1")(cond))
+    if self.num_classes:  # the class embedding joins the time embedding (Dhariwal & Nichol 2021)
+      labels = jnp.full((batch,), self.num_classes, jnp.int32) if labels is None else labels
+      cond = cond + nn.Embed(self.num_classes + 1, emb_dim, name="label_emb")(labels).astype(cond.dtype)
 
     h = z.astype(jnp.float32)
     if self.fourier_exponents:

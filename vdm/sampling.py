@@ -21,9 +21,11 @@ import numpy as np
 import tqdm
 from jax.typing import ArrayLike
 
+from vdm import guidance as guidance_lib
 from vdm import losses, sharding
 
-SAMPLERS = ("ancestral", "ddim")
+STEP_SAMPLERS = ("ancestral", "ddim")  # a fixed grid of N steps
+SAMPLERS = STEP_SAMPLERS + ("ode",)  # "ode": the probability-flow ODE, adaptive steps (vdm.ode)
 
 
 def _alpha_sq_sigma_sq(gamma: ArrayLike, ndim: int):
@@ -129,8 +131,8 @@ def sample_loop(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
   Returns:
     z_0 ``[B, …]`` (the latent after iteration ``last − 1``).
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+  if sampler not in STEP_SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {STEP_SAMPLERS}")
   batch, shape = z_1.shape[0], z_1.shape[1:]
 
   def body(i, z_t):
@@ -141,12 +143,125 @@ def sample_loop(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
     eps_hat = eps_fn(z_t, gamma_t)
     if clip_denoised:
       eps_hat = clip_eps_hat(z_t, eps_hat, gamma_t)
+    if sampler == "ddim" and isinstance(eta, (int, float)) and eta == 0.0:
+      return ddim_step(z_t, eps_hat, gamma_t, gamma_s)  # deterministic: no noise drawn
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(sample_keys)
     if sampler == "ancestral":
       return ancestral_step(z_t, eps_hat, gamma_t, gamma_s, noise)
     return ddim_step(z_t, eps_hat, gamma_t, gamma_s, eta, noise)
 
   return jax.lax.fori_loop(first, num_steps if last is None else last, body, z_1)
+
+
+def encode_loop(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                gamma_fn: Callable[[jax.Array], jax.Array], z_0: jax.Array, num_steps: int) -> jax.Array:
+  """The deterministic DDIM sampler (η = 0) run forwards, z_0 → z_1, in one ``lax.fori_loop``.
+
+  Step i goes from s = i/N to t = (i+1)/N with ε̂ taken at z_s:
+  ``z_t = α_t x̂ + σ_t ε̂``, ``x̂ = (z_s − σ_s ε̂)/α_s`` — :func:`ddim_step` with
+  the times swapped. As N grows it inverts :func:`sample_loop` with
+  ``sampler="ddim", eta=0`` (both follow the probability-flow ODE).
+  """
+  batch = z_0.shape[0]
+
+  def body(i, z_s):
+    s = jnp.full((batch,), i / num_steps, jnp.float32)
+    t = jnp.full((batch,), (i + 1) / num_steps, jnp.float32)
+    gamma_s = gamma_fn(s)
+    return ddim_step(z_s, eps_fn(z_s, gamma_s), gamma_s, gamma_fn(t))
+
+  return jax.lax.fori_loop(0, num_steps, body, z_0)
+
+
+def slerp(z_a: ArrayLike, z_b: ArrayLike, fractions: ArrayLike) -> jax.Array:
+  """Spherical interpolation between latents ``[…]`` at ``fractions`` ``[K]`` (0 → z_a, 1 → z_b): ``[K, …]``.
+
+  Gaussian latents of many dimensions lie near a sphere; the straight line
+  between two of them passes through too-short vectors, the great circle
+  does not. Falls back to the straight line for (anti)parallel latents.
+  """
+  z_a, z_b = jnp.asarray(z_a, jnp.float32), jnp.asarray(z_b, jnp.float32)
+  fractions = jnp.asarray(fractions, jnp.float32).reshape((-1,) + (1,) * z_a.ndim)
+  cos = jnp.vdot(z_a, z_b) / (jnp.linalg.norm(z_a) * jnp.linalg.norm(z_b))
+  theta = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
+  sin = jnp.sin(theta)
+  safe = sin > 1e-6
+  sin = jnp.where(safe, sin, 1.0)
+  w_a = jnp.where(safe, jnp.sin((1.0 - fractions) * theta) / sin, 1.0 - fractions)
+  w_b = jnp.where(safe, jnp.sin(fractions * theta) / sin, fractions)
+  return w_a * z_a + w_b * z_b
+
+
+def _eps_fn(model, params, labels, guidance):
+  """(z, γ) → ε̂ of ``model``; a conditional model's with ``labels`` and guidance weight ``guidance``."""
+  variables = {"params": params}
+  if getattr(model, "num_classes", 0):
+    conditional = lambda z, g, c: model.apply(variables, z, g, labels=c, method=model.eps_hat)  # noqa: E731
+    return lambda z, g: guidance_lib.guided_eps_hat(conditional, z, g, labels, guidance,  # noqa: E731
+                                                    model.num_classes)
+  return lambda z, g: model.apply(variables, z, g, method=model.eps_hat)  # noqa: E731
+
+
+def _encode_batch(model, params, images, labels, *, num_steps, guidance):
+  """Integer images ``[B, …]`` → z_1: z_0 = α_0 · encode(x) (the mean of q(z_0│x)), then DDIM forwards."""
+  gamma_fn = lambda t: model.apply({"params": params}, t, method=model.gamma)  # noqa: E731
+  alpha_sq_0, _ = _alpha_sq_sigma_sq(gamma_fn(jnp.zeros((1,)))[0], images.ndim)
+  z_0 = jnp.sqrt(alpha_sq_0) * losses.encode(images, model.vocab_size)
+  return encode_loop(_eps_fn(model, params, labels, guidance), gamma_fn, z_0, num_steps)
+
+
+def _decode_batch(model, params, z_1, labels, *, num_steps, guidance):
+  """z_1 ``[B, …]`` → integer images: DDIM (η = 0) backwards, then the decoder's argmax."""
+  gamma_fn = lambda t: model.apply({"params": params}, t, method=model.gamma)  # noqa: E731
+  z_0 = sample_loop(_eps_fn(model, params, labels, guidance), gamma_fn, z_1, None, num_steps, sampler="ddim",
+                    eta=0.0)
+  return decode(z_0, gamma_fn(jnp.zeros((1,)))[0], model.vocab_size, model.decoder)
+
+
+@functools.lru_cache(maxsize=16)
+def _latent_program(kind, model, num_steps, guidance, mesh):
+  fn = functools.partial(_encode_batch if kind == "encode" else _decode_batch, model, num_steps=num_steps,
+                         guidance=guidance)
+  if mesh is None:
+    return jax.jit(fn)
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(rep, data, data), out_shardings=data)
+
+
+def _by_batches(kind, model, params, inputs, num_steps, batch_size, mesh, labels, guidance):
+  inputs = np.asarray(inputs)
+  n = len(inputs)
+  batch_size = min(batch_size or n, n)
+  null_class = getattr(model, "num_classes", 0)
+  labels = np.full((n,), null_class, np.int32) if labels is None else np.asarray(labels, np.int32)
+  if mesh is None:
+    to_device, fetch = (lambda x: x), (lambda x: np.asarray(jax.device_get(x)))
+  else:
+    batch_size = sharding.round_up(batch_size)
+    data = sharding.batch_sharding(mesh)
+    to_device, fetch = (lambda x: sharding.from_host(x, data)), sharding.to_host
+  program = _latent_program(kind, model, num_steps, float(guidance), mesh)
+  outputs = []
+  for start in range(0, n, batch_size):
+    idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # the last batch is padded, then cut
+    outputs.append(fetch(program(params, to_device(inputs[idx]), to_device(labels[idx]))))
+  return np.concatenate(outputs)[:n]
+
+
+def encode(model, params, images: ArrayLike, *, num_steps: int = 1000, batch_size: Optional[int] = None,
+           mesh=None, labels: Optional[ArrayLike] = None, guidance: float = 0.0) -> np.ndarray:
+  """Integer images ``[N, H, W, C]`` → their latents z_1 (float32), by the deterministic DDIM sampler run forwards.
+
+  :func:`decode_latents` with the same ``num_steps`` maps them back; the
+  round trip is exact as N → ∞ (README: the pixel error at N = 100 and 1,000).
+  """
+  return _by_batches("encode", model, params, images, num_steps, batch_size, mesh, labels, guidance)
+
+
+def decode_latents(model, params, z_1: ArrayLike, *, num_steps: int = 1000, batch_size: Optional[int] = None,
+                   mesh=None, labels: Optional[ArrayLike] = None, guidance: float = 0.0) -> np.ndarray:
+  """Latents z_1 ``[N, H, W, C]`` → int32 images, by the deterministic DDIM sampler (η = 0)."""
+  return _by_batches("decode", model, params, z_1, num_steps, batch_size, mesh, labels, guidance)
 
 
 def _first_latents(key_data, indices, image_shape):
@@ -158,12 +273,15 @@ def _first_latents(key_data, indices, image_shape):
   return z_1, jax.random.key_data(keys[:, 1])
 
 
-def _denoise(model, params, z_t, step_key_data, first, *, num_steps, steps_per_call, sampler, eta,
-             clip_denoised):
-  """Loop iterations ``first … first + steps_per_call − 1`` (at most up to N) of the sampler."""
-  variables = {"params": params}
-  eps_fn = lambda z, g: model.apply(variables, z, g, method=model.eps_hat)  # noqa: E731
-  gamma_fn = lambda t: model.apply(variables, t, method=model.gamma)  # noqa: E731
+def _denoise(model, params, z_t, step_key_data, labels, first, *, num_steps, steps_per_call, sampler, eta,
+             clip_denoised, guidance):
+  """Loop iterations ``first … first + steps_per_call − 1`` (at most up to N) of the sampler.
+
+  ``labels`` ``[B]``: the classes of a conditional model (guided with weight
+  ``guidance``); an unconditional model ignores them.
+  """
+  eps_fn = _eps_fn(model, params, labels, guidance)
+  gamma_fn = lambda t: model.apply({"params": params}, t, method=model.gamma)  # noqa: E731
   return sample_loop(eps_fn, gamma_fn, z_t, jax.random.wrap_key_data(step_key_data), num_steps,
                      sampler=sampler, eta=eta, clip_denoised=clip_denoised, first=first,
                      last=jnp.minimum(first + steps_per_call, num_steps))
@@ -179,27 +297,50 @@ def _decode(model, params, z_0, step_key_data, decode_draw):
 
 
 def _sample_batch(model, params, key, indices, image_shape, num_steps, sampler, eta, clip_denoised,
-                  decode_draw):
+                  decode_draw, labels=None, guidance=0.0):
   """One batch, the whole loop in one program: (images, z_0). ``key`` is a typed key."""
   z_1, step_key_data = _first_latents(jax.random.key_data(key), indices, image_shape)
-  z_0 = _denoise(model, params, z_1, step_key_data, 0, num_steps=num_steps, steps_per_call=num_steps,
-                 sampler=sampler, eta=eta, clip_denoised=clip_denoised)
+  if labels is None:
+    labels = jnp.full(indices.shape, getattr(model, "num_classes", 0), jnp.int32)
+  z_0 = _denoise(model, params, z_1, step_key_data, labels, 0, num_steps=num_steps, steps_per_call=num_steps,
+                 sampler=sampler, eta=eta, clip_denoised=clip_denoised, guidance=guidance)
   return _decode(model, params, z_0, step_key_data, decode_draw), z_0
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(model, image_shape, num_steps, steps_per_call, sampler, eta, clip_denoised, decode_draw, mesh):
+def _programs(model, image_shape, num_steps, steps_per_call, sampler, eta, clip_denoised, decode_draw, mesh,
+              guidance=0.0):
   """The three jitted pieces of :func:`generate`, made once per setting (a new jit would compile again)."""
   start = functools.partial(_first_latents, image_shape=image_shape)
   denoise = functools.partial(_denoise, model, num_steps=num_steps, steps_per_call=steps_per_call,
-                              sampler=sampler, eta=eta, clip_denoised=clip_denoised)
+                              sampler=sampler, eta=eta, clip_denoised=clip_denoised, guidance=guidance)
   finish = functools.partial(_decode, model, decode_draw=decode_draw)
   if mesh is None:
     return jax.jit(start), jax.jit(denoise), jax.jit(finish)
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return (jax.jit(start, in_shardings=(rep, data), out_shardings=(data, data)),
-          jax.jit(denoise, in_shardings=(rep, data, data, rep), out_shardings=data),
+          jax.jit(denoise, in_shardings=(rep, data, data, data, rep), out_shardings=data),
           jax.jit(finish, in_shardings=(rep, data, data), out_shardings=data))
+
+
+def _ode_batch(model, params, key_data, indices, labels, *, image_shape, rtol, atol, max_steps, guidance):
+  """One batch by the probability-flow ODE: (images, z_0, solver steps, failed); z_1 as the other samplers draw it."""
+  from vdm import ode  # diffrax: an extra
+  z_1, _ = _first_latents(key_data, indices, image_shape)
+  gamma_fn = lambda t: model.apply({"params": params}, t, method=model.gamma)  # noqa: E731
+  z_0, steps, failed = ode.sample(_eps_fn(model, params, labels, guidance), gamma_fn, z_1, rtol=rtol, atol=atol,
+                                  max_steps=max_steps)
+  return decode(z_0, gamma_fn(jnp.zeros((1,)))[0], model.vocab_size, model.decoder), z_0, steps, failed
+
+
+@functools.lru_cache(maxsize=16)
+def _ode_program(model, image_shape, rtol, atol, max_steps, guidance, mesh):
+  fn = functools.partial(_ode_batch, model, image_shape=image_shape, rtol=rtol, atol=atol, max_steps=max_steps,
+                         guidance=guidance)
+  if mesh is None:
+    return jax.jit(fn)
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(rep, rep, data, data), out_shardings=(data, data, rep, rep))
 
 
 def _advance(bar: tqdm.tqdm, latents: jax.Array, steps: int) -> None:
@@ -211,7 +352,9 @@ def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple
              num_steps: int = 1000, sampler: str = "ancestral", eta: float = 1.0,
              clip_denoised: bool = False, decode_draw: bool = False,
              batch_size: Optional[int] = None, progress: bool = False, mesh=None,
-             steps_per_call: Optional[int] = None):
+             steps_per_call: Optional[int] = None, labels: Optional[ArrayLike] = None,
+             guidance: float = 0.0, rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096,
+             stats: Optional[dict] = None):
   """Draws ``num_samples`` images from a VDM, ``batch_size`` at a time.
 
   Sample k depends only on (key, k): its key is ``fold_in(key, k)``, so the
@@ -230,15 +373,29 @@ def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple
       must call; each gets all the images).
     steps_per_call: loop iterations per compiled call (default: all N, or
       N/50 with ``progress``).
+    labels: ``[num_samples]`` classes for a conditional model (default: the
+      null class, i.e. unconditional samples); ignored by others.
+    guidance: classifier-free guidance weight w (:mod:`vdm.guidance`).
+    rtol, atol, max_steps: the ODE solver's tolerances and step limit
+      (``sampler="ode"``, which ignores ``num_steps``, ``eta`` and
+      ``clip_denoised``; :mod:`vdm.ode`).
+    stats: a dict to receive ``solver_steps`` (one entry per batch) with
+      ``sampler="ode"``.
   Returns:
     ``(images, z_0)``: int32 ``[N, H, W, C]`` and float32 latents, on the host.
   """
   batch_size = min(batch_size or num_samples, num_samples)
+  if sampler == "ode":
+    return _generate_ode(model, params, key, num_samples, tuple(image_shape), batch_size, mesh, labels, guidance,
+                         rtol, atol, max_steps, progress, stats)
   if steps_per_call is None:
     steps_per_call = -(-num_steps // 50) if progress else num_steps
   steps_per_call = max(1, min(steps_per_call, num_steps))
   start, denoise, finish = _programs(model, tuple(image_shape), num_steps, steps_per_call, sampler, float(eta),
-                                     clip_denoised, decode_draw, mesh)
+                                     clip_denoised, decode_draw, mesh, float(guidance))
+  null_class = getattr(model, "num_classes", 0)
+  all_labels = np.full((num_samples,), null_class, np.int32) if labels is None else np.asarray(labels, np.int32)
+  all_labels = np.concatenate([all_labels, np.full((batch_size,), null_class, np.int32)])  # the padded batch
   key_data = np.asarray(jax.random.key_data(key))
   if mesh is None:
     rep = data = None
@@ -254,9 +411,10 @@ def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple
   for first_index in range(0, num_samples, batch_size):
     indices = np.arange(first_index, first_index + batch_size, dtype=np.int32)  # the last batch is padded, then cut
     z, step_keys = start(to_device(key_data, rep), to_device(indices, data))
+    batch_labels = to_device(all_labels[first_index:first_index + batch_size], data)
     previous = None  # (latents, steps) of the call before: the bar waits one call behind, so the
     for first in range(0, num_steps, steps_per_call):  # device always has the next call queued
-      z = denoise(params, z, step_keys, to_device(np.int32(first), rep))
+      z = denoise(params, z, step_keys, batch_labels, to_device(np.int32(first), rep))
       if previous is not None:
         _advance(bar, *previous)
       previous = (z, min(steps_per_call, num_steps - first))
@@ -264,4 +422,40 @@ def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple
     images.append(fetch(finish(params, z, step_keys)))
     latents.append(fetch(z))
   bar.close()
+  return np.concatenate(images)[:num_samples], np.concatenate(latents)[:num_samples]
+
+
+def _generate_ode(model, params, key, num_samples, image_shape, batch_size, mesh, labels, guidance, rtol, atol,
+                  max_steps, progress, stats):
+  """:func:`generate` with ``sampler="ode"``: one compiled solve per batch; the bar counts images."""
+  from vdm import ode
+  program = _ode_program(model, image_shape, float(rtol), float(atol), int(max_steps), float(guidance), mesh)
+  null_class = getattr(model, "num_classes", 0)
+  all_labels = np.full((num_samples,), null_class, np.int32) if labels is None else np.asarray(labels, np.int32)
+  key_data = np.asarray(jax.random.key_data(key))
+  if mesh is None:
+    rep = data = None
+    to_device, fetch = (lambda x, _: x), (lambda x: np.asarray(jax.device_get(x)))
+  else:
+    batch_size = sharding.round_up(batch_size)
+    rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    to_device, fetch = sharding.from_host, sharding.to_host
+  bar = tqdm.tqdm(total=num_samples, desc="sample (ode)", unit="image", disable=not progress, leave=False,
+                  dynamic_ncols=True)
+  images, latents, steps = [], [], []
+  for first_index in range(0, num_samples, batch_size):
+    indices = np.arange(first_index, first_index + batch_size, dtype=np.int32)
+    batch_labels = all_labels[np.minimum(indices, num_samples - 1)]
+    out, z_0, solver_steps, failed = program(params, to_device(key_data, rep), to_device(indices, data),
+                                             to_device(batch_labels, data))
+    if bool(fetch(failed)):
+      raise ode.SolverError(f"the ODE solver stopped before t = 0 (max_steps={max_steps} steps at rtol={rtol}, "
+                         f"atol={atol}); loosen the tolerances or raise max_steps")
+    images.append(fetch(out))
+    latents.append(fetch(z_0))
+    steps.append(int(fetch(solver_steps)))
+    bar.update(min(batch_size, num_samples - first_index))
+  bar.close()
+  if stats is not None:
+    stats["solver_steps"] = steps
   return np.concatenate(images)[:num_samples], np.concatenate(latents)[:num_samples]

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vdm import losses, objectives, sharding
+from vdm import guidance, losses, objectives, sharding
 from vdm import config as config_lib
 from vdm import model as model_lib
 
@@ -71,9 +71,9 @@ class NonFiniteError(RuntimeError):
     self.step, self.term = step, term
 
 
-def _loss_and_grads(model, params, batch, conditioning, noise, dropout_key, num_dims):
+def _loss_and_grads(model, params, batch, conditioning, labels, noise, dropout_key, num_dims):
   def loss_fn(params):
-    out = model.apply({"params": params}, batch, None, conditioning, train=True, noise=noise,
+    out = model.apply({"params": params}, batch, None, conditioning, labels=labels, train=True, noise=noise,
                       rngs={"dropout": dropout_key})
     out["loss_diff_at_t"] = out["loss_diff"]
     out["loss_diff"] = out["loss_diff"] * noise.get("inv_density", 1.0)  # importance-weighted: E = the ELBO term
@@ -94,7 +94,9 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
 
   ``batch`` is the images ``[B, H, W, C]`` or a dict of them (``"images"``)
   and, for augmented data, the augmentation codes ``"augment"`` ``[B]``,
-  which the network takes as conditioning.
+  which the network takes as conditioning; for a class-conditional model,
+  ``"labels"`` ``[B]``, of which a share ``model.label_dropout`` is
+  replaced by the null class (:func:`vdm.guidance.drop_labels`).
 
   With ``grad_accum_steps`` = k the batch is processed as k micro-batches in
   a ``lax.scan`` (k times less activation memory) and their gradients are
@@ -112,10 +114,15 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
   """
   if not isinstance(batch, dict):
     batch = {"images": batch}
-  conditioning, batch = batch.get("augment"), batch["images"]
+  conditioning, labels, batch = batch.get("augment"), batch.get("labels"), batch["images"]
   loss_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
   num_dims = int(np.prod(batch.shape[1:]))
   noise = model_lib.draw_noise(loss_key, batch.shape, model.antithetic_time_sampling)
+  if labels is not None and model.num_classes:  # classifier-free guidance trains the null class too
+    labels = guidance.drop_labels(jax.random.fold_in(loss_key, 2), labels.astype(jnp.int32), model.label_dropout,
+                                  model.num_classes)
+  else:
+    labels = None
   importance = not isinstance(state.noise_stats, tuple)
   if importance:  # t from the adaptive histogram, each draw weighted by 1/q(t)
     probs = objectives.importance_probs(state.noise_stats, importance_floor)
@@ -123,20 +130,22 @@ def train_step(state: TrainState, batch, *, model, optimizer, lr_fn, ema_rate: f
                                                 model.antithetic_time_sampling)
     noise = dict(noise, t=t, inv_density=1.0 / density)
   if grad_accum_steps == 1:
-    (_, out), grads = _loss_and_grads(model, state.params, batch, conditioning, noise, dropout_key, num_dims)
+    (_, out), grads = _loss_and_grads(model, state.params, batch, conditioning, labels, noise, dropout_key,
+                                      num_dims)
   else:
     split = lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:])  # noqa: E731
 
     def micro(carry, inputs):
-      i, micro_batch, micro_cond, micro_noise = inputs
-      (_, out), grads = _loss_and_grads(model, state.params, micro_batch, micro_cond, micro_noise,
+      i, micro_batch, micro_cond, micro_labels, micro_noise = inputs
+      (_, out), grads = _loss_and_grads(model, state.params, micro_batch, micro_cond, micro_labels, micro_noise,
                                         jax.random.fold_in(dropout_key, i), num_dims)
       return jax.tree.map(jnp.add, carry, grads), out
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, outs = jax.lax.scan(
         micro, zeros, (jnp.arange(grad_accum_steps), split(batch),
-                       None if conditioning is None else split(conditioning), jax.tree.map(split, noise)))
+                       None if conditioning is None else split(conditioning),
+                       None if labels is None else split(labels), jax.tree.map(split, noise)))
     grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     out = {k: (v[0] if k.startswith("gamma_") else v.reshape(-1)) for k, v in outs.items()}
   grad_norm = optax.tree.norm(grads)
@@ -182,7 +191,7 @@ def make_train_fn(config: ml_collections.ConfigDict, model, optimizer, mesh=None
   ``train/nonfinite_term`` and ``train/nonfinite_step`` describe the first.
 
   ``batches`` is the images or a dict as yielded by
-  :func:`vdm.input_pipeline.train_batches` (images and augmentation codes).
+  :func:`vdm.input_pipeline.train_batches` (images, augmentation codes, labels).
 
   With a ``mesh``, the batch axis is sharded over its devices and the state
   and metrics are replicated.

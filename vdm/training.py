@@ -39,26 +39,50 @@ def write_samples(config, model, params, image_shape, workdir: str, step: int, m
   Every process must call (the sampler runs on all devices); only ``write`` ones write.
   """
   key = jax.random.fold_in(jax.random.key(config.seed), 2)
-  samples, _ = sampling.generate(model, params, key, config.eval.num_samples, image_shape,
-                                 num_steps=config.eval.sample_steps, mesh=mesh, progress=progress)
+  labels, columns = grid_labels(config.model.num_classes, config.eval.num_samples)
+  samples, _ = sampling.generate(model, params, key, len(labels) if labels is not None else config.eval.num_samples,
+                                 image_shape, num_steps=config.eval.sample_steps, mesh=mesh, progress=progress,
+                                 labels=labels, guidance=config.eval.guidance)
   path = os.path.join(workdir, "samples", f"step_{step}.png")
   if write:
-    images.write_png(path, images.grid(samples.astype(np.uint8)))
+    images.write_png(path, images.grid(samples.astype(np.uint8), columns))
   return path
+
+
+def grid_labels(num_classes: int, num_samples: int):
+  """A conditional model's sample grid: one row per class, ⌈num_samples / K⌉ columns (labels, columns).
+
+  (None, 0) for an unconditional model: ``num_samples`` images in a square grid.
+  """
+  if not num_classes:
+    return None, 0
+  columns = -(-num_samples // num_classes)
+  return np.repeat(np.arange(num_classes, dtype=np.int32), columns), columns
 
 
 def evaluate_split(config, model, params, split, step: int, *, limit=None, progress: bool = True,
                    mesh=None) -> dict:
-  """The eval record of DESIGN: step, split, num_examples, bpd, bpd_stderr and the three terms."""
+  """The eval record of DESIGN: step, split, num_examples, bpd, bpd_stderr and the three terms.
+
+  For a class-conditional model ``bpd`` is −log p(x│c) with the data's
+  labels, and ``bpd_unconditional`` (with its stderr) is −log p(x) through
+  the null class.
+  """
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  result = evaluation.evaluate(model, params, split, batch_size=config.eval.batch_size,
-                               draws=config.eval.draws, key=key, limit=limit,
-                               progress=progress, mesh=mesh)
+  run = lambda labels: evaluation.evaluate(model, params, split, batch_size=config.eval.batch_size,  # noqa: E731
+                                           draws=config.eval.draws, key=key, limit=limit, progress=progress,
+                                           mesh=mesh, labels=labels)
+  result = run(bool(config.model.num_classes))
+  if config.model.num_classes:
+    unconditional = run(False)
+    result["bpd_unconditional"] = unconditional["bpd"]
+    result["bpd_unconditional_stderr"] = unconditional["bpd_stderr"]
   return {"step": int(step), "split": config.eval.split, **result}
 
 
 def save_eval_record(workdir: str, record: dict) -> str:
-  path = os.path.join(workdir, "eval", f"{record['split']}_step{record['step']}.json")
+  suffix = "_ode" if record.get("likelihood") == "ode" else ""
+  path = os.path.join(workdir, "eval", f"{record['split']}_step{record['step']}{suffix}.json")
   files.write_json(path, record)
   return path
 
@@ -171,6 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   train_split, eval_split = data["train"], _eval_split(data, config.eval.split)
   image_shape = train_split.image_shape
   input_pipeline.check_values(train_split.max_value(), config.model.vocab_size)
+  input_pipeline.check_labels(train_split, config.model.num_classes, "the training split")
+  input_pipeline.check_labels(eval_split, config.model.num_classes, f"the {config.eval.split} split")
   model, optimizer, mesh, init = setup(config, image_shape)
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
@@ -198,7 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   train_fn = make_train_fn(config, model, optimizer, mesh)
   batches = input_pipeline.prefetch(  # read and augment in a thread
       input_pipeline.train_batches(train_split, tr.batch_size, config.seed, start, tr.steps_per_call,
-                                   jax.process_index(), jax.process_count(), config.data.augment))
+                                   jax.process_index(), jax.process_count(), config.data.augment,
+                                   labels=config.model.num_classes > 0))
   batch_on_mesh = sharding.batch_sharding(mesh, 1)
   on_devices = input_pipeline.ahead(  # copy the next batches to the devices while this call runs
       jax.tree.map(lambda x: sharding.to_global(x, batch_on_mesh), b) for b in batches)
@@ -265,8 +292,12 @@ def _initial_state(config, mngr, init, image_shape, allow_config_mismatch: bool,
 
 @config_lib.names_config_fields
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "", *,
-                        progress: bool = True, allow_config_mismatch: bool = False) -> dict:
+                        progress: bool = True, allow_config_mismatch: bool = False, likelihood: str = "elbo") -> dict:
   """Evaluates ``config.eval.split`` with the EMA params of a checkpoint (default: latest in workdir).
+
+  ``likelihood``: ``"elbo"`` (the model's variational bound, as trained) or
+  ``"ode"`` (the probability-flow ODE's, :mod:`vdm.ode`, as ``config.eval.ode``
+  says; saved as ``eval/<split>_step<N>_ode.json``).
 
   ``checkpoint`` may be one of the 2022 reference code (google-research/vdm);
   ``config`` is then the one it trained with (see :mod:`vdm.reference`).
@@ -277,8 +308,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
     directory, step = checkpoints.resolve(checkpoint or workdir)
   data = input_pipeline.load_dataset(config.data.dataset, config.data.data_dir)
   split = _eval_split(data, config.eval.split)
+  input_pipeline.check_labels(split, config.model.num_classes, f"the {config.eval.split} split")
   _, _, mesh, init = setup(config, split.image_shape)
-  model = config_lib.build_model(config, for_eval=True)
+  model = config_lib.build_model(config, for_eval=True, forward_mode=likelihood == "ode")
   if released is not None:
     params, step = reference.load(released, config, split.image_shape)
     params = jax.device_put(params, sharding.replicated(mesh))
@@ -288,9 +320,23 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
     _check_checkpoint(mngr, step, config, split.image_shape, like, allow_config_mismatch)
     state = checkpoints.restore(mngr, like, step, sharding=sharding.replicated(mesh))
     params, step = state.ema_params, int(state.step)
-  record = evaluate_split(config, model, params, split, step, mesh=mesh,
-                          progress=progress and jax.process_index() == 0)
+  show = progress and jax.process_index() == 0
+  if likelihood == "ode":
+    record = evaluate_split_ode(config, model, params, split, step, mesh=mesh, progress=show)
+  else:
+    record = evaluate_split(config, model, params, split, step, mesh=mesh, progress=show)
   if jax.process_index() == 0:
     save_eval_record(os.path.abspath(workdir), record)
     save_schedule(os.path.abspath(workdir), model, params, step)
   return record
+
+
+def evaluate_split_ode(config, model, params, split, step: int, *, progress: bool = True, mesh=None) -> dict:
+  """The eval record by the probability-flow ODE: step, split, num_examples, bpd, bpd_stderr, solver figures."""
+  ode_config = config.eval.ode
+  key = jax.random.fold_in(jax.random.key(config.seed), 3)
+  result = evaluation.evaluate_ode(model, params, split, batch_size=config.eval.batch_size, draws=config.eval.draws,
+                                   key=key, limit=ode_config.examples, dequantization=ode_config.dequantization,
+                                   rtol=ode_config.rtol, atol=ode_config.atol, max_steps=ode_config.max_steps,
+                                   progress=progress, mesh=mesh, labels=bool(config.model.num_classes))
+  return {"step": int(step), "split": config.eval.split, **result}
