@@ -3,6 +3,7 @@
     python sample.py --workdir=runs/mnist --num_samples=64 --num_steps=1000     # the defaults
     python sample.py --checkpoint=runs/mnist/checkpoints/1500 --sampler=ddim --eta=0 --num_steps=100 --seed=1
     python sample.py --workdir=runs/mnist_cond --labels=all --num_samples=8 --guidance=2   # a conditional model
+    python sample.py --workdir=runs/mnist --interpolate=4 --points=8 --num_steps=200  # between test digits
     python sample.py --checkpoint=gs://gresearch/vdm/cifar10/checkpoint-final/checkpoints-0 \
         --config=configs/cifar10.py --output=samples/    # a released google-research/vdm model
 
@@ -17,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import vdm
-from vdm import cli, images, ode, reference
+from vdm import cli, images, input_pipeline, ode, reference, sampling
 from vdm.config import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", "", "Training workdir (its latest checkpoint is used).")
@@ -36,6 +37,10 @@ _LABELS = flags.DEFINE_list("labels", [], "A class-conditional model: the classe
                              "row each, --num_samples images per row); 'all' for every class.")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w ≥ −1 (with --labels): "
                                "(1 + w) ε̂(z, c) − w ε̂(z, ∅); 0 = the conditional model.")
+_INTERPOLATE = flags.DEFINE_integer("interpolate", 0, "Instead of samples: N rows, each from one test image to "
+                                    "another (both encoded to z_1 by DDIM η=0 with --num_steps, interpolated on "
+                                    "the great circle, decoded).")
+_POINTS = flags.DEFINE_integer("points", 8, "--interpolate: images per row, both ends included.")
 _OUTPUT = flags.DEFINE_string("output", "", "Output folder (default: <workdir>/samples/; ./samples for a released model).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Only for a google-research/vdm checkpoint (which carries no config): the config it "
@@ -71,14 +76,44 @@ def main(argv):
     if not path:
       raise FileNotFoundError("give --workdir or --checkpoint")
     trained = vdm.load(path, config=_CONFIG.value)
+    if _INTERPOLATE.value:
+      return _write(_interpolate(trained), trained, f"interpolate_step{trained.step}_n{_NUM_STEPS.value}"
+                    f"_seed{_SEED.value}", _POINTS.value, None, {})
     classes = _classes(trained.num_classes)
     stats = {}
     labels = None if classes is None else np.repeat(classes, _NUM_SAMPLES.value)
-    samples = trained.sample(jax.random.key(_SEED.value), _NUM_SAMPLES.value * (1 if classes is None else len(classes)),
-                             num_steps=_NUM_STEPS.value, sampler=_SAMPLER.value, eta=_ETA.value,
-                             clip_denoised=_CLIP.value, batch_size=_BATCH.value or None, progress=True,
+    count = _NUM_SAMPLES.value * (1 if classes is None else len(classes))
+    samples = trained.sample(jax.random.key(_SEED.value), count, num_steps=_NUM_STEPS.value,
+                             sampler=_SAMPLER.value, eta=_ETA.value, clip_denoised=_CLIP.value, batch_size=_BATCH.value or None, progress=True,
                              labels=labels, guidance=_GUIDANCE.value, rtol=_RTOL.value, atol=_ATOL.value,
                              stats=stats)
+  steps = f"n{_NUM_STEPS.value}" if _SAMPLER.value != "ode" else f"tol{_RTOL.value:g}"
+  name = f"{_SAMPLER.value}_step{trained.step}_{steps}_seed{_SEED.value}"
+  if classes is not None:
+    name += f"_w{_GUIDANCE.value:g}"
+  _write(samples, trained, name, _NUM_SAMPLES.value if classes is not None else 0, labels, stats)
+
+
+def _interpolate(trained):
+  """--interpolate rows of --points images between pairs of test images (chosen by --seed)."""
+  if _POINTS.value < 2:
+    raise ConfigError(f"--points: expected ≥ 2, got {_POINTS.value}")
+  if _INTERPOLATE.value < 0:
+    raise ConfigError(f"--interpolate: expected a number of rows ≥ 0, got {_INTERPOLATE.value}")
+  test = input_pipeline.load_dataset(trained.config.data.dataset, trained.config.data.data_dir)["test"]
+  if len(test) < 2:
+    raise ConfigError("--interpolate: the test split needs at least 2 images")
+  pick = np.random.default_rng(_SEED.value).choice(len(test), 2 * _INTERPOLATE.value,
+                                                   replace=2 * _INTERPOLATE.value > len(test))
+  ends = np.asarray(test.images[np.sort(pick)]).reshape((_INTERPOLATE.value, 2) + tuple(trained.image_shape))
+  z_1 = trained.encode(ends.reshape((-1,) + tuple(trained.image_shape)), _NUM_STEPS.value,
+                       batch_size=_BATCH.value or None).reshape(ends.shape)
+  fractions = np.linspace(0.0, 1.0, _POINTS.value)
+  path = np.concatenate([np.asarray(sampling.slerp(a, b, fractions)) for a, b in z_1])
+  return trained.decode(path, _NUM_STEPS.value, batch_size=_BATCH.value or None)
+
+
+def _write(samples, trained, name, columns, labels, stats):
   if jax.process_index() != 0:
     return
   if _OUTPUT.value or _WORKDIR.value:
@@ -87,12 +122,8 @@ def main(argv):
     out = "samples"
   else:
     out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_CHECKPOINT.value))), "samples")
-  steps = f"n{_NUM_STEPS.value}" if _SAMPLER.value != "ode" else f"tol{_RTOL.value:g}"
-  name = f"{_SAMPLER.value}_step{trained.step}_{steps}_seed{_SEED.value}"
-  if classes is not None:
-    name += f"_w{_GUIDANCE.value:g}"
   png = os.path.join(out, name + ".png")
-  images.write_png(png, images.grid(samples, _NUM_SAMPLES.value if classes is not None else 0))
+  images.write_png(png, images.grid(samples, columns))
   npz = os.path.join(out, name + ".npz")
   images.write_npz(npz, samples=samples, **({} if labels is None else {"labels": labels}))
   if "solver_steps" in stats:

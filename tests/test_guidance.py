@@ -123,6 +123,11 @@ def test_sample_py_draws_one_row_per_label_and_saves_the_labels(conditional, tmp
   with np.load(tmp_path / "ancestral_step4_n2_seed0_w1.5.npz") as out:
     np.testing.assert_array_equal(out["labels"], [1, 1, 1, 4, 4, 4])
     assert out["samples"].shape == (6, 28, 28, 1)
+  rows = subprocess.run([sys.executable, "sample.py", f"--workdir={workdir}", "--interpolate=2", "--points=3",
+                         "--num_steps=3", f"--output={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert rows.returncode == 0, rows.stderr[-2000:]
+  with np.load(tmp_path / "interpolate_step4_n3_seed0.npz") as out:
+    assert out["samples"].shape == (6, 28, 28, 1)  # 2 rows of 3
   bad = subprocess.run([sys.executable, "sample.py", f"--workdir={workdir}", "--labels=1,x"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "--labels: expected integers or 'all', got '1,x'" in bad.stderr

@@ -38,6 +38,12 @@ def test_the_classifier_tells_digits_apart_and_real_digits_are_closer_than_noise
   assert record["fd_samples"] > 20 * record["fd_test"]  # noise is far; held-out digits are close
   coarse = sample_quality.evaluate_samples(blurred, train, test, classifier=classifier)
   assert record["fd_test"] < coarse["fd_samples"] < record["fd_samples"]
+  # Samples drawn "for" classes: the share the classifier assigns to them (here: the test digits' own labels).
+  right = sample_quality.evaluate_samples(test.images, train, test, classifier=classifier, sample_labels=test.labels)
+  assert right["label_accuracy"] == record["classifier_test_accuracy"]
+  wrong = sample_quality.evaluate_samples(test.images, train, test, classifier=classifier,
+                                          sample_labels=(np.asarray(test.labels) + 1) % 10)
+  assert wrong["label_accuracy"] < 0.1
   with pytest.raises(ConfigError, match="needs labels"):
     sample_quality.evaluate_samples(noise, input_pipeline.Split(np.asarray(train.images)), test)
 

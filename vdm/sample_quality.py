@@ -16,6 +16,11 @@ real images (the test split against the training split): that is what
 different classifiers (other seeds, steps or data) are not comparable.
 
     python -m vdm.sample_quality --workdir=runs/mnist     # one JSON line
+    python -m vdm.sample_quality --workdir=runs/mnist_cond --guidance=0,1,3   # one line per weight
+
+For a class-conditional model the samples are drawn for the classes in
+turn, and ``label_accuracy`` says how many the classifier assigns to the
+class they were drawn for.
 """
 
 import functools
@@ -105,12 +110,15 @@ def frechet_distance(features_1: np.ndarray, features_2: np.ndarray) -> float:
 
 
 def evaluate_samples(samples: np.ndarray, train, test, *, classifier_steps: int = 600, seed: int = 0,
-                     limit: Optional[int] = None, classifier: Optional[tuple] = None) -> dict:
+                     limit: Optional[int] = None, classifier: Optional[tuple] = None,
+                     sample_labels: Optional[np.ndarray] = None) -> dict:
   """FD of ``samples`` and of the test split, both against the training split, in one classifier's features.
 
   ``train`` and ``test`` are :class:`vdm.input_pipeline.Split` with labels.
   ``classifier``: (model, params) of :func:`train_classifier` to reuse; by
   default one is trained on ``train`` (``classifier_steps``, ``seed``).
+  ``sample_labels``: the classes the samples were drawn for (a conditional
+  model); adds ``label_accuracy``, the share the classifier agrees with.
   """
   if train.labels is None or test.labels is None:
     raise ConfigError("data: the sample metric needs labels for the train and test splits (npz "
@@ -120,12 +128,15 @@ def evaluate_samples(samples: np.ndarray, train, test, *, classifier_steps: int 
   model, params = classifier or train_classifier(train_images, train_labels, steps=classifier_steps, seed=seed)
   reference, _ = features_and_predictions(model, params, train_images)
   test_features, test_predictions = features_and_predictions(model, params, np.asarray(test.images))
-  sample_features, _ = features_and_predictions(model, params, np.asarray(samples))
+  sample_features, sample_predictions = features_and_predictions(model, params, np.asarray(samples))
   fd_samples = frechet_distance(sample_features, reference)
   fd_test = frechet_distance(test_features, reference)
-  return {"fd_samples": fd_samples, "fd_test": fd_test, "fd_ratio": fd_samples / fd_test,
-          "num_samples": int(len(samples)), "classifier_test_accuracy":
-          float(np.mean(test_predictions == np.asarray(test.labels))), "classifier_steps": classifier_steps}
+  record = {"fd_samples": fd_samples, "fd_test": fd_test, "fd_ratio": fd_samples / fd_test,
+            "num_samples": int(len(samples)), "classifier_test_accuracy":
+            float(np.mean(test_predictions == np.asarray(test.labels))), "classifier_steps": classifier_steps}
+  if sample_labels is not None:
+    record["label_accuracy"] = float(np.mean(sample_predictions == np.asarray(sample_labels)))
+  return record
 
 
 def main(argv=None):
@@ -144,19 +155,35 @@ def main(argv=None):
   parser.add_argument("--eta", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--classifier_steps", type=int, default=600)
+  parser.add_argument("--guidance", default="0", help="a conditional model: guidance weights, e.g. 0,1,3 "
+                      "(one JSON line each; samples cycle through the classes)")
   args = parser.parse_args(argv)
+  try:
+    weights = [float(w) for w in args.guidance.split(",")]
+  except ValueError:
+    print(f"error: --guidance: expected numbers separated by commas, got {args.guidance!r}", file=sys.stderr)
+    sys.exit(2)
   try:
     trained = vdm.load(args.workdir)
     data = input_pipeline.load_dataset(trained.config.data.dataset, trained.config.data.data_dir)
-    samples = trained.sample(jax.random.key(args.seed), args.num_samples, num_steps=args.num_steps,
-                             sampler=args.sampler, eta=args.eta)
-    record = evaluate_samples(samples, data["train"], data["test"], classifier_steps=args.classifier_steps,
-                              seed=args.seed)
+    labels = np.arange(args.num_samples) % trained.num_classes if trained.num_classes else None
+    classifier = None
+    for w in weights if labels is not None else [0.0]:
+      samples = trained.sample(jax.random.key(args.seed), args.num_samples, num_steps=args.num_steps,
+                               sampler=args.sampler, eta=args.eta, labels=labels, guidance=w)
+      if classifier is None:
+        train = data["train"]
+        classifier = train_classifier(np.asarray(train.images), np.asarray(train.labels), steps=args.classifier_steps,
+                                      seed=args.seed) if train.labels is not None else None
+      record = evaluate_samples(samples, data["train"], data["test"], classifier_steps=args.classifier_steps,
+                                seed=args.seed, classifier=classifier, sample_labels=labels)
+      record.update(step=trained.step, num_steps=args.num_steps, sampler=args.sampler, eta=args.eta)
+      if labels is not None:
+        record["guidance"] = w
+      print(json.dumps(record), flush=True)
   except (ConfigError, FileNotFoundError, input_pipeline.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  record.update(step=trained.step, num_steps=args.num_steps, sampler=args.sampler, eta=args.eta)
-  print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
