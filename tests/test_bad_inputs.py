@@ -18,10 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, small_data):
   """A smoke workdir with checkpoints, and a float npz that is not image data."""
   path = tmp_path_factory.mktemp("bad")
   config = smoke.get_config()
+  config.data.dataset = small_data
   config.eval.num_samples = 0
   training.train_and_evaluate(config, str(path / "run"), progress=False)
   np.savez(path / "float.npz", train=np.zeros((4, 8, 8), np.float32), test=np.zeros((2, 8, 8), np.float32))

@@ -21,11 +21,13 @@ def _last_json(stdout):
   return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_train_resume_and_eval(tmp_path):
+def test_train_resume_and_eval(tmp_path, small_data):
+  """On 64 training and 10 test digits (the embedded data's 500-image evaluation is Quick start's)."""
   workdir = str(tmp_path / "run")
-  first = run("--config=configs/smoke.py", f"--workdir={workdir}")
+  data = f"--config.data.dataset={small_data}"
+  first = run("--config=configs/smoke.py", f"--workdir={workdir}", data)
   record = _last_json(first.stdout)
-  assert record["step"] == 4 and record["num_examples"] == 500 and record["split"] == "test"
+  assert record["step"] == 4 and record["num_examples"] == 10 and record["split"] == "test"
   for key in ("bpd", "bpd_stderr", "bpd_recon", "bpd_prior", "bpd_diff"):
     assert isinstance(record[key], float) and record[key] == record[key] and abs(record[key]) < 1e3
   assert abs(record["bpd"] - (record["bpd_recon"] + record["bpd_prior"] + record["bpd_diff"])) < 1e-3
@@ -42,7 +44,7 @@ def test_train_resume_and_eval(tmp_path):
     assert json.load(f)["training"]["num_steps"] == 4
 
   # The same command with more steps resumes at 4, not 0; keeps the last 2 checkpoints.
-  second = run("--config=configs/smoke.py", f"--workdir={workdir}", "--config.training.num_steps=6")
+  second = run("--config=configs/smoke.py", f"--workdir={workdir}", data, "--config.training.num_steps=6")
   assert "resuming from step 4" in second.stderr
   assert _last_json(second.stdout)["step"] == 6
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -51,11 +53,11 @@ def test_train_resume_and_eval(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
 
   # Run again with fewer steps than the checkpoint has: nothing is trained, and it says so.
-  past = run("--config=configs/smoke.py", f"--workdir={workdir}", "--config.training.num_steps=4")
+  past = run("--config=configs/smoke.py", f"--workdir={workdir}", data, "--config.training.num_steps=4")
   assert "step 6 is not below training.num_steps (4): nothing to train" in past.stderr
   assert _last_json(past.stdout)["step"] == 6
 
-  evaluated = run("--config=configs/smoke.py", f"--workdir={workdir}", "--mode=eval",
+  evaluated = run("--config=configs/smoke.py", f"--workdir={workdir}", data, "--mode=eval",
                   f"--checkpoint={workdir}/checkpoints/4")
   record = _last_json(evaluated.stdout)
   assert record["step"] == 4

@@ -16,9 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, small_data):
   path = str(tmp_path_factory.mktemp("smoke"))
   config = smoke.get_config()
+  config.data.dataset = small_data
   config.eval.num_samples = 0
   config.eval.periodic_examples = 16
   config.eval.batch_size = 250
