@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+import oracles
+
 import jax
 import jax.numpy as jnp
 import vdm
@@ -134,17 +136,8 @@ def test_sample_py_draws_one_row_per_label_and_saves_the_labels(conditional, tmp
   assert "Traceback" not in bad.stderr
 
 
-def _gaussian_oracle(mean, std):
-  mean, var = jnp.asarray(mean), jnp.square(jnp.asarray(std))
-
-  def eps_fn(z, gamma):
-    alpha_sq, sigma_sq = jax.nn.sigmoid(-gamma)[:, None], jax.nn.sigmoid(gamma)[:, None]
-    return jnp.sqrt(sigma_sq) * (z - jnp.sqrt(alpha_sq) * mean) / (alpha_sq * var + sigma_sq)
-  return eps_fn
-
-
 def test_ddim_encoding_inverts_ddim_sampling_as_the_steps_grow():
-  eps_fn = _gaussian_oracle([0.3, -0.5, 0.0], [0.2, 0.05, 0.3])
+  eps_fn = oracles.gaussian([0.3, -0.5, 0.0], [0.2, 0.05, 0.3])
   gamma_fn = lambda t: -13.3 + 18.3 * t  # noqa: E731
   z_0 = jnp.array([[0.31, -0.52, 0.1], [0.1, -0.45, -0.4]]) * jnp.sqrt(jax.nn.sigmoid(13.3))
   errors = []

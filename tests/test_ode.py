@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import oracles
+
 from vdm import losses, ode, sampling
 
 jax.config.update("jax_enable_x64", False)
@@ -20,14 +22,7 @@ def _alpha_sq(t):
   return 1.0 / (1.0 + np.exp(_gamma_fn(t)))
 
 
-def _gaussian(mean, std):
-  """Data x ~ N(mean, std²) per dimension: z_t ~ N(α_t mean, α_t² std² + σ_t²); the exact ε̂ = σ (z − α mean)/v_t."""
-  mean, var = jnp.asarray(mean), jnp.square(jnp.asarray(std))
-
-  def eps_fn(z, gamma):
-    alpha_sq, sigma_sq = jax.nn.sigmoid(-gamma)[:, None], jax.nn.sigmoid(gamma)[:, None]
-    return jnp.sqrt(sigma_sq) * (z - jnp.sqrt(alpha_sq) * mean) / (alpha_sq * var + sigma_sq)
-  return eps_fn
+_gaussian = oracles.gaussian
 
 
 def _model_log_density(z_0, mean, std):
@@ -80,24 +75,12 @@ def test_tighter_tolerances_take_more_steps_and_land_closer():
   assert err_tight < 1e-4 < err_loose
 
 
-def _two_points(points, weights):
-  log_w = jnp.log(jnp.asarray(weights))
-
-  def eps_fn(z, gamma):
-    alpha = jnp.sqrt(jax.nn.sigmoid(-gamma))[:, None]
-    sigma_sq = jax.nn.sigmoid(gamma)[:, None]
-    d = -0.5 * jnp.sum(jnp.square(z[:, None, :] - alpha[..., None] * points), -1) / sigma_sq
-    post = jax.nn.softmax(d + log_w, axis=-1)
-    return (z - alpha * (post @ points)) / jnp.sqrt(sigma_sq)
-  return eps_fn
-
-
 def test_ode_sampler_with_the_oracle_recovers_a_two_point_distribution():
   values = jnp.array([[10, 200, 30], [240, 5, 100]])
   points = losses.encode(values)
   n = 1000
   z_1 = jax.random.normal(jax.random.key(3), (n, 3))
-  z_0, steps, failed = jax.jit(lambda z: ode.sample(_two_points(points, [0.3, 0.7]), _gamma_fn, z,
+  z_0, steps, failed = jax.jit(lambda z: ode.sample(oracles.point_mixture(points, [0.3, 0.7]), _gamma_fn, z,
                                                     rtol=1e-4, atol=1e-4))(z_1)
   assert not bool(failed)
   images = np.asarray(sampling.decode(z_0, _gamma_fn(0.0), 256))

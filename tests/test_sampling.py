@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+import oracles
+
 import jax
 import jax.numpy as jnp
 from vdm import losses, sampling
@@ -90,19 +92,7 @@ def _gamma_fn(t):
   return -13.3 + 18.3 * t
 
 
-def _oracle(points, weights=None):
-  """The exact ε̂ for data that are a mixture of point masses ``points`` [K, D]."""
-  log_w = jnp.log(jnp.full(len(points), 1 / len(points)) if weights is None else jnp.asarray(weights))
-
-  def eps_fn(z, gamma):
-    alpha = jnp.sqrt(jax.nn.sigmoid(-gamma))[:, None]
-    sigma_sq = jax.nn.sigmoid(gamma)[:, None]
-    d = -0.5 * jnp.sum(jnp.square(z[:, None, :] - alpha[..., None] * points), -1) / sigma_sq
-    post = jax.nn.softmax(d + log_w, axis=-1)  # [B, K]
-    x_mean = post @ points
-    return (z - alpha * x_mean) / jnp.sqrt(sigma_sq)
-
-  return eps_fn
+_oracle = oracles.point_mixture
 
 
 @pytest.mark.parametrize("sampler,eta", [("ancestral", 1.0), ("ddim", 0.0), ("ddim", 0.5)])

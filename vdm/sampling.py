@@ -231,21 +231,32 @@ def _latent_program(kind, model, num_steps, guidance, mesh):
 def _by_batches(kind, model, params, inputs, num_steps, batch_size, mesh, labels, guidance):
   inputs = np.asarray(inputs)
   n = len(inputs)
-  batch_size = min(batch_size or n, n)
-  null_class = getattr(model, "num_classes", 0)
-  labels = np.full((n,), null_class, np.int32) if labels is None else np.asarray(labels, np.int32)
-  if mesh is None:
-    to_device, fetch = (lambda x: x), (lambda x: np.asarray(jax.device_get(x)))
-  else:
-    batch_size = sharding.round_up(batch_size)
-    data = sharding.batch_sharding(mesh)
-    to_device, fetch = (lambda x: sharding.from_host(x, data)), sharding.to_host
+  batch_size, _, data, to_device, fetch = _transfers(mesh, min(batch_size or n, n))
+  labels = _sample_labels(model, labels, n, batch_size)
   program = _latent_program(kind, model, num_steps, float(guidance), mesh)
   outputs = []
   for start in range(0, n, batch_size):
     idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # the last batch is padded, then cut
-    outputs.append(fetch(program(params, to_device(inputs[idx]), to_device(labels[idx]))))
+    outputs.append(fetch(program(params, to_device(inputs[idx], data), to_device(labels[idx], data))))
   return np.concatenate(outputs)[:n]
+
+
+def _transfers(mesh, batch_size: int):
+  """(batch size, replicated and batch shardings, to_device(x, sharding), fetch(x)) for ``mesh`` (or none).
+
+  On a mesh the batch is rounded up to a multiple of the device count (padded, then cut).
+  """
+  if mesh is None:
+    return batch_size, None, None, (lambda x, _: x), (lambda x: np.asarray(jax.device_get(x)))
+  return (sharding.round_up(batch_size), sharding.replicated(mesh), sharding.batch_sharding(mesh),
+          sharding.from_host, sharding.to_host)
+
+
+def _sample_labels(model, labels, count: int, pad: int) -> np.ndarray:
+  """Each sample's class, int32 ``[count + pad]``: the null class where none is given and on the padding."""
+  null_class = getattr(model, "num_classes", 0)
+  given = np.full((count,), null_class, np.int32) if labels is None else np.asarray(labels, np.int32)
+  return np.concatenate([given, np.full((pad,), null_class, np.int32)])
 
 
 def encode(model, params, images: ArrayLike, *, num_steps: int = 1000, batch_size: Optional[int] = None,
@@ -393,17 +404,9 @@ def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple
   steps_per_call = max(1, min(steps_per_call, num_steps))
   start, denoise, finish = _programs(model, tuple(image_shape), num_steps, steps_per_call, sampler, float(eta),
                                      clip_denoised, decode_draw, mesh, float(guidance))
-  null_class = getattr(model, "num_classes", 0)
-  all_labels = np.full((num_samples,), null_class, np.int32) if labels is None else np.asarray(labels, np.int32)
-  all_labels = np.concatenate([all_labels, np.full((batch_size,), null_class, np.int32)])  # the padded batch
   key_data = np.asarray(jax.random.key_data(key))
-  if mesh is None:
-    rep = data = None
-    to_device, fetch = (lambda x, _: x), (lambda x: np.asarray(jax.device_get(x)))
-  else:
-    batch_size = sharding.round_up(batch_size)
-    rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    to_device, fetch = sharding.from_host, sharding.to_host
+  batch_size, rep, data, to_device, fetch = _transfers(mesh, batch_size)
+  all_labels = _sample_labels(model, labels, num_samples, batch_size)
   num_batches = -(-num_samples // batch_size)
   bar = tqdm.tqdm(total=num_batches * num_steps, desc="sample", unit="step", disable=not progress,
                   leave=False, dynamic_ncols=True)
@@ -430,24 +433,16 @@ def _generate_ode(model, params, key, num_samples, image_shape, batch_size, mesh
   """:func:`generate` with ``sampler="ode"``: one compiled solve per batch; the bar counts images."""
   from vdm import ode
   program = _ode_program(model, image_shape, float(rtol), float(atol), int(max_steps), float(guidance), mesh)
-  null_class = getattr(model, "num_classes", 0)
-  all_labels = np.full((num_samples,), null_class, np.int32) if labels is None else np.asarray(labels, np.int32)
   key_data = np.asarray(jax.random.key_data(key))
-  if mesh is None:
-    rep = data = None
-    to_device, fetch = (lambda x, _: x), (lambda x: np.asarray(jax.device_get(x)))
-  else:
-    batch_size = sharding.round_up(batch_size)
-    rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    to_device, fetch = sharding.from_host, sharding.to_host
+  batch_size, rep, data, to_device, fetch = _transfers(mesh, batch_size)
+  all_labels = _sample_labels(model, labels, num_samples, batch_size)
   bar = tqdm.tqdm(total=num_samples, desc="sample (ode)", unit="image", disable=not progress, leave=False,
                   dynamic_ncols=True)
   images, latents, steps = [], [], []
   for first_index in range(0, num_samples, batch_size):
     indices = np.arange(first_index, first_index + batch_size, dtype=np.int32)
-    batch_labels = all_labels[np.minimum(indices, num_samples - 1)]
     out, z_0, solver_steps, failed = program(params, to_device(key_data, rep), to_device(indices, data),
-                                             to_device(batch_labels, data))
+                                             to_device(all_labels[indices], data))
     if bool(fetch(failed)):
       raise ode.SolverError(f"the ODE solver stopped before t = 0 (max_steps={max_steps} steps at rtol={rtol}, "
                          f"atol={atol}); loosen the tolerances or raise max_steps")
