@@ -4,9 +4,8 @@
 
 On the first ``--examples`` images of the test split, with the checkpoint's
 EMA parameters, prints one JSON record for each of: the ELBO (``--draws``
-draws per example), the ODE bound with the ``decoder`` and the ``uniform``
-dequantisation (one Hutchinson probe per example; tolerances ``--rtol`` /
-``--atol``), and the DDIM round trip x → z_1 → x at each of ``--roundtrip_steps``
+draws per example), the ODE bound for each of ``--dequantizations`` and
+``--tolerances`` (one Hutchinson probe per example; rtol = atol), and the DDIM round trip x → z_1 → x at each of ``--roundtrip_steps``
 (mean absolute pixel error and the share of exact pixels). Wall times are
 per record on this machine, compilation included.
 """
@@ -30,8 +29,8 @@ from vdm import evaluation, input_pipeline  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir or checkpoint folder.")
 _EXAMPLES = flags.DEFINE_integer("examples", 100, "The first N test images.")
 _DRAWS = flags.DEFINE_integer("draws", 4, "ELBO draws per example.")
-_RTOL = flags.DEFINE_float("rtol", 1e-5, "ODE relative tolerance.")
-_ATOL = flags.DEFINE_float("atol", 1e-5, "ODE absolute tolerance.")
+_TOLERANCES = flags.DEFINE_list("tolerances", ["1e-5"], "ODE tolerances (rtol = atol), one record each.")
+_DEQUANTIZATIONS = flags.DEFINE_list("dequantizations", ["decoder", "uniform"], "ODE dequantisations.")
 _ROUNDTRIP = flags.DEFINE_list("roundtrip_steps", ["100", "1000"], "DDIM steps of the encode/decode round trip.")
 _ROUNDTRIP_IMAGES = flags.DEFINE_integer("roundtrip_images", 16, "Images in the round trip.")
 flags.mark_flag_as_required("workdir")
@@ -50,12 +49,13 @@ def main(argv):
                              draws=_DRAWS.value, key=key, limit=_EXAMPLES.value)
   common.emit({**common_fields, "likelihood": "elbo", **elbo, "seconds": time.perf_counter() - start})
   ode_model = config_lib.build_model(config, for_eval=True, forward_mode=True)
-  for dequantization in ("decoder", "uniform"):
-    start = time.perf_counter()
-    record = evaluation.evaluate_ode(ode_model, trained.params, test, batch_size=100, draws=1, key=key,
-                                     limit=_EXAMPLES.value, dequantization=dequantization, rtol=_RTOL.value,
-                                     atol=_ATOL.value)
-    common.emit({**common_fields, **record, "seconds": time.perf_counter() - start})
+  for dequantization in _DEQUANTIZATIONS.value:
+    for tolerance in (float(t) for t in _TOLERANCES.value):
+      start = time.perf_counter()
+      record = evaluation.evaluate_ode(ode_model, trained.params, test, batch_size=100, draws=1, key=key,
+                                       limit=_EXAMPLES.value, dequantization=dequantization, rtol=tolerance,
+                                       atol=tolerance)
+      common.emit({**common_fields, **record, "seconds": time.perf_counter() - start})
   images = np.asarray(test.images[:_ROUNDTRIP_IMAGES.value])
   for steps in (int(s) for s in _ROUNDTRIP.value):
     start = time.perf_counter()

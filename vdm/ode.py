@@ -74,13 +74,21 @@ def drift(eps_fn: Callable, gamma_fn: Callable, t: jax.Array, z: jax.Array) -> j
   return 0.5 * losses._per_example(dgamma, z.ndim) * sigma * (eps_fn(z, gamma) - sigma * z)
 
 
-def _solve(fn, y0, t0: float, t1: float, rtol: float, atol: float, max_steps: int):
-  """y(t1) of dy/dt = fn(t, y) from y(t0) = y0 by adaptive Dormand–Prince; (y1, solver steps)."""
+def _max_norm(tree) -> jax.Array:
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def _solve(fn, y0, t0: float, t1: float, rtol: float, atol: float, max_steps: int, norm=None):
+  """y(t1) of dy/dt = fn(t, y) from y(t0) = y0 by adaptive Dormand–Prince; (y1, solver steps, failed).
+
+  ``norm`` of the scaled error estimate: diffrax's RMS over every component
+  by default; :func:`_max_norm` holds every component to its tolerance.
+  """
   diffrax = _diffrax()
+  controller = diffrax.PIDController(rtol=rtol, atol=atol, **({} if norm is None else {"norm": norm}))
   solution = diffrax.diffeqsolve(
       diffrax.ODETerm(lambda t, y, args: fn(t, y)), diffrax.Dopri5(), t0=t0, t1=t1, dt0=None, y0=y0,
-      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps,
-      saveat=diffrax.SaveAt(t1=True), throw=False)
+      stepsize_controller=controller, max_steps=max_steps, saveat=diffrax.SaveAt(t1=True), throw=False)
   y1 = jax.tree.map(lambda leaf: leaf[0], solution.ys)
   failed = solution.result != diffrax.RESULTS.successful
   return y1, solution.stats["num_steps"], failed
@@ -115,8 +123,10 @@ def log_likelihood(eps_fn: Callable, gamma_fn: Callable, z_0: jax.Array, probe: 
     trace = jnp.sum((probe * jvp).reshape(z.shape[0], -1), axis=-1)  # ≈ tr ∂ε̂/∂z
     return dz, 0.5 * dgamma * sigma * (trace - sigma * num_dims)
 
+  # The max norm: under the RMS over all D + 1 components of an example, the log-density's error would
+  # count 1/(D + 1) and go uncontrolled (measured: 0.2 bpd apart between rtol 1e-4 and 1e-5 on MNIST).
   state, steps, failed = _solve(dynamics, (z_0, jnp.zeros((z_0.shape[0],), jnp.float32)), 0.0, 1.0, rtol, atol,
-                                max_steps)
+                                max_steps, norm=_max_norm)
   z_1, integral = state
   flat = z_1.reshape(z_1.shape[0], -1)
   log_prior = -0.5 * jnp.sum(jnp.square(flat), -1) - 0.5 * flat.shape[1] * jnp.log(2.0 * jnp.pi)
