@@ -37,7 +37,7 @@ def test_variance_minimisation_gives_the_interior_grad_var_and_the_rest_the_elbo
   noise = model_lib.draw_noise(jax.random.key(4), x.shape)
   dims = 8 * 8
   loss_and_grads = lambda model: jax.jit(lambda p: train_step._loss_and_grads(  # noqa: E731
-      model, p, x, None, noise, jax.random.key(5), dims))(params)
+      model, p, x, None, None, noise, jax.random.key(5), dims))(params)
   (bpd_r, _), grads_r = loss_and_grads(routed)
   (bpd_p, _), grads_p = loss_and_grads(plain)
   assert float(bpd_r) == pytest.approx(float(bpd_p), rel=1e-6)  # the probe adds nothing to the value
@@ -124,7 +124,7 @@ def test_a_weighted_loss_trains_on_the_weighted_term_and_reports_the_elbo():
   x = jax.random.randint(jax.random.key(0), (8, 8, 8, 1), 0, 256)
   params = model.init(jax.random.key(1), x, jax.random.key(2))["params"]
   noise = model_lib.draw_noise(jax.random.key(4), x.shape)
-  (objective, out), grads = train_step._loss_and_grads(model, params, x, None, noise, jax.random.key(5), 64)
+  (objective, out), grads = train_step._loss_and_grads(model, params, x, None, None, noise, jax.random.key(5), 64)
   elbo = model.apply({"params": params}, x, None, noise=noise)
   np.testing.assert_allclose(out["loss"], elbo["loss"], rtol=1e-6)  # reported: the ELBO
   t = noise["t"]

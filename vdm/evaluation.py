@@ -66,9 +66,8 @@ def evaluate(model, params, split: input_pipeline.Split, *, batch_size: int, dra
   eval_step = eval_step or make_eval_step(model, mesh, labels)
   num_dims = int(np.prod(split.images.shape[1:]))
   n = len(split) if not limit else min(limit, len(split))
-  batch_size = min(batch_size, n)  # a split smaller than a batch: no padding computed
-  if mesh is not None:
-    batch_size = sharding.round_up(batch_size)  # padded and masked anyway
+  if mesh is not None:  # not shrunk to a small split: each batch's noise depends on its size, and the
+    batch_size = sharding.round_up(batch_size)  # results must not depend on the device count
   per_draw = {k: [] for k in TERMS}  # R lists of [N]
   bar = tqdm.tqdm(total=draws * -(-n // batch_size), desc="eval", disable=not progress, leave=False)
   for r in range(draws):
@@ -138,6 +137,8 @@ def evaluate_ode(model, params, split: input_pipeline.Split, *, batch_size: int,
                        max_steps=int(max_steps))
   num_dims = int(np.prod(split.images.shape[1:]))
   n = len(split) if not limit else min(limit, len(split))
+  # A solve's step sizes are shared by its batch, so these figures depend on the batching anyway (to the
+  # solver's tolerance); a split smaller than a batch is not padded up to it (each example costs hundreds of passes).
   batch_size = min(batch_size, n)
   if mesh is not None:
     batch_size = sharding.round_up(batch_size)
