@@ -116,7 +116,19 @@ def model_flops(config, batch) -> float:
 
 
 def _value(text: str):
-  return ast.literal_eval(text) if text[:1].isdigit() or text in ("True", "False", "None") else text
+  literal = text[:1].isdigit() or text[:1] == "(" or text in ("True", "False", "None")
+  return ast.literal_eval(text) if literal else text
+
+
+def _split(text: str) -> list[str]:
+  """Splits at the commas outside parentheses: "a=(1,2),b=3" → ["a=(1,2)", "b=3"]."""
+  parts, depth, start = [], 0, 0
+  for i, char in enumerate(text):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if char == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  return parts + [text[start:]]
 
 
 def _variants() -> list[dict]:
@@ -124,11 +136,11 @@ def _variants() -> list[dict]:
   if _SWEEP.value:
     field, _, values = _SWEEP.value.partition("=")
     if not field or not values:
-      raise app.UsageError(f"--sweep: expected FIELD=V1,V2,…, got {_SWEEP.value!r}")
-    return [{field: _value(v)} for v in values.split(",")]
+      raise app.UsageError(f"--sweep: expected FIELD=V1,V2,… (tuples in parentheses), got {_SWEEP.value!r}")
+    return [{field: _value(v)} for v in _split(values)]
   variants = []
   for spec in _VARIANT.value:
-    pairs = [p.partition("=") for p in spec.split(",")]
+    pairs = [p.partition("=") for p in _split(spec)]
     if any(not f or not v for f, _, v in pairs):
       raise app.UsageError(f"--variant: expected FIELD=V[,FIELD=V…], got {spec!r}")
     variants.append({f: _value(v) for f, _, v in pairs})

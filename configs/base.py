@@ -45,7 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model.network = ml_collections.ConfigDict()  # the U-Net's arguments (vdm.networks.ScoreUNet)
   config.model.network.channels = 128  # width of every U-Net block
-  config.model.network.num_blocks = 32  # ResNet blocks going down (up has one more)
+  config.model.network.num_blocks = 32  # ResNet blocks going down at each resolution (up has one more)
+  # Width of each resolution level as a multiple of channels, full resolution first; each further level
+  # halves H and W. (1,) = the paper's network without downsampling; (1, 2, 2) sees all of a 28×28 image.
+  config.model.network.channel_mult = (1,)
   config.model.network.dropout = 0.1  # dropout rate in the blocks
   config.model.network.mid_attention = True  # self-attention between the two middle blocks
   config.model.network.attention_everywhere = False  # self-attention after every block

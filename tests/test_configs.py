@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from vdm import config as config_lib
 
-CONFIGS = ["base", "smoke", "mnist", "cifar10", "cifar10_aug", "imagenet32", "imagenet64", "fashion_mnist"]
+CONFIGS = ["base", "smoke", "mnist", "mnist_samples", "mnist_conditional", "cifar10", "cifar10_aug", "imagenet32", "imagenet64", "fashion_mnist"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -61,6 +61,25 @@ def test_docstrings_give_the_command_and_the_published_target(name, dataset, tar
   module = importlib.import_module(f"configs.{name}")
   assert f"python train.py --config=configs/{name}.py" in module.__doc__ and target in module.__doc__
   assert module.get_config().data.dataset == dataset
+
+
+@pytest.mark.parametrize("mult", [(), (1, 0), (2.0,)])
+def test_channel_mult_must_be_positive_integers(mult):
+  config = importlib.import_module("configs.mnist").get_config()
+  with config.unlocked():
+    config.model.network.channel_mult = mult
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.network\.channel_mult: expected a non-empty tuple"):
+    config_lib.validate(config)
+
+
+def test_channel_mult_levels_must_halve_the_images():
+  config = importlib.import_module("configs.mnist_samples").get_config()
+  config_lib.check_image_shape(config, (28, 28, 1))  # 28 → 14 → 7
+  config.model.network.channel_mult = (1, 2, 2, 2)
+  with pytest.raises(config_lib.ConfigError, match=r"channel_mult: expected at most as many levels as halvings "
+                                                   r"of the images' 28×28 \(4 levels need height and width "
+                                                   r"divisible by 8\), got \(1, 2, 2, 2\)"):
+    config_lib.check_image_shape(config, (28, 28, 1))
 
 
 def test_configs_are_typesafe():

@@ -22,7 +22,7 @@ def _perturbed(params, seed=0, scale=0.05):
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 1), (3, 8, 8, 3), (1, 12, 10, 2)])
 def test_output_shape_and_identity_at_init(shape):
-  net = _tiny(attention_everywhere=True)
+  net = _tiny(attention_everywhere=True, channel_mult=(1, 2) if shape[1] % 2 == 0 and shape[2] % 2 == 0 else (1,))
   z = jax.random.normal(jax.random.key(0), shape)
   params = jax.jit(net.init)(jax.random.key(1), z, jnp.zeros(shape[0]))
   eps_hat = jax.jit(net.apply)(params, z, jnp.full(shape[0], -3.0))
@@ -30,22 +30,39 @@ def test_output_shape_and_identity_at_init(shape):
   np.testing.assert_array_equal(eps_hat, z)  # zero-initialised output convolutions
 
 
-@pytest.mark.parametrize("attention", [False, True])
-def test_scanned_and_unrolled_forms_are_the_same_function(attention):
+@pytest.mark.parametrize("attention,mult", [(False, (1,)), (True, (1,)), (False, (1, 2, 2))])
+def test_scanned_and_unrolled_forms_are_the_same_function(attention, mult):
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   gamma = jnp.array([-10.0, 2.0])
-  scanned = _tiny(attention_everywhere=attention)
+  scanned = _tiny(attention_everywhere=attention, channel_mult=mult)
   params = _perturbed(jax.jit(scanned.init)(jax.random.key(1), z, gamma)["params"])
   out = jax.jit(scanned.apply)({"params": params}, z, gamma)
-  unrolled = _tiny(attention_everywhere=attention, scan_blocks=False)
-  out_unrolled = jax.jit(unrolled.apply)({"params": networks.unstack_params(params, 2)}, z, gamma)
+  unrolled = _tiny(attention_everywhere=attention, channel_mult=mult, scan_blocks=False)
+  unstacked = networks.unstack_params(params, 2, len(mult))
+  out_unrolled = jax.jit(unrolled.apply)({"params": unstacked}, z, gamma)
   assert float(jnp.abs(out - z).max()) > 1e-2  # the perturbed network is not the identity
   np.testing.assert_allclose(out, out_unrolled, rtol=1e-5, atol=1e-5)
-  remat = _tiny(attention_everywhere=attention, remat=True)
+  remat = _tiny(attention_everywhere=attention, channel_mult=mult, remat=True)
   np.testing.assert_allclose(jax.jit(remat.apply)({"params": params}, z, gamma), out, rtol=1e-5, atol=1e-5)
-  # Same structure as the unrolled form's own init.
+  # Same structure as the unrolled form's own init, and stacking is the inverse.
   own = jax.jit(unrolled.init)(jax.random.key(1), z, gamma)["params"]
-  assert jax.tree.structure(own) == jax.tree.structure(networks.unstack_params(params, 2))
+  assert jax.tree.structure(own) == jax.tree.structure(unstacked)
+  restacked = networks.stack_params(unstacked, 2, len(mult))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), restacked, params))
+
+
+def test_levels_halve_the_resolution_and_widen_as_asked():
+  net = _tiny(channel_mult=(1, 2, 4), num_blocks=1, fourier_exponents=())
+  shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 12, 8, 1)), jnp.zeros(1))["params"]
+  # The first convolution of each level's blocks: its width; the mid blocks run at the lowest level.
+  assert shapes["down"]["resnet"]["Conv_0"]["kernel"].shape[-1] == 16
+  assert shapes["down1"]["resnet"]["Conv_0"]["kernel"].shape[-1] == 32
+  assert shapes["down2"]["resnet"]["Conv_0"]["kernel"].shape[-1] == 64
+  assert shapes["mid_0"]["resnet"]["Conv_0"]["kernel"].shape[-1] == 64
+  assert shapes["upsample_0"]["kernel"].shape[-2:] == (32, 16)
+  with pytest.raises(ValueError, match="channel_mult: 3 resolution levels need height and width divisible by 4, "
+                                       "got 12×6"):
+    net.init(jax.random.key(0), jnp.zeros((1, 12, 6, 1)), jnp.zeros(1))
 
 
 def test_gamma_and_conditioning_change_the_output_and_dropout_is_train_only():

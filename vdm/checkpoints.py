@@ -176,6 +176,7 @@ LATER_FIELDS = {
     "data.augment": False,
     "eval.full_precision": True,
     "model.network.norm_groups": 0,
+    "model.network.channel_mult": (1,),
     "training.minimize_variance": False,
     "model.prediction": "eps",
     "model.loss_weighting": "elbo",

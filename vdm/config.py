@@ -96,6 +96,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
          config.training.minimize_variance)
   for field in ("channels", "num_blocks"):
     _check(net[field] >= 1, f"model.network.{field}", "a positive integer", net[field])
+  _check(isinstance(net.channel_mult, (tuple, list)) and len(net.channel_mult) >= 1
+         and all(isinstance(v, int) and v >= 1 for v in net.channel_mult), "model.network.channel_mult",
+         "a non-empty tuple of positive integers, e.g. (1,) or (1, 2, 2)", net.channel_mult)
   _check(0.0 <= net.dropout < 1.0, "model.network.dropout", "a rate in [0, 1)", net.dropout)
   _check(net.norm_groups >= 0, "model.network.norm_groups", "≥ 0 (0 = automatic)", net.norm_groups)
   _check(not net.norm_groups or net.channels % net.norm_groups == 0, "model.network.norm_groups",
@@ -143,6 +146,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
          ev.guidance)
 
 
+def check_image_shape(config: ml_collections.ConfigDict, image_shape) -> None:
+  """Raises ConfigError if the network cannot take images of ``image_shape`` (H, W, C)."""
+  levels = len(config.model.network.channel_mult)
+  factor = 2 ** (levels - 1)
+  _check(image_shape[0] % factor == 0 and image_shape[1] % factor == 0, "model.network.channel_mult",
+         f"at most as many levels as halvings of the images' {image_shape[0]}×{image_shape[1]} "
+         f"({levels} levels need height and width divisible by {factor})", tuple(config.model.network.channel_mult))
+
+
 def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
                 forward_mode: bool = False) -> model_lib.VDM:
   """The VDM of ``config.model``, computed as ``config.execution`` says.
@@ -160,7 +172,8 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
     dtype, precision = "float32", "highest"
   extra = {"hidden": sched.hidden} if sched.name == "monotone_net" else {}
   schedule = schedules.get_schedule(sched.name, sched.gamma_min, sched.gamma_max, **extra)
-  network = dict(m.network.to_dict(), fourier_exponents=tuple(m.network.fourier_exponents))
+  network = dict(m.network.to_dict(), fourier_exponents=tuple(m.network.fourier_exponents),
+                 channel_mult=tuple(m.network.channel_mult))
   network = networks.ScoreUNet(
       **network, gamma_min=sched.gamma_min, gamma_max=sched.gamma_max,
       remat=ex.remat, remat_policy=ex.remat_policy, dtype=DTYPES[dtype],

@@ -44,6 +44,36 @@ def make_eval_step(model, mesh=None, labels: bool = False):
   return jax.jit(step, in_shardings=(rep, data, rep) + ((data,) if labels else ()), out_shardings=data)
 
 
+def _run_batches(step, params, split: input_pipeline.Split, *, n: int, batch_size: int, draws: int,
+                 key: jax.Array, mesh, labels: bool, vocab_size: Optional[int], desc: str, progress: bool):
+  """Runs ``step(params, images, key[, labels])`` on the first ``n`` examples, ``draws`` times over.
+
+  Batch b of draw r gets the key ``fold_in(fold_in(key, r), b)``. Yields
+  (r, the step's outputs on the host, the batch's mask: 1 for real
+  examples, 0 for padding); with a ``mesh`` the batch is sharded over it and
+  the outputs gathered.
+  """
+  bar = tqdm.tqdm(total=draws * -(-n // batch_size), desc=desc, disable=not progress, leave=False)
+  for r in range(draws):
+    batches = input_pipeline.eval_batches(split, batch_size, limit=n, process_index=jax.process_index(),
+                                          process_count=jax.process_count(), labels=labels)
+    for b, (images, mask, *classes) in enumerate(batches):
+      if vocab_size is not None:
+        input_pipeline.check_values(int(np.max(images[mask > 0], initial=0)), vocab_size, "the evaluated data")
+      batch_key = jax.random.fold_in(jax.random.fold_in(key, r), b)
+      if mesh is None:
+        out = jax.device_get(step(params, images, batch_key, *classes))
+      else:
+        data = sharding.batch_sharding(mesh)
+        out = step(params, sharding.to_global(images, data), batch_key,
+                   *[sharding.to_global(c, data) for c in classes])
+        out = jax.tree.map(sharding.to_host, out)
+        mask = sharding.to_host(sharding.to_global(mask, data))
+      yield r, out, mask
+      bar.update()
+  bar.close()
+
+
 def evaluate(model, params, split: input_pipeline.Split, *, batch_size: int, draws: int,
              key: jax.Array, limit: Optional[int] = None, eval_step=None,
              progress: bool = False, return_per_example: bool = False, mesh=None, labels: bool = False) -> dict:
@@ -68,31 +98,13 @@ def evaluate(model, params, split: input_pipeline.Split, *, batch_size: int, dra
   n = len(split) if not limit else min(limit, len(split))
   if mesh is not None:  # not shrunk to a small split: each batch's noise depends on its size, and the
     batch_size = sharding.round_up(batch_size)  # results must not depend on the device count
-  per_draw = {k: [] for k in TERMS}  # R lists of [N]
-  bar = tqdm.tqdm(total=draws * -(-n // batch_size), desc="eval", disable=not progress, leave=False)
-  for r in range(draws):
-    values = {k: [] for k in TERMS}
-    batches = input_pipeline.eval_batches(split, batch_size, limit=n, process_index=jax.process_index(),
-                                          process_count=jax.process_count(), labels=labels)
-    for b, (images, mask, *classes) in enumerate(batches):
-      if hasattr(model, "vocab_size"):
-        input_pipeline.check_values(int(np.max(images[mask > 0], initial=0)), model.vocab_size,
-                                    "the evaluated data")
-      batch_key = jax.random.fold_in(jax.random.fold_in(key, r), b)
-      if mesh is None:
-        out = jax.device_get(eval_step(params, images, batch_key, *classes))
-      else:
-        data = sharding.batch_sharding(mesh)
-        on_mesh = [sharding.to_global(c, data) for c in classes]
-        out = {k: sharding.to_host(v) for k, v in eval_step(params, sharding.to_global(images, data),
-                                                              batch_key, *on_mesh).items()}
-        mask = sharding.to_host(sharding.to_global(mask, data))
-      for k in TERMS:
-        values[k].append(np.asarray(out[k], np.float64)[mask > 0])
-      bar.update()
+  per_draw = {k: [[] for _ in range(draws)] for k in TERMS}  # R lists of per-batch arrays
+  for r, out, mask in _run_batches(eval_step, params, split, n=n, batch_size=batch_size, draws=draws, key=key,
+                                   mesh=mesh, labels=labels, vocab_size=getattr(model, "vocab_size", None),
+                                   desc="eval", progress=progress):
     for k in TERMS:
-      per_draw[k].append(np.concatenate(values[k]))
-  bar.close()
+      per_draw[k][r].append(np.asarray(out[k], np.float64)[mask > 0])
+  per_draw = {k: [np.concatenate(batches) for batches in v] for k, v in per_draw.items()}  # R lists of [N]
   to_bpd = lambda nats: float(losses.bits_per_dim(nats, num_dims))  # noqa: E731
   total = np.stack(per_draw["loss"])  # [R, N]
   stderr = _stderr(total)
@@ -142,32 +154,16 @@ def evaluate_ode(model, params, split: input_pipeline.Split, *, batch_size: int,
   batch_size = min(batch_size, n)
   if mesh is not None:
     batch_size = sharding.round_up(batch_size)
-  per_draw, solver_steps = [], []
-  bar = tqdm.tqdm(total=draws * -(-n // batch_size), desc="eval (ode)", disable=not progress, leave=False)
-  for r in range(draws):
-    values = []
-    batches = input_pipeline.eval_batches(split, batch_size, limit=n, process_index=jax.process_index(),
-                                          process_count=jax.process_count(), labels=labels)
-    for b, (images, mask, *classes) in enumerate(batches):
-      if hasattr(model, "vocab_size"):
-        input_pipeline.check_values(int(np.max(images[mask > 0], initial=0)), model.vocab_size, "the evaluated data")
-      batch_key = jax.random.fold_in(jax.random.fold_in(key, r), b)
-      if mesh is None:
-        nats, steps, failed = jax.device_get(step(params, images, batch_key, *classes))
-      else:
-        data = sharding.batch_sharding(mesh)
-        nats, steps, failed = step(params, sharding.to_global(images, data), batch_key,
-                                   *[sharding.to_global(c, data) for c in classes])
-        nats, steps, failed = sharding.to_host(nats), sharding.to_host(steps), sharding.to_host(failed)
-        mask = sharding.to_host(sharding.to_global(mask, data))
-      if bool(failed):
-        raise ode.SolverError(f"the ODE solver stopped before t = 1 (max_steps={max_steps} at rtol={rtol}, "
-                           f"atol={atol}); loosen the tolerances or raise config.eval.ode.max_steps")
-      values.append(np.asarray(nats, np.float64)[mask > 0])
-      solver_steps.append(int(steps))
-      bar.update()
-    per_draw.append(np.concatenate(values))
-  bar.close()
+  per_draw, solver_steps = [[] for _ in range(draws)], []
+  for r, (nats, steps, failed), mask in _run_batches(
+      step, params, split, n=n, batch_size=batch_size, draws=draws, key=key, mesh=mesh, labels=labels,
+      vocab_size=getattr(model, "vocab_size", None), desc="eval (ode)", progress=progress):
+    if bool(failed):
+      raise ode.SolverError(f"the ODE solver stopped before t = 1 (max_steps={max_steps} at rtol={rtol}, "
+                            f"atol={atol}); loosen the tolerances or raise config.eval.ode.max_steps")
+    per_draw[r].append(np.asarray(nats, np.float64)[mask > 0])
+    solver_steps.append(int(steps))
+  per_draw = [np.concatenate(batches) for batches in per_draw]
   total = np.stack(per_draw)  # [R, N]
   stderr = _stderr(total)
   to_bpd = lambda nats: float(losses.bits_per_dim(nats, num_dims))  # noqa: E731

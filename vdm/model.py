@@ -14,7 +14,9 @@ import jax.numpy as jnp
 
 from vdm import losses, objectives
 
-DECODERS = ("softmax", "cdf")
+# The decoder p(x│z_0)'s reconstruction loss −log p(x│z_0) of each ``model.decoder``: (x, ε_0, γ_0, V) → [B] nats.
+RECONSTRUCTION_LOSSES = {"softmax": losses.reconstruction_loss, "cdf": losses.reconstruction_loss_cdf}
+DECODERS = tuple(RECONSTRUCTION_LOSSES)
 
 
 def sample_times(key: jax.Array, batch: int, antithetic: bool = True) -> jax.Array:
@@ -116,8 +118,7 @@ class VDM(nn.Module):
 
     gamma_0, gamma_1 = self.schedule(jnp.array([0.0, 1.0]))
     eps_0 = noise["eps_0"]
-    recon_fn = losses.reconstruction_loss if self.decoder == "softmax" else losses.reconstruction_loss_cdf
-    loss_recon = recon_fn(x, eps_0, gamma_0, self.vocab_size)  # [B]
+    loss_recon = RECONSTRUCTION_LOSSES[self.decoder](x, eps_0, gamma_0, self.vocab_size)  # [B]
     loss_prior = losses.prior_loss(x, gamma_1, self.vocab_size)  # [B]
 
     t = noise["t"]

@@ -3,7 +3,12 @@
 Kingma et al. 2021, appendix B: ``num_blocks`` ResNet blocks at full
 resolution going down, two middle blocks around one self-attention layer,
 ``num_blocks + 1`` blocks going up, each taking the matching down activation
-by concatenation. γ_t, rescaled to [0, 1], enters every block through a
+by concatenation. ``channel_mult`` with more than one entry adds lower
+resolutions (Ho et al. 2020): each further level halves height and width
+with a strided convolution, the middle blocks run at the lowest, and the up
+path mirrors the down path (nearest-neighbour upsampling and a convolution).
+The paper's network is ``channel_mult=(1,)``; a small one at several
+resolutions sees the whole image, which it needs to draw whole digits. γ_t, rescaled to [0, 1], enters every block through a
 sinusoidal embedding and two dense layers. Optional Fourier features of z_t
 are concatenated to the input. The output convolution is zero-initialised and
 the prediction is ``ε̂ = z_t + output``, so ε̂ = z_t at initialisation.
@@ -209,7 +214,12 @@ class ScoreUNet(nn.Module):
 
   Attributes:
     channels: width of every block (the paper: 128 for CIFAR-10).
-    num_blocks: ResNet blocks going down (the paper: 32); up has one more.
+    num_blocks: ResNet blocks going down at each resolution (the paper: 32);
+      up has one more.
+    channel_mult: width of each resolution level as a multiple of
+      ``channels``, full resolution first; each further level halves H and
+      W (which must then be divisible by 2^(levels − 1)). (1,) is the
+      paper's single-resolution network.
     dropout: dropout rate inside the blocks.
     mid_attention: self-attention between the two middle blocks (the paper's).
     attention_everywhere: self-attention after every block, not only in the middle.
@@ -240,6 +250,7 @@ class ScoreUNet(nn.Module):
   """
   channels: int = 128
   num_blocks: int = 32
+  channel_mult: Sequence[int] = (1,)
   dropout: float = 0.1
   mid_attention: bool = True
   attention_everywhere: bool = False
@@ -290,31 +301,46 @@ class ScoreUNet(nn.Module):
     h = z.astype(jnp.float32)
     if self.fourier_exponents:
       h = jnp.concatenate([h, fourier_features(h, self.fourier_exponents)], axis=-1)
-    h = _conv(self.channels, self.dtype, self.conv_grad, name="conv_in")(h)
+    levels = len(self.channel_mult)
+    factor = 2 ** (levels - 1)
+    if z.shape[1] % factor or z.shape[2] % factor:
+      raise ValueError(f"model.network.channel_mult: {levels} resolution levels need height and width divisible "
+                       f"by {factor}, got {z.shape[1]}×{z.shape[2]}")
+    widths = [self.channels * m for m in self.channel_mult]
 
-    h_in = h
-    h, down = self._stack("down", h, None, cond, deterministic)  # down: [N, B, H, W, C]
+    skips = []  # per level: [num_blocks + 1, B, H_l, W_l, C_l], the level's input first
+    for level, width in enumerate(widths):
+      if level == 0:
+        h = _conv(width, self.dtype, self.conv_grad, name="conv_in")(h)
+      else:  # half the resolution: a strided 3×3 convolution
+        h = nn.Conv(width, (3, 3), strides=(2, 2), dtype=self.dtype, name=f"downsample_{level}")(h)
+      h_in = h
+      h, down = self._stack(_stack_name("down", level), width, h, None, cond, deterministic)
+      skips.append(jnp.concatenate([h_in[None], down]))
 
     mid_layer = lambda name, attention: _Layer(  # noqa: E731
-        self.channels, self.dropout, attention, deterministic, self.dtype, self.conv_grad, self.norm_groups,
+        widths[-1], self.dropout, attention, deterministic, self.dtype, self.conv_grad, self.norm_groups,
         name=name)
     h, _ = mid_layer("mid_0", self.mid_attention or self.attention_everywhere)(h, None, cond)
     h, _ = mid_layer("mid_1", False)(h, None, cond)
 
-    # Up consumes the down activations last-in first-out, conv_in's last.
-    skips = jnp.concatenate([h_in[None], down])[::-1]  # [N + 1, B, H, W, C]
-    h, _ = self._stack("up", h, skips, cond, deterministic)
+    # Up consumes each level's down activations last-in first-out, the level's input last.
+    for level in reversed(range(levels)):
+      if level < levels - 1:  # double the resolution: nearest neighbour, then a 3×3 convolution
+        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+        h = _conv(widths[level], self.dtype, self.conv_grad, name=f"upsample_{level}")(h)
+      h, _ = self._stack(_stack_name("up", level), widths[level], h, skips[level][::-1], cond, deterministic)
 
-    h = nn.swish(_group_norm(self.channels, self.dtype, self.norm_groups, "norm_out")(h))
+    h = nn.swish(_group_norm(widths[0], self.dtype, self.norm_groups, "norm_out")(h))
     out = _conv(z.shape[-1], self.dtype, self.conv_grad, zero_init=True, name="conv_out")(h)
     return z.astype(jnp.float32) + out.astype(jnp.float32)
 
-  def _stack(self, name: str, h: jax.Array, skips: Optional[jax.Array], cond: jax.Array,
+  def _stack(self, name: str, channels: int, h: jax.Array, skips: Optional[jax.Array], cond: jax.Array,
              deterministic: bool):
     """Runs a stack of identical layers; ``skips`` [L, …] (up) or None (down)."""
     length = self.num_blocks if skips is None else self.num_blocks + 1
     layer = nn.remat(_Layer, policy=REMAT_POLICIES[self.remat_policy]) if self.remat else _Layer
-    args = (self.channels, self.dropout, self.attention_everywhere, deterministic, self.dtype,
+    args = (channels, self.dropout, self.attention_everywhere, deterministic, self.dtype,
             self.conv_grad, self.norm_groups)
     if self.scan_blocks:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
@@ -327,20 +353,31 @@ class ScoreUNet(nn.Module):
     return h, (jnp.stack(outs) if skips is None else None)
 
 
-def unstack_params(params: dict, num_blocks: int) -> dict:
+def _stack_name(direction: str, level: int) -> str:
+  """"down"/"up" at full resolution (the paper's names), "down1", "up1", … below it."""
+  return direction if level == 0 else f"{direction}{level}"
+
+
+def _stacks(num_blocks: int, num_levels: int):
+  for level in range(num_levels):
+    yield _stack_name("down", level), num_blocks
+    yield _stack_name("up", level), num_blocks + 1
+
+
+def unstack_params(params: dict, num_blocks: int, num_levels: int = 1) -> dict:
   """Converts a scanned network's params to the unrolled form's names."""
   params = dict(params)
-  for name, length in (("down", num_blocks), ("up", num_blocks + 1)):
+  for name, length in _stacks(num_blocks, num_levels):
     stacked = params.pop(name)
     for i in range(length):
       params[f"{name}_{i}"] = jax.tree.map(lambda leaf: leaf[i], stacked)
   return params
 
 
-def stack_params(params: dict, num_blocks: int) -> dict:
+def stack_params(params: dict, num_blocks: int, num_levels: int = 1) -> dict:
   """The inverse of :func:`unstack_params`: ``down_i``/``up_i`` → stacked ``down``/``up``."""
   params = dict(params)
-  for name, length in (("down", num_blocks), ("up", num_blocks + 1)):
+  for name, length in _stacks(num_blocks, num_levels):
     layers = [params.pop(f"{name}_{i}") for i in range(length)]
     params[name] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
   return params

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm import losses
+from vdm.model import RECONSTRUCTION_LOSSES
 
 DEQUANTIZATIONS = ("uniform", "decoder")
 ODE_INSTALL = 'pip install -e ".[ode]"  (diffrax)'
@@ -66,12 +67,18 @@ def _diffrax():
   return diffrax
 
 
+def _schedule_at(gamma_fn: Callable, t: jax.Array, batch: int):
+  """γ_t, γ'(t) and σ_t, each ``[batch]``, at the scalar time t (γ and its slope in one forward-mode pass)."""
+  t_b = jnp.full((batch,), t, jnp.float32)
+  gamma, dgamma = jax.jvp(gamma_fn, (t_b,), (jnp.ones_like(t_b),))
+  return gamma, dgamma, jnp.sqrt(jax.nn.sigmoid(gamma))
+
+
 def drift(eps_fn: Callable, gamma_fn: Callable, t: jax.Array, z: jax.Array) -> jax.Array:
   """dz/dt = ½ γ'(t) σ_t (ε̂(z; γ_t) − σ_t z) for z ``[B, …]`` at the scalar time t."""
-  t_b = jnp.full((z.shape[0],), t, jnp.float32)
-  gamma, dgamma = jax.jvp(gamma_fn, (t_b,), (jnp.ones_like(t_b),))
-  sigma = losses._per_example(jnp.sqrt(jax.nn.sigmoid(gamma)), z.ndim)
-  return 0.5 * losses._per_example(dgamma, z.ndim) * sigma * (eps_fn(z, gamma) - sigma * z)
+  gamma, dgamma, sigma = _schedule_at(gamma_fn, t, z.shape[0])
+  s, g = losses._per_example(sigma, z.ndim), losses._per_example(dgamma, z.ndim)
+  return 0.5 * g * s * (eps_fn(z, gamma) - s * z)
 
 
 def _max_norm(tree) -> jax.Array:
@@ -113,9 +120,7 @@ def log_likelihood(eps_fn: Callable, gamma_fn: Callable, z_0: jax.Array, probe: 
   """
   def dynamics(t, state):
     z, _ = state
-    t_b = jnp.full((z.shape[0],), t, jnp.float32)
-    gamma, dgamma = jax.jvp(gamma_fn, (t_b,), (jnp.ones_like(t_b),))
-    sigma = jnp.sqrt(jax.nn.sigmoid(gamma))
+    gamma, dgamma, sigma = _schedule_at(gamma_fn, t, z.shape[0])
     eps_hat, jvp = jax.jvp(lambda y: eps_fn(y, gamma), (z,), (probe,))
     s, g = losses._per_example(sigma, z.ndim), losses._per_example(dgamma, z.ndim)
     dz = 0.5 * g * s * (eps_hat - s * z)
@@ -162,6 +167,5 @@ def nll_bound(model, params, x: jax.Array, key: jax.Array, *, dequantization: st
   log_p, steps, failed = log_likelihood(eps_fn, gamma_fn, z_0, probe, rtol=rtol, atol=atol, max_steps=max_steps)
   flat = eps_0.reshape(x.shape[0], -1)
   log_q = (-0.5 * jnp.sum(jnp.square(flat), -1) - num_dims * (jnp.log(sigma_0) + 0.5 * jnp.log(2.0 * jnp.pi)))
-  recon = losses.reconstruction_loss(x, eps_0, gamma_0, model.vocab_size) if model.decoder == "softmax" else \
-      losses.reconstruction_loss_cdf(x, eps_0, gamma_0, model.vocab_size)
+  recon = RECONSTRUCTION_LOSSES[model.decoder](x, eps_0, gamma_0, model.vocab_size)
   return recon - log_p + log_q, steps, failed

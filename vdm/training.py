@@ -103,6 +103,7 @@ def setup(config: ml_collections.ConfigDict, image_shape):
   replicated over the mesh.
   """
   config_lib.validate(config)
+  config_lib.check_image_shape(config, image_shape)
   mesh = sharding.make_mesh()
   sharding.check_batch(config.training.batch_size // config.training.grad_accum_steps,
                        "training.batch_size (per micro-batch: batch_size / grad_accum_steps)")
