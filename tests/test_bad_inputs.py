@@ -64,6 +64,8 @@ TRAIN = [  # (arguments after --config=configs/smoke.py, words expected on stder
     (["--config.model.network.dropout=1.5"], "config.model.network.dropout: expected a rate in [0, 1)"),
     (["--print_config", "--config.model.network.norm_groups=3"],
      "config.model.network.norm_groups: expected a divisor of model.network.channels (8), got 3"),
+    (["--config.model.network.channel_mult=(1,2,2,2)"],
+     "config.model.network.channel_mult: expected at most as many levels as halvings of the images' 28×28"),
     (["--config.optimizer.ema_rate=1.5"], "config.optimizer.ema_rate: expected a decay in [0, 1)"),
     (["--config.training.steps_per_call=3"], "config.training.num_steps: expected a multiple of"),
     (["--config.model.num_classes=5"], "config.model.num_classes: the training split has labels up to 9, "

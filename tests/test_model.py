@@ -47,12 +47,13 @@ def test_loss_at_init_matches_closed_form():
   print(f"bpd at init: {bpd:.3f} (diffusion closed form {expected / 64 / np.log(2):.3f})")
 
 
-@pytest.mark.parametrize("schedule,num_steps,decoder", [
-    ("learned_linear", 0, "softmax"), ("monotone_net", 10, "cdf"), ("monotone_net", 0, "softmax")])
-def test_gradients_are_finite_and_reach_every_parameter(schedule, num_steps, decoder):
+@pytest.mark.parametrize("schedule,num_steps,decoder,mult", [
+    ("learned_linear", 0, "softmax", (1,)), ("monotone_net", 10, "cdf", (1,)), ("monotone_net", 0, "softmax", (1,)),
+    ("learned_linear", 0, "softmax", (1, 2, 2))])
+def test_gradients_are_finite_and_reach_every_parameter(schedule, num_steps, decoder, mult):
   x = jax.random.randint(jax.random.key(0), (4, 8, 8, 3), 0, 256)
   vdm = model.VDM(schedules.get_schedule(schedule, -13.3, 5.0, **({"hidden": 8} if schedule == "monotone_net" else {})),
-                  networks.ScoreUNet(channels=16, num_blocks=1, dropout=0.1, fourier_exponents=(6,)),
+                  networks.ScoreUNet(channels=16, num_blocks=1, channel_mult=mult, dropout=0.1, fourier_exponents=(6,)),
                   num_steps=num_steps, decoder=decoder)
   params = jax.jit(vdm.init)(jax.random.key(1), x, jax.random.key(2))["params"]
   # Off the initialisation: its zero output convolution would stop every gradient inside the network.
