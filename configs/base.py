@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.schedule.hidden = 1024  # hidden units of the monotone_net schedule (others ignore it)
 
   config.model.network = ml_collections.ConfigDict()  # the U-Net's arguments (vdm.networks.ScoreUNet)
-  config.model.network.channels = 128  # width of every U-Net block
+  config.model.network.channels = 128  # width of the U-Net blocks at full resolution (× channel_mult below it)
   config.model.network.num_blocks = 32  # ResNet blocks going down at each resolution (up has one more)
   # Width of each resolution level as a multiple of channels, full resolution first; each further level
   # halves H and W. (1,) = the paper's network without downsampling; (1, 2, 2) sees all of a 28×28 image.

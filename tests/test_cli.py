@@ -74,7 +74,7 @@ def test_help_exits_0_and_print_config_lists_fields_with_their_meaning():
   out = run("--config=configs/smoke.py", "--print_config", "--config.training.num_steps=7").stdout
   lines = out.splitlines()
   assert "training.num_steps = 7  # optimiser steps in total" in lines
-  assert "model.network.channels = 8  # width of every U-Net block" in lines
+  assert "model.network.channels = 8  # width of the U-Net blocks at full resolution (× channel_mult below it)" in lines
   assert any(line.startswith("execution.matmul_precision = 'default'  # jax.default_matmul_precision") for line in lines)
   assert len(lines) > 40  # every field, one a line
   missing = run("--config=configs/smoke.py", check=False)
