@@ -148,11 +148,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def check_image_shape(config: ml_collections.ConfigDict, image_shape) -> None:
   """Raises ConfigError if the network cannot take images of ``image_shape`` (H, W, C)."""
-  levels = len(config.model.network.channel_mult)
-  factor = 2 ** (levels - 1)
+  mult = tuple(config.model.network.channel_mult)
+  levels, factor = len(mult), networks.size_divisor(mult)
   _check(image_shape[0] % factor == 0 and image_shape[1] % factor == 0, "model.network.channel_mult",
          f"at most as many levels as halvings of the images' {image_shape[0]}×{image_shape[1]} "
-         f"({levels} levels need height and width divisible by {factor})", tuple(config.model.network.channel_mult))
+         f"({levels} levels need height and width divisible by {factor})", mult)
 
 
 def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,

@@ -8,9 +8,10 @@ resolutions (Ho et al. 2020): each further level halves height and width
 with a strided convolution, the middle blocks run at the lowest, and the up
 path mirrors the down path (nearest-neighbour upsampling and a convolution).
 The paper's network is ``channel_mult=(1,)``; a small one at several
-resolutions sees the whole image, which it needs to draw whole digits. γ_t, rescaled to [0, 1], enters every block through a
-sinusoidal embedding and two dense layers. Optional Fourier features of z_t
-are concatenated to the input. The output convolution is zero-initialised and
+resolutions sees the whole image, which it needs to draw whole digits.
+γ_t, rescaled to [0, 1], enters every block through a sinusoidal embedding
+and two dense layers. Optional Fourier features of z_t are concatenated to
+the input. The output convolution is zero-initialised and
 the prediction is ``ε̂ = z_t + output``, so ε̂ = z_t at initialisation.
 
 The identical blocks of each stack are compiled once with ``nn.scan``
@@ -213,7 +214,8 @@ class ScoreUNet(nn.Module):
   """ε̂(z_t; γ_t) for images ``[B, H, W, C]``; any H, W, C.
 
   Attributes:
-    channels: width of every block (the paper: 128 for CIFAR-10).
+    channels: width of the blocks at full resolution (the paper: 128 for
+      CIFAR-10); lower levels have ``channels · channel_mult[l]``.
     num_blocks: ResNet blocks going down at each resolution (the paper: 32);
       up has one more.
     channel_mult: width of each resolution level as a multiple of
@@ -301,8 +303,7 @@ class ScoreUNet(nn.Module):
     h = z.astype(jnp.float32)
     if self.fourier_exponents:
       h = jnp.concatenate([h, fourier_features(h, self.fourier_exponents)], axis=-1)
-    levels = len(self.channel_mult)
-    factor = 2 ** (levels - 1)
+    levels, factor = len(self.channel_mult), size_divisor(self.channel_mult)
     if z.shape[1] % factor or z.shape[2] % factor:
       raise ValueError(f"model.network.channel_mult: {levels} resolution levels need height and width divisible "
                        f"by {factor}, got {z.shape[1]}×{z.shape[2]}")
@@ -351,6 +352,11 @@ class ScoreUNet(nn.Module):
       h, out = layer(*args, name=f"{name}_{i}")(h, None if skips is None else skips[i], cond)
       outs.append(out)
     return h, (jnp.stack(outs) if skips is None else None)
+
+
+def size_divisor(channel_mult: Sequence[int]) -> int:
+  """What image height and width must be divisible by: 2 for each halving between levels."""
+  return 2 ** (len(channel_mult) - 1)
 
 
 def _stack_name(direction: str, level: int) -> str:
