@@ -12,17 +12,22 @@
 # and bring .whl/ along). Set REF_BENCH=path/to/reference-bench to time the 2022 reference's train
 # step first, for side-by-side ratios in the same run (the reference is not part of this project).
 #
-# What it writes into OUT_DIR (at most 8 files):
+# What it writes into OUT_DIR (8 files, the most the device tool brings back):
 #   env.json          devices, versions
+#   train_step.jsonl  configs/cifar10.py at batch 128: as shipped and the variants that matter, each with a
+#                     3-step profile (device time by XLA op, kernel and kind of work)
 #   reference.jsonl   the reference's train step at batch 128 (if REF_BENCH)
-#   train_step.jsonl  configs/cifar10.py at batch 128: as shipped, and the variants that matter
-#   sampler.jsonl     configs/cifar10.py, 128 images: one N-step loop, whole and in ~50 calls
-#   eval_step.jsonl   configs/cifar10.py evaluation step (full precision, as evaluation runs)
 #   quickstart.jsonl  the MNIST Quick start end to end: train + eval (its JSON), sample.py, wall times;
 #                     its checkpoint's bpd under fp32 / TF32 / bf16 (benchmarks/precision.py); the same
 #                     training in bfloat16
+#   throughput.jsonl  configs/cifar10.py: the sampler (128 images, float32 and bf16) and the evaluation step
+#                     (at full precision, as evaluation runs, and at the training precision)
 #   summary.json      the figures against the targets of the accelerator issue
+#   traces.tar        the raw profiler traces (*.xplane.pb.gz; XProf/TensorBoard read them)
 #   log.txt           everything the steps printed
+#
+# The parts run most important first, each under its own time limit and all within BUDGET seconds
+# (default 540), so a short slot still returns the train-step figures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-device_check}
@@ -43,18 +48,25 @@ if ! $PY -c "import ml_collections" 2>/dev/null; then
 fi
 
 if [[ -n "${SMALL:-}" ]]; then  # tiny shapes, to check the script itself on a CPU
-  BATCH=4; NET=(--config.model.network.channels=8 --config.model.network.num_blocks=1); SAMPLE_STEPS=10; REPEATS=2
+  BATCH=4; NET=(--config.model.network.channels=8 --config.model.network.num_blocks=1); SAMPLE_STEPS=5; REPEATS=2
   QS=(--config.training.num_steps=20 --config.training.log_every=10 --config.training.checkpoint_every=10
       --config.eval.num_samples=4 --config.eval.sample_steps=5 --config.eval.draws=1)
-  QS_SAMPLE_STEPS=10; EVAL_BATCH=8; REF_ARGS=(4 32 3 2)
+  QS_SAMPLE_STEPS=10; EVAL_BATCH=8; REF_ARGS=(4 32 3 2); PRECISION=(--limit=50 --draws=1)
 else
-  BATCH=128; NET=(); SAMPLE_STEPS=250; REPEATS=10
-  QS=(); QS_SAMPLE_STEPS=1000; EVAL_BATCH=256; REF_ARGS=(128 32 3 15)
+  # The sampler runs its N-step loop four times (warm and timed, whole and in ~50 calls): N = 50 gives
+  # seconds per step; 1,000 steps take 20 times the loop's time.
+  BATCH=128; NET=(); SAMPLE_STEPS=50; REPEATS=10
+  QS=(); QS_SAMPLE_STEPS=1000; EVAL_BATCH=256; REF_ARGS=(128 32 3 10); PRECISION=()
 fi
+BUDGET=${BUDGET:-540}
+TRACES=$(mktemp -d)
 
-step() {  # step NAME TIMEOUT_S COMMAND…: runs one part, logs it, goes on if it fails
+step() {  # step NAME TIMEOUT_S COMMAND…: runs one part within what is left of BUDGET, logs it, goes on if it fails
   local name=$1 limit=$2; shift 2
-  echo "== $name: $*" | tee -a "$LOG"
+  local left=$((BUDGET - SECONDS - 10))
+  if ((left < 15)); then echo "== $name: skipped (budget spent)" | tee -a "$LOG"; return; fi
+  ((limit > left)) && limit=$left
+  echo "== $name (limit $limit s): $*" | tee -a "$LOG"
   local t0=$SECONDS
   timeout "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
@@ -70,30 +82,23 @@ print(json.dumps({"backend": jax.default_backend(), "device": d[0].device_kind, 
 EOF
 cat "$OUT/env.json" | tee -a "$LOG"
 
-if [[ -n "${REF_BENCH:-}" ]]; then
-  step reference 240 bash -c "$PY '$REF_BENCH/ref_bench.py' ${REF_ARGS[*]} > '$OUT/reference.jsonl'"
-fi
-
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
-step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
-  --results="$OUT/train_step.jsonl" \
+step train_step 240 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
+  --results="$OUT/train_step.jsonl" --profile="$TRACES" \
   --variant=execution.dtype=float32 \
+  --variant=execution.remat=False \
   --variant=execution.dtype=bfloat16 \
   --variant=execution.dtype=bfloat16,execution.remat=False
 
-for dtype in float32 bfloat16; do
-  step "sampler_$dtype" 150 $PY benchmarks/sampler.py "${C10[@]}" --batch_size=$BATCH --samplers=ancestral \
-    --num_steps=$SAMPLE_STEPS --timed_steps=$SAMPLE_STEPS --results="$OUT/sampler.jsonl" --config.execution.dtype=$dtype
-done
-
-step eval_step 90 $PY benchmarks/eval_step.py "${C10[@]}" --batch_size=$EVAL_BATCH --repeats=$REPEATS \
-  --results="$OUT/eval_step.jsonl"
+if [[ -n "${REF_BENCH:-}" ]]; then
+  step reference 150 bash -c "$PY '$REF_BENCH/ref_bench.py' ${REF_ARGS[*]} > '$OUT/reference.jsonl'"
+fi
 
 QS_DIR=$(mktemp -d)
 t0=$SECONDS
-step quickstart_train 240 bash -c "$PY train.py --config=configs/mnist.py --workdir='$QS_DIR' ${QS[*]} | tail -n 1 > '$QS_DIR/eval.json'"
+step quickstart_train 150 bash -c "$PY train.py --config=configs/mnist.py --workdir='$QS_DIR' ${QS[*]} | tail -n 1 > '$QS_DIR/eval.json'"
 train_s=$((SECONDS - t0)); t0=$SECONDS
-step quickstart_sample 120 $PY sample.py --workdir="$QS_DIR" --num_samples=64 --num_steps=$QS_SAMPLE_STEPS
+step quickstart_sample 60 $PY sample.py --workdir="$QS_DIR" --num_samples=64 --num_steps=$QS_SAMPLE_STEPS
 sample_s=$((SECONDS - t0))
 $PY - "$QS_DIR/eval.json" "$train_s" "$sample_s" "$QS_SAMPLE_STEPS" >"$OUT/quickstart.jsonl" <<'EOF'
 import json, sys
@@ -105,12 +110,30 @@ except (OSError, ValueError):
 print(json.dumps({"benchmark": "quickstart", "train_and_eval_wall_s": int(train_s),
                   "sample_wall_s": int(sample_s), "sample_steps": int(n), "eval": record}))
 EOF
-step precision 90 $PY benchmarks/precision.py --workdir="$QS_DIR" --results="$OUT/quickstart.jsonl"
+step precision 90 $PY benchmarks/precision.py --workdir="$QS_DIR" --results="$OUT/quickstart.jsonl" "${PRECISION[@]}" \
+  --policies=float32:highest,float32:default,bfloat16:default
+
+for dtype in float32 bfloat16; do
+  step "sampler_$dtype" 60 $PY benchmarks/sampler.py "${C10[@]}" --batch_size=$BATCH --samplers=ancestral \
+    --num_steps=$SAMPLE_STEPS --timed_steps=$SAMPLE_STEPS --results="$OUT/throughput.jsonl" --config.execution.dtype=$dtype
+done
+step eval_step 45 $PY benchmarks/eval_step.py "${C10[@]}" --batch_size=$EVAL_BATCH --repeats=$REPEATS \
+  --results="$OUT/throughput.jsonl"
+step eval_step_training_precision 45 $PY benchmarks/eval_step.py "${C10[@]}" --batch_size=$EVAL_BATCH \
+  --repeats=$REPEATS --results="$OUT/throughput.jsonl" --config.eval.full_precision=False
+
 # The same training in bfloat16 (same seed): does the precision move the reported bpd?
-step quickstart_bf16 180 bash -c "$PY train.py --config=configs/mnist.py --workdir='$QS_DIR-bf16' ${QS[*]} \
+step quickstart_bf16 120 bash -c "$PY train.py --config=configs/mnist.py --workdir='$QS_DIR-bf16' ${QS[*]} \
   --config.execution.dtype=bfloat16 --config.eval.num_samples=0 | tail -n 1 | \
   $PY -c 'import json,sys; print(json.dumps({\"benchmark\": \"quickstart_bf16\", \"eval\": json.loads(sys.stdin.read())}))' \
   >> '$OUT/quickstart.jsonl'"
 cat "$OUT/quickstart.jsonl" | tee -a "$LOG"
 
+# Last, if time is left: the blocks unrolled instead of scanned (compiles longer; faster steps?)
+mkdir -p "$TRACES/unrolled"
+step train_step_unrolled 120 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
+  --results="$OUT/train_step.jsonl" --profile="$TRACES/unrolled" \
+  --variant=execution.dtype=bfloat16,execution.remat=False,model.network.scan_blocks=False
+
+tar -cf "$OUT/traces.tar" -C "$TRACES" . 2>>"$LOG"
 $PY benchmarks/device_summary.py "$OUT" | tee "$OUT/summary.json"

@@ -35,7 +35,12 @@ def summarize(out: str) -> dict:
   for r in train:
     row = {"variant": r.get("variant"), "batch_size": r["batch_size"], "step_ms": r["step_ms_median"],
            "images_per_s": r["images_per_s"], "first_call_s": r["first_call_s"], "mfu": r.get("mfu"),
-           "peak_device_gb": (r.get("peak_device_bytes") or 0) / 1e9 or None}
+           "xla_temp_gb": (r.get("temp_bytes") or 0) / 1e9 or None,
+           "process_peak_device_gb": (r.get("peak_device_bytes") or 0) / 1e9 or None}
+    profile = r.get("profile") or {}
+    if profile.get("by_kind_ms_per_step"):
+      row["device_ms_by_kind"] = profile["by_kind_ms_per_step"]
+      row["device_busy_ms"] = profile.get("device_busy_ms_per_step")
     if reference:
       row["images_per_s_vs_reference"] = r["images_per_s"] / reference["images_per_s"]
       row["first_call_vs_reference"] = r["first_call_s"] / reference["first_call_s"]
@@ -44,9 +49,10 @@ def summarize(out: str) -> dict:
       {"dtype": r.get("dtype"), "batch_size": r["batch_size"], "num_steps": r["num_steps"],
        "loop_s": r["loop_s"], "seconds_per_1000_steps": 1000 * r["loop_s"] / r["num_steps"],
        "with_progress_bar_over_whole": r.get("chunked_over_whole")}
-      for r in _records(out, "sampler.jsonl") if "loop_s" in r]
-  summary["eval_step"] = [{k: r.get(k) for k in ("batch_size", "images_per_s", "trace_and_compile_s")}
-                          for r in _records(out, "eval_step.jsonl")]
+      for r in _records(out, "throughput.jsonl") if r.get("benchmark") == "sampler" and "loop_s" in r]
+  summary["eval_step"] = [{k: r.get(k) for k in ("batch_size", "dtype", "matmul_precision", "images_per_s",
+                                                 "trace_and_compile_s")}
+                          for r in _records(out, "throughput.jsonl") if r.get("benchmark") == "eval_step"]
   quickstart = _records(out, "quickstart.jsonl")
   summary["quickstart"] = next((r for r in quickstart if r.get("benchmark") == "quickstart"), None)
   summary["quickstart_bf16"] = next((r for r in quickstart if r.get("benchmark") == "quickstart_bf16"), None)

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common, flops  # noqa: E402
+from benchmarks import common, flops, profile  # noqa: E402
 from vdm import config as config_lib  # noqa: E402
 from vdm import sharding, train_step, training  # noqa: E402
 
@@ -52,10 +52,13 @@ _VARIANT = flags.DEFINE_multi_string("variant", [], "FIELD=V[,FIELD=V…]: one v
                                      "the first is the baseline of the ratios.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s for the model FLOP utilisation (MFU); "
                            "default: benchmarks/flops.py's table for the device and precision (none for CPUs).")
+_PROFILE = flags.DEFINE_string("profile", "", "DIR: after the timings, trace 3 steps of each variant and report "
+                                "where the device time goes (by XLA op, kernel, kind); raw traces saved in DIR.")
 flags.mark_flag_as_required("config")
 
 
-def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bool = False) -> dict:
+def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bool = False,
+            profile_to: str = "") -> dict:
   config.training.batch_size = batch_size
   model, optimizer, mesh, init = training.setup(config, image_shape)
   state = init()
@@ -88,6 +91,13 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+  traced = None
+  if profile_to:
+    def run_step():
+      nonlocal state, metrics
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+    traced = profile.trace(run_step, steps=3, keep=profile_to)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   step_flops = model_flops(config, batch)  # after the timings: it traces the model again
   median = statistics.median(times)
@@ -99,7 +109,8 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
           "images_per_s": batch_size / median, "peak_device_bytes": stats.get("peak_bytes_in_use"),
           "achieved_tflops": step_flops / median / 1e12,
           "peak_tflops": peak, "peak_kind": kind, "mfu": step_flops / median / 1e12 / peak if peak else None,
-          "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+          "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          **({"profile": traced} if traced else {})}
 
 
 def model_flops(config, batch) -> float:
@@ -164,11 +175,12 @@ def main(argv):
   batch = _BATCH.value or config.training.batch_size
   variants = _variants()
   results = []
-  for fields in variants:
+  for index, fields in enumerate(variants):
     variant = copy.deepcopy(config)
     for field, value in fields.items():
       _set(variant, field, value)
-    result = measure(variant, batch, shape, _REPEATS.value, _COMPILE_ONLY.value)
+    profile_to = os.path.join(_PROFILE.value, f"train_step_{index}.xplane.pb.gz") if _PROFILE.value else ""
+    result = measure(variant, batch, shape, _REPEATS.value, _COMPILE_ONLY.value, profile_to)
     result["variant"] = fields
     results.append(result)
     common.emit(result)
