@@ -33,6 +33,9 @@ def summarize(out: str) -> dict:
   train = [r for r in _records(out, "train_step.jsonl") if r.get("benchmark") == "train_step"]
   summary["train_step"] = []
   for r in train:
+    if "error" in r:
+      summary["train_step"].append({"variant": r.get("variant"), "batch_size": r.get("batch_size"), "error": r["error"]})
+      continue
     row = {"variant": r.get("variant"), "batch_size": r["batch_size"], "step_ms": r["step_ms_median"],
            "images_per_s": r["images_per_s"], "first_call_s": r["first_call_s"], "mfu": r.get("mfu"),
            "xla_temp_gb": (r.get("temp_bytes") or 0) / 1e9 or None,

@@ -180,11 +180,20 @@ def main(argv):
     for field, value in fields.items():
       _set(variant, field, value)
     profile_to = os.path.join(_PROFILE.value, f"train_step_{index}.xplane.pb.gz") if _PROFILE.value else ""
-    result = measure(variant, batch, shape, _REPEATS.value, _COMPILE_ONLY.value, profile_to)
+    try:
+      result = measure(variant, batch, shape, _REPEATS.value, _COMPILE_ONLY.value, profile_to)
+    except jax.errors.JaxRuntimeError as error:  # e.g. RESOURCE_EXHAUSTED: record it, measure the next variant
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      result = {"benchmark": "train_step", "batch_size": batch, "image_shape": list(shape),
+                "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                "error": "out of device memory: " + str(error).splitlines()[0][:300]}
     result["variant"] = fields
     results.append(result)
     common.emit(result)
-  if len(results) > 1:
+  measured = [(f, r) for f, r in zip(variants, results) if "error" not in r]
+  if len(measured) > 1:
+    variants, results = zip(*measured)
     keys = ("trace_s", "compile_s", "first_run_s", "first_call_s", "step_ms_median", "temp_bytes",
             "peak_device_bytes")
     first = results[0]
