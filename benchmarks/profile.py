@@ -3,7 +3,11 @@
     from benchmarks import profile
     summary = profile.trace(lambda: step(), steps=3, keep="out/train.xplane.pb.gz")
 
-Used by ``train_step.py --profile=DIR``. Reads the trace with
+Used by ``train_step.py --profile=DIR``; a saved trace can be summarised again:
+
+    python benchmarks/profile.py DIR/train_step_0.xplane.pb.gz --steps=3 --top=40
+
+ Reads the trace with
 ``jax.profiler.ProfileData`` (no TensorFlow or TensorBoard needed); on GPUs the
 device plane holds one event per kernel, annotated with the XLA op that
 launched it. On CPUs the same is read from the host threads' XLA ops.
@@ -42,10 +46,13 @@ def _kind(name: str) -> str:
 
 def summarize(path: str, steps: int, top: int = 30) -> dict:
   """Device time per step, by XLA op, by kernel and by kind, from one ``*.xplane.pb``."""
-  data = ProfileData.from_file(path)
+  plain = _open(path)
+  data = ProfileData.from_file(plain)
+  if plain != path:
+    os.remove(plain)
   device_planes = [p for p in data.planes if p.name.startswith("/device:") and "CPU" not in p.name]
   by_op, by_kernel, by_kind = collections.Counter(), collections.Counter(), collections.Counter()
-  count = collections.Counter()
+  count, by_family, family_count = collections.Counter(), collections.Counter(), collections.Counter()
   starts, ends = [], []
   line_names = sorted({line.name for p in device_planes for line in p.lines})
   if device_planes:  # GPU/TPU: one event per kernel, on the stream lines (not the derived "XLA Ops" etc.)
@@ -57,6 +64,9 @@ def summarize(path: str, steps: int, top: int = 30) -> dict:
       op = str(stats.get("hlo_op") or ev.name)
       by_op[op] += ev.duration_ns
       by_kernel[ev.name] += ev.duration_ns
+      family = re.sub(r"(_\d+)+$", "", ev.name)[:80]  # loop_add_fusion_12 → loop_add_fusion
+      by_family[family] += ev.duration_ns
+      family_count[family] += 1
       by_kind[_kind(ev.name + " " + op)] += ev.duration_ns
       count[op] += 1
       starts.append(ev.start_ns)
@@ -81,7 +91,19 @@ def summarize(path: str, steps: int, top: int = 30) -> dict:
       "by_kind_share": {k: round(v / busy, 4) for k, v in by_kind.most_common()} if busy else {},
       "top_ops_ms_per_step": [[op, per_step(ns), count[op] // steps] for op, ns in by_op.most_common(top)],
       "top_kernels_ms_per_step": [[k[:120], per_step(ns)] for k, ns in by_kernel.most_common(top)],
+      # [kernel name without its numeric suffix, ms per step, launches per step]
+      "top_kernel_families": [[k, per_step(ns), family_count[k] // steps] for k, ns in by_family.most_common(top)],
   }
+
+
+def _open(path: str) -> str:
+  """A readable ``*.xplane.pb`` for ``path`` (a gzipped one is unpacked to a temporary file)."""
+  if not path.endswith(".gz"):
+    return path
+  fd, plain = tempfile.mkstemp(suffix=".xplane.pb")
+  with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+    shutil.copyfileobj(src, dst)
+  return plain
 
 
 def trace(run_step, steps: int = 3, keep: str = "") -> dict:
@@ -107,3 +129,15 @@ def trace(run_step, steps: int = 3, keep: str = "") -> dict:
     summary["trace_file"] = keep
   shutil.rmtree(folder, ignore_errors=True)
   return summary
+
+
+if __name__ == "__main__":
+  import argparse
+  import json
+
+  parser = argparse.ArgumentParser(description="Summarise a saved profiler trace (*.xplane.pb[.gz]).")
+  parser.add_argument("trace")
+  parser.add_argument("--steps", type=int, default=3, help="Steps the trace holds (figures are per step).")
+  parser.add_argument("--top", type=int, default=30)
+  args = parser.parse_args()
+  print(json.dumps(summarize(args.trace, args.steps, args.top), indent=1))

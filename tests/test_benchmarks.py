@@ -67,3 +67,20 @@ def test_peak_table_matches_device_kinds_and_precisions():
   assert flops.matmul_kind("bfloat16", "highest", "gpu") == "bfloat16"
   assert flops.matmul_kind("float32", "default", "tpu") == "bfloat16"
   assert flops.matmul_kind("float32", "default", "cpu") == "float32"
+
+
+def test_profile_sums_the_traced_steps_by_op_and_kind(tmp_path):
+  from benchmarks import profile
+  x = jnp.ones((256, 256))
+  f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  f(x).block_until_ready()
+  summary = profile.trace(lambda: f(x).block_until_ready(), steps=2, keep=str(tmp_path / "t.xplane.pb.gz"))
+  assert summary["steps"] == 2 and summary["device_busy_ms_per_step"] > 0
+  assert sum(summary["by_kind_ms_per_step"].values()) == pytest.approx(summary["device_busy_ms_per_step"], rel=1e-2)
+  assert summary["top_ops_ms_per_step"] and all(calls >= 1 for _, _, calls in summary["top_ops_ms_per_step"])
+  # The saved trace reads back to the same figures.
+  again = profile.summarize(summary["trace_file"], steps=2)
+  assert again["by_kind_ms_per_step"] == summary["by_kind_ms_per_step"]
+  assert profile._kind("sm90_xmma_fprop_implicit_gemm_bf16") == "matmul/conv"
+  assert profile._kind("loop_add_compare_fusion_1") == "fusion"
+  assert profile._kind("input_reduce_fusion_4") == "reduce"
