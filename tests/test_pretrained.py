@@ -83,3 +83,24 @@ def test_sample_cli_writes_png_and_npz(workdir, tmp_path):
   assert "sample:" in proc.stderr and "| 1/3 [" in proc.stderr  # the bar counts sampler steps, not batches
   with np.load(tmp_path / npz[0]) as f:
     assert f["samples"].shape == (4, 28, 28, 1) and f["samples"].dtype == np.uint8
+
+
+def test_with_execution_changes_how_the_network_computes_not_what(workdir, tmp_path):
+  import jax.numpy as jnp
+  from vdm.config import ConfigError
+  trained = vdm.load(workdir)
+  fast = trained.with_execution(dtype="bfloat16")
+  assert fast.model.network.dtype == jnp.bfloat16 and fast.config.execution.dtype == "bfloat16"
+  assert trained.model.network.dtype == jnp.float32 and trained.config.execution.dtype == "float32"  # untouched
+  assert fast.params is trained.params and fast.step == trained.step
+  key = jax.random.key(3)
+  a, b = trained.sample(key, 4, num_steps=4), fast.sample(key, 4, num_steps=4)
+  assert not np.array_equal(a, b)  # bf16 arithmetic: other roundings …
+  assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0  # … of the same samples (grey levels of 0–255)
+  with pytest.raises(ConfigError, match="execution.dtype"):
+    trained.with_execution(dtype="float16")
+  with pytest.raises(ConfigError, match="execution.channels: no such field"):
+    trained.with_execution(channels=4)
+  proc = _sample_cli(f"--workdir={workdir}", "--num_samples=2", "--num_steps=2", "--dtype=float16",
+                     f"--output={tmp_path}")
+  assert proc.returncode == 2 and "execution.dtype" in proc.stderr

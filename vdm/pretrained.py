@@ -9,6 +9,7 @@
     trained = vdm.load("gs://gresearch/vdm/cifar10/checkpoint-final/checkpoints-0", config="configs/cifar10.py")
 """
 
+import copy
 import dataclasses
 from typing import Any, Optional
 
@@ -114,6 +115,23 @@ class TrainedVDM:
     if images.min() < 0 or images.max() >= self.model.vocab_size:
       raise ConfigError(f"images: values must lie in [0, {self.model.vocab_size - 1}]")
     return images
+
+  def with_execution(self, **fields) -> "TrainedVDM":
+    """The same model and parameters, computed another way: new values of ``config.execution`` fields.
+
+    E.g. ``vdm.load(path).with_execution(dtype="bfloat16").sample(...)`` samples with bf16
+    activations (1.9× faster on an H100, README: Performance) from a model trained in float32.
+    Only the execution fields (dtype, matmul_precision, remat, …) may change: they say how the
+    network is computed, not what it is. Evaluation keeps ``config.eval.full_precision``.
+    """
+    config = copy.deepcopy(self.config)
+    for name, value in fields.items():
+      if name not in config.execution:
+        raise ConfigError(f"execution.{name}: no such field; the execution fields are "
+                          f"{', '.join(sorted(config.execution))}")
+      config.execution[name] = value
+    config_lib.validate(config)
+    return dataclasses.replace(self, config=config, model=config_lib.build_model(config))
 
   @property
   def num_classes(self) -> int:
