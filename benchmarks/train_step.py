@@ -53,7 +53,8 @@ _VARIANT = flags.DEFINE_multi_string("variant", [], "FIELD=V[,FIELD=V…]: one v
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s for the model FLOP utilisation (MFU); "
                            "default: benchmarks/flops.py's table for the device and precision (none for CPUs).")
 _PROFILE = flags.DEFINE_string("profile", "", "DIR: after the timings, trace 3 steps of each variant and report "
-                                "where the device time goes (by XLA op, kernel, kind); raw traces saved in DIR.")
+                                "where the device time goes (by XLA op, kernel, JAX source, kind); the raw "
+                                "traces and the compiled HLO text saved in DIR.")
 flags.mark_flag_as_required("config")
 
 
@@ -97,7 +98,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
       nonlocal state, metrics
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
-    traced = profile.trace(run_step, steps=3, keep=profile_to)
+    traced = profile.trace(run_step, steps=3, keep=profile_to, hlo=compiled.as_text())
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   step_flops = model_flops(config, batch)  # after the timings: it traces the model again
   median = statistics.median(times)

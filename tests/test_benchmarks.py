@@ -69,18 +69,44 @@ def test_peak_table_matches_device_kinds_and_precisions():
   assert flops.matmul_kind("float32", "default", "cpu") == "float32"
 
 
-def test_profile_sums_the_traced_steps_by_op_and_kind(tmp_path):
+def test_profile_sums_the_traced_steps_by_op_kind_and_source(tmp_path):
+  import flax.linen as nn
   from benchmarks import profile
-  x = jnp.ones((256, 256))
-  f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
-  f(x).block_until_ready()
-  summary = profile.trace(lambda: f(x).block_until_ready(), steps=2, keep=str(tmp_path / "t.xplane.pb.gz"))
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(256, name="wide")(jnp.tanh(x)).sum()
+
+  x = jnp.ones((512, 256))
+  params = Net().init(jax.random.key(0), x)
+  f = jax.jit(jax.grad(lambda p, x: Net().apply(p, x)))
+  compiled = f.lower(params, x).compile()
+  compiled(params, x)
+  run = lambda: jax.block_until_ready(compiled(params, x))  # noqa: E731
+  summary = profile.trace(run, steps=2, keep=str(tmp_path / "t.xplane.pb.gz"), hlo=compiled.as_text())
   assert summary["steps"] == 2 and summary["device_busy_ms_per_step"] > 0
   assert sum(summary["by_kind_ms_per_step"].values()) == pytest.approx(summary["device_busy_ms_per_step"], rel=1e-2)
   assert summary["top_ops_ms_per_step"] and all(calls >= 1 for _, _, calls in summary["top_ops_ms_per_step"])
-  # The saved trace reads back to the same figures.
-  again = profile.summarize(summary["trace_file"], steps=2)
+  # Every kernel found its instruction in the HLO, and the time is attributed to the module that made it.
+  sources = {name: ms for name, ms, _ in summary["top_sources_ms_per_step"]}
+  assert not [name for name in sources if name.startswith("(not in the HLO)")]
+  assert any(name.startswith("Net/wide/") for name in sources)
+  # The saved trace and HLO read back to the same figures.
+  import gzip
+  with gzip.open(summary["hlo_file"], "rt") as f:
+    again = profile.summarize(summary["trace_file"], steps=2, hlo_text=f.read())
   assert again["by_kind_ms_per_step"] == summary["by_kind_ms_per_step"]
+  assert again["top_sources_ms_per_step"] == summary["top_sources_ms_per_step"]
+
+
+def test_profile_names_kinds_and_sources_as_written():
+  from benchmarks import profile
   assert profile._kind("sm90_xmma_fprop_implicit_gemm_bf16") == "matmul/conv"
   assert profile._kind("loop_add_compare_fusion_1") == "fusion"
   assert profile._kind("input_reduce_fusion_4") == "reduce"
+  hlo = ('  %loop_add_fusion.3 = f32[2]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name='
+         '"jit(steps)/transpose(jvp(ScoreUNet))/down/while/body/closed_call/resnet/GroupNorm_0/add"}\n'
+         '  ROOT %cudnn-conv.1 = f32[2]{0} custom-call(%p), metadata={op_name="jit(steps)/jvp(ScoreUNet)/conv_in/conv"}')
+  assert profile.hlo_sources(hlo) == {"loop_add_fusion_3": "ScoreUNet/down/resnet/GroupNorm_0/add [bwd]",
+                                      "cudnn_conv_1": "ScoreUNet/conv_in/conv"}
