@@ -22,7 +22,7 @@ def workdir(tmp_path_factory, small_data):
   config.data.dataset = small_data
   config.eval.num_samples = 0
   config.eval.periodic_examples = 16
-  config.eval.batch_size = 250
+  config.eval.batch_size = 10  # small_data: 10 test digits, one batch
   training.train_and_evaluate(config, path, progress=False)
   return path
 

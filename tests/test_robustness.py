@@ -18,7 +18,7 @@ from vdm import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--config=configs/smoke.py", "--config.training.eval_every=0", "--config.eval.num_samples=0",
-         "--config.eval.batch_size=500"]
+         "--config.eval.batch_size=10"]  # small_data: 10 test digits, one batch
 
 
 def _start(workdir, data, *args):
@@ -74,7 +74,7 @@ def _quick_config(data, **training_fields):
   """The smoke config as QUICK sets it (no periodic eval, no samples) on ``data``, with ``training_fields``."""
   config = smoke.get_config()
   config.data.dataset = data
-  config.training.eval_every, config.eval.num_samples, config.eval.batch_size = 0, 0, 500
+  config.training.eval_every, config.eval.num_samples, config.eval.batch_size = 0, 0, 10
   config.training.update(training_fields)
   return config
 
