@@ -28,24 +28,9 @@
 #
 # The parts run most important first, each under its own time limit and all within BUDGET seconds
 # (default 540), so a short slot still returns the train-step figures.
-set -uo pipefail
-cd "$(dirname "$0")/.."
 OUT=${1:-device_check}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-LOG="$OUT/log.txt"
-: >"$LOG"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-
-if ! $PY -c "import ml_collections" 2>/dev/null; then
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/vdm-site .whl/*.whl >>"$LOG" 2>&1
-    export PYTHONPATH="$PYTHONPATH:/tmp/vdm-site"
-  fi
-  $PY -c "import ml_collections" 2>/dev/null || { echo "device_check: ml-collections is missing (see the header)"; exit 2; }
-fi
+BUDGET=${BUDGET:-540}
+source "$(dirname "$0")/device_common.sh"
 
 if [[ -n "${SMALL:-}" ]]; then  # tiny shapes, to check the script itself on a CPU
   BATCH=4; NET=(--config.model.network.channels=8 --config.model.network.num_blocks=1); SAMPLE_STEPS=5; REPEATS=2
@@ -58,20 +43,7 @@ else
   BATCH=128; NET=(); SAMPLE_STEPS=50; REPEATS=10
   QS=(); QS_SAMPLE_STEPS=1000; EVAL_BATCH=256; REF_ARGS=(128 32 3 10); PRECISION=()
 fi
-BUDGET=${BUDGET:-540}
 TRACES=$(mktemp -d)
-
-step() {  # step NAME TIMEOUT_S COMMAND…: runs one part within what is left of BUDGET, logs it, goes on if it fails
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET - SECONDS - 10))
-  if ((left < 15)); then echo "== $name: skipped (budget spent)" | tee -a "$LOG"; return; fi
-  ((limit > left)) && limit=$left
-  echo "== $name (limit $limit s): $*" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout "$limit" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
-}
 
 $PY - >"$OUT/env.json" <<'EOF'
 import json, platform, jax, flax, optax

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Sample-quality recipes on an accelerator: which MNIST-5k recipe draws the best digits, in minutes.
+#
+#   bash benchmarks/recipes_check.sh [OUT_DIR]           # default OUT_DIR: recipes_check/; ~1 minute a recipe on an H100
+#   SMALL=1 bash benchmarks/recipes_check.sh /tmp/rc     # tiny runs: try the script on a CPU
+#
+# On 2 CPU cores one recipe is ~30 minutes of training and ~9 of sampling; on a GPU a minute or so, so a
+# short GPU slot can compare what the CPU cannot (issues "objectives" and "conditional"). Each recipe
+# trains configs/mnist_samples.py (or mnist_conditional.py) with some overrides, then
+# `python -m vdm.sample_quality` draws 500 samples and gives their Fréchet distance in the features of a
+# classifier trained on the training digits, beside held-out real digits' (`fd_ratio`: samples' FD over
+# held-out digits'; the objectives issue asks for ≤ 2), and for the conditional model the label accuracy
+# at several guidance weights.
+#
+# Same needs as device_check.sh (JAX for the accelerator, flax, optax, orbax-checkpoint, absl-py, tqdm,
+# pillow; ml-collections from .whl/). Writes into OUT_DIR:
+#   recipes.jsonl   per recipe: its overrides, training wall seconds, the final eval JSON (ELBO bpd) and
+#                   one sample-quality record per sampler setting / guidance weight
+#   log.txt         everything the steps printed
+OUT=${1:-recipes_check}
+BUDGET=${BUDGET:-540}
+source "$(dirname "$0")/device_common.sh"
+
+if [[ -n "${SMALL:-}" ]]; then  # tiny runs, to check the script itself on a CPU
+  TRAIN=(--config.training.num_steps=6 --config.training.log_every=3 --config.training.checkpoint_every=6
+         --config.eval.num_samples=0 --config.eval.draws=1)
+  QUALITY=(--num_samples=20 --num_steps=5 --classifier_steps=5); LONG_STEPS=10
+else
+  TRAIN=(--config.eval.num_samples=0); QUALITY=(--num_samples=500 --num_steps=100); LONG_STEPS=1000
+fi
+
+recipe() {  # recipe NAME CONFIG QUALITY_ARGS -- OVERRIDES…: train, then sample quality; one record in recipes.jsonl
+  # QUALITY_ARGS: extra sample_quality flags; several settings separated by '|' (one model, several samplers)
+  local name=$1 config=$2 qualities=$3; shift 4
+  local dir
+  dir=$(mktemp -d)
+  local t0=$SECONDS
+  step "train_$name" 240 bash -c "$PY train.py --config=$config --workdir='$dir' ${TRAIN[*]} $* | tail -n 1 > '$dir/eval.json'"
+  local train_s=$((SECONDS - t0))
+  local quality
+  IFS='|' read -ra settings <<<"$qualities"
+  for quality in "${settings[@]:-}"; do
+    step "quality_$name" 180 bash -c "$PY -m vdm.sample_quality --workdir='$dir' ${QUALITY[*]} $quality >> '$dir/quality.jsonl'"
+  done
+  $PY - "$name" "$config" "$train_s" "$dir" "$@" >>"$OUT/recipes.jsonl" <<'EOF'
+import json, os, sys
+name, config, train_s, folder, *overrides = sys.argv[1:]
+def read(path):
+  try:
+    with open(os.path.join(folder, path)) as f:
+      return [json.loads(line) for line in f if line.strip().startswith("{")]
+  except (OSError, ValueError):
+    return []
+print(json.dumps({"benchmark": "recipe", "recipe": name, "config": config, "overrides": overrides,
+                  "train_and_eval_wall_s": int(train_s), "eval": (read("eval.json") or [None])[-1],
+                  "sample_quality": read("quality.jsonl")}))
+EOF
+}
+
+M=configs/mnist_samples.py
+recipe shipped "$M" "|--num_steps=$LONG_STEPS|--sampler=ddim --eta=0" --
+recipe sigmoid "$M" "" -- --config.model.loss_weighting=sigmoid
+recipe two_blocks "$M" "" -- --config.model.network.num_blocks=2
+recipe wider "$M" "" -- --config.model.network.channels=64
+recipe conditional configs/mnist_conditional.py "--guidance=0,2,5" --
+cat "$OUT/recipes.jsonl" | tee -a "$LOG"
