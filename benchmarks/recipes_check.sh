@@ -37,7 +37,7 @@ recipe() {  # recipe NAME CONFIG QUALITY_ARGS -- OVERRIDES…: train, then sampl
   local t0=$SECONDS
   step "train_$name" 240 bash -c "$PY train.py --config=$config --workdir='$dir' ${TRAIN[*]} $* | tail -n 1 > '$dir/eval.json'"
   local train_s=$((SECONDS - t0))
-  local quality
+  local quality settings
   IFS='|' read -ra settings <<<"$qualities"
   for quality in "${settings[@]:-}"; do
     step "quality_$name" 180 bash -c "$PY -m vdm.sample_quality --workdir='$dir' ${QUALITY[*]} $quality >> '$dir/quality.jsonl'"

@@ -1,10 +1,14 @@
-"""The FLOP counter of the benchmarks (benchmarks/flops.py) against closed forms and XLA's own count."""
+"""The benchmarks' FLOP counter (benchmarks/flops.py) against closed forms and XLA's own count, and the profile
+summary (benchmarks/profile.py)."""
+
+import gzip
 
 import pytest
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from benchmarks import flops
+from benchmarks import flops, profile
 from configs import cifar10
 from vdm import train_step, training
 
@@ -70,9 +74,6 @@ def test_peak_table_matches_device_kinds_and_precisions():
 
 
 def test_profile_sums_the_traced_steps_by_op_kind_and_source(tmp_path):
-  import flax.linen as nn
-  from benchmarks import profile
-
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -93,7 +94,6 @@ def test_profile_sums_the_traced_steps_by_op_kind_and_source(tmp_path):
   assert not [name for name in sources if name.startswith("(not in the HLO)")]
   assert any(name.startswith("Net/wide/") for name in sources)
   # The saved trace and HLO read back to the same figures.
-  import gzip
   with gzip.open(summary["hlo_file"], "rt") as f:
     again = profile.summarize(summary["trace_file"], steps=2, hlo_text=f.read())
   assert again["by_kind_ms_per_step"] == summary["by_kind_ms_per_step"]
@@ -101,7 +101,6 @@ def test_profile_sums_the_traced_steps_by_op_kind_and_source(tmp_path):
 
 
 def test_profile_names_kinds_and_sources_as_written():
-  from benchmarks import profile
   assert profile._kind("sm90_xmma_fprop_implicit_gemm_bf16") == "matmul/conv"
   assert profile._kind("loop_add_compare_fusion_1") == "fusion"
   assert profile._kind("input_reduce_fusion_4") == "reduce"

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 import jax
+import jax.numpy as jnp
 import vdm
 from configs import smoke
 from vdm import training
+from vdm.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,8 +88,6 @@ def test_sample_cli_writes_png_and_npz(workdir, tmp_path):
 
 
 def test_with_execution_changes_how_the_network_computes_not_what(workdir, tmp_path):
-  import jax.numpy as jnp
-  from vdm.config import ConfigError
   trained = vdm.load(workdir)
   fast = trained.with_execution(dtype="bfloat16")
   assert fast.model.network.dtype == jnp.bfloat16 and fast.config.execution.dtype == "bfloat16"
