@@ -14,8 +14,9 @@
 #
 # ~9 minutes on one H100 (measured). What it writes into OUT_DIR (8 files, the most the device tool brings back):
 #   env.json          devices, versions
-#   train_step.jsonl  configs/cifar10.py at batch 128: as shipped and the variants that matter, each with a
-#                     3-step profile (device time by XLA op, kernel and kind of work)
+#   train_step.jsonl  configs/cifar10.py at batch 128: as shipped and the variants that matter (bf16;
+#                     dropout masks from the rbg PRNG; two blocks per scan iteration), each with a 3-step
+#                     profile (device time by XLA op, kernel, kind of work and JAX source)
 #   reference.jsonl   the reference's train step at batch 128 (if REF_BENCH)
 #   quickstart.jsonl  the MNIST Quick start end to end: train + eval (its JSON), sample.py, wall times;
 #                     its checkpoint's bpd under fp32 / TF32 / bf16 (benchmarks/precision.py); the same
@@ -55,11 +56,13 @@ EOF
 cat "$OUT/env.json" | tee -a "$LOG"
 
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
-step train_step 240 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
+step train_step 300 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
   --results="$OUT/train_step.jsonl" --profile="$TRACES" \
   --variant=execution.dtype=float32 \
   --variant=execution.dtype=bfloat16 \
-  --variant=execution.dtype=bfloat16,execution.remat=False
+  --variant=execution.dtype=bfloat16,execution.dropout_rng=rbg \
+  --variant=execution.dtype=bfloat16,execution.scan_unroll=2 \
+  --variant=execution.dtype=float32,execution.dropout_rng=rbg
 
 if [[ -n "${REF_BENCH:-}" ]]; then
   step reference 150 bash -c "$PY '$REF_BENCH/ref_bench.py' ${REF_ARGS[*]} > '$OUT/reference.jsonl'"

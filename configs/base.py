@@ -75,6 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Convolution backward pass: "dot" (as matmuls; fast inside nn.scan on CPU), "xla" (XLA's own;
   # faster unrolled) or "auto" ("dot" for scanned blocks on CPU, else "xla").
   config.execution.conv_grad = "auto"
+  # The PRNG of the dropout masks: "threefry" (JAX's default: the same masks on any number of devices)
+  # or "rbg" (the accelerator's own generator: cheaper on GPUs, but the masks depend on the sharding).
+  config.execution.dropout_rng = "threefry"
+  # Identical blocks per loop iteration of a scanned stack (nn.scan's unroll): fewer, larger
+  # iterations; 1 compiles fastest.
+  config.execution.scan_unroll = 1
 
   config.training = ml_collections.ConfigDict()
   config.training.num_steps = 10_000_000  # optimiser steps in total

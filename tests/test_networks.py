@@ -14,10 +14,10 @@ def _tiny(**kw):
   return networks.ScoreUNet(**args)
 
 
-def _perturbed(params, seed=0, scale=0.05):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+def _perturbed(params, seed=0, scale=0.05, dtype=np.float32):
+  """``params`` plus Gaussian noise, as host arrays (drawn by numpy: no small programs to compile)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: (np.asarray(p) + scale * rng.standard_normal(p.shape)).astype(dtype), params)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 1), (3, 8, 8, 3), (1, 12, 10, 2)])
@@ -44,11 +44,15 @@ def test_scanned_and_unrolled_forms_are_the_same_function(attention, mult):
   np.testing.assert_allclose(out, out_unrolled, rtol=1e-5, atol=1e-5)
   remat = _tiny(attention_everywhere=attention, channel_mult=mult, remat=True)
   np.testing.assert_allclose(jax.jit(remat.apply)({"params": params}, z, gamma), out, rtol=1e-5, atol=1e-5)
+  unroll = _tiny(attention_everywhere=attention, channel_mult=mult, scan_unroll=2)  # two blocks per iteration
+  np.testing.assert_allclose(jax.jit(unroll.apply)({"params": params}, z, gamma), out, rtol=1e-5, atol=1e-5)
   # Same structure as the unrolled form's own init, and stacking is the inverse.
   own = jax.jit(unrolled.init)(jax.random.key(1), z, gamma)["params"]
   assert jax.tree.structure(own) == jax.tree.structure(unstacked)
   restacked = networks.stack_params(unstacked, 2, len(mult))
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), restacked, params))
+  assert jax.tree.structure(restacked) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(restacked), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_levels_halve_the_resolution_and_widen_as_asked():
@@ -143,27 +147,30 @@ def test_remat_policies_give_the_same_gradient_and_convs_recomputes_no_convoluti
   with jax.enable_x64(True):
     z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.float64)
     gamma = jnp.array([-10.0, 2.0])
-    params = _perturbed(jax.jit(net().init)(jax.random.key(1), z, gamma)["params"])
-    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    params = _perturbed(jax.jit(net().init)(jax.random.key(1), z, gamma)["params"], dtype=np.float64)
 
-    def grad(module):
+    def lowered_grad(module):
       loss = lambda p: jnp.sum(module.apply({"params": p}, z, gamma, train=True,  # noqa: E731
                                             rngs={"dropout": jax.random.key(2)}) ** 2)
-      return jax.jit(jax.grad(loss))
+      return jax.jit(jax.grad(loss)).lower(params)
 
-    def convolutions(module):  # in the lowered gradient, before XLA could merge anything
-      return grad(module).lower(params).as_text().count("stablehlo.convolution")
+    def convolutions(lowered):  # in the lowered gradient, before XLA could merge anything
+      return lowered.as_text().count("stablehlo.convolution")
 
-    plain = net()
-    reference = grad(plain)(params)
+    plain = lowered_grad(net())
+    reference = plain.compile()(params)
     assert jax.tree.leaves(reference)[0].dtype == jnp.float64
-    for policy in networks.REMAT_POLICIES:
-      grads = grad(net(remat=True, remat_policy=policy))(params)
-      for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+    # Scanned, "full" also runs two blocks per loop iteration: the same masks, the same gradient.
+    unroll = dict(scan_unroll=2) if scan_blocks else {}
+    variants = {"convs": lowered_grad(net(remat=True, remat_policy="convs")),
+                "full": lowered_grad(net(remat=True, remat_policy="full", **unroll))}
+    assert set(variants) == set(networks.REMAT_POLICIES)
+    for lowered in variants.values():
+      for a, b in zip(jax.tree.leaves(lowered.compile()(params)), jax.tree.leaves(reference)):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)  # dropout masks recomputed identically
     # "convs" keeps the convolution outputs; "full" runs the blocks' convolutions again.
-    assert convolutions(net(remat=True, remat_policy="convs")) == convolutions(plain)
-    assert convolutions(net(remat=True, remat_policy="full")) > convolutions(plain)
+    assert convolutions(variants["convs"]) == convolutions(plain)
+    assert convolutions(variants["full"]) > convolutions(lowered_grad(net(**unroll)) if unroll else plain)
 
 
 @pytest.mark.parametrize("precision,expected", [("highest", "HIGHEST"), ("default", "DEFAULT")])

@@ -209,6 +209,12 @@ def test_validation_names_the_field():
   config.model.schedule.name = "wobbly"
   with pytest.raises(config_lib.ConfigError, match="config.model.schedule.name: expected one of"):
     config_lib.validate(config)
+  for field, value, expected in [("dropout_rng", "philox", r"one of \('threefry', 'rbg'\), got 'philox'"),
+                                 ("scan_unroll", 0, "a positive integer")]:
+    config = smoke.get_config()
+    config.execution[field] = value
+    with pytest.raises(config_lib.ConfigError, match=f"config.execution.{field}: expected {expected}"):
+      config_lib.validate(config)
 
 
 def _pattern(n=8):
@@ -271,3 +277,38 @@ def test_bfloat16_runs_only_the_network_in_bfloat16():
   np.testing.assert_allclose(b["loss_diff"], want, rtol=1e-5)
   assert not np.allclose(a["loss_diff"], b["loss_diff"], rtol=1e-3)  # the network did run in bf16 …
   np.testing.assert_allclose(a["loss_diff"], b["loss_diff"], rtol=0.05)  # … close to float32
+
+
+def test_rbg_dropout_repeats_with_the_seed_and_draws_other_masks_than_threefry():
+  """execution.dropout_rng="rbg": masks from XLA's RngBitGenerator seeded by the step's key, so the same
+  state and batch give the same step (runs repeat and resume exactly), with other masks than threefry's."""
+  config = smoke.get_config()
+  config.model.network.dropout = 0.5
+  model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
+  state = train_step.create_train_state(config, model, optimizer, (8, 8, 1))
+  rng = np.random.default_rng(0)  # off the identity at init, so that every block gets a gradient
+  state = state.replace(params=jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32),
+                                            state.params))
+  raw = lambda s: s.replace(key=jax.random.key_data(s.key))  # noqa: E731
+  stepped = {}
+  for impl, times in (("rbg", 2), ("threefry", 1)):
+    config.execution.dropout_rng = impl
+    fn = train_step.make_train_fn(config, model, optimizer)
+    stepped[impl] = [jax.device_get(raw(fn(jax.tree.map(jnp.copy, state), _batch())[0])) for _ in range(times)]
+  for x, y in zip(jax.tree.leaves(stepped["rbg"][0]), jax.tree.leaves(stepped["rbg"][1])):
+    np.testing.assert_array_equal(x, y)
+  # Other masks, other gradients (seen in Adam's first moment: the warm-up's first learning rate is 0).
+  kernels = [{jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(s.opt_state[0].mu)
+              if "kernel" in jax.tree_util.keystr(p)} for s in (stepped["rbg"][0], stepped["threefry"][0])]
+  assert len(kernels[0]) > 10 and all(not np.allclose(x, kernels[1][k]) for k, x in kernels[0].items())
+
+
+def test_rbg_dropout_key_keeps_the_rate_and_changes_with_the_step():
+  keys = [train_step.make_dropout_key(jax.random.fold_in(jax.random.key(0), n), "rbg") for n in range(2)]
+  assert jax.random.key_impl(keys[0]) == jax.random.key_impl(jax.random.key(0, impl="rbg"))
+  masks = [np.asarray(jax.random.bernoulli(k, 0.9, (200_000,))) for k in keys]
+  for m in masks:
+    assert abs(m.mean() - 0.9) < 5 * np.sqrt(0.9 * 0.1 / m.size)
+  assert 0.75 < (masks[0] == masks[1]).mean() < 0.9  # independent masks agree on 0.9² + 0.1² = 82 %
+  with pytest.raises(ValueError, match="dropout_rng: expected one of"):
+    train_step.make_dropout_key(keys[0], "philox")

@@ -173,6 +173,8 @@ LATER_FIELDS = {
     "execution.conv_grad": "xla",
     "execution.matmul_precision": "default",
     "execution.remat_policy": "full",
+    "execution.dropout_rng": "threefry",
+    "execution.scan_unroll": 1,
     "data.augment": False,
     "eval.full_precision": True,
     "model.network.norm_groups": 0,

@@ -20,6 +20,7 @@ from vdm import input_pipeline, networks, objectives, schedules
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LR_DECAYS = ("constant", "cosine", "linear")
 CONV_GRADS = ("auto", "dot", "xla")
+DROPOUT_RNGS = ("threefry", "rbg")
 MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 
 
@@ -107,6 +108,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(ex.remat_policy in networks.REMAT_POLICIES, "execution.remat_policy",
          f"one of {tuple(networks.REMAT_POLICIES)}", ex.remat_policy)
   _check(ex.conv_grad in CONV_GRADS, "execution.conv_grad", f"one of {CONV_GRADS}", ex.conv_grad)
+  _check(ex.dropout_rng in DROPOUT_RNGS, "execution.dropout_rng", f"one of {DROPOUT_RNGS}", ex.dropout_rng)
+  _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 1, "execution.scan_unroll",
+         "a positive integer (1 = one block per loop iteration)", ex.scan_unroll)
   _check(ex.matmul_precision in MATMUL_PRECISIONS, "execution.matmul_precision", f"one of {MATMUL_PRECISIONS}",
          ex.matmul_precision)
   for field in ("num_steps", "batch_size", "grad_accum_steps", "steps_per_call", "log_every", "checkpoint_every",
@@ -176,7 +180,7 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
                  channel_mult=tuple(m.network.channel_mult))
   network = networks.ScoreUNet(
       **network, gamma_min=sched.gamma_min, gamma_max=sched.gamma_max,
-      remat=ex.remat, remat_policy=ex.remat_policy, dtype=DTYPES[dtype],
+      remat=ex.remat, remat_policy=ex.remat_policy, scan_unroll=ex.scan_unroll, dtype=DTYPES[dtype],
       conv_grad="xla" if forward_mode else resolve_conv_grad(ex.conv_grad, m.network.scan_blocks),
       matmul_precision=precision,
       num_augmentations=input_pipeline.NUM_AUGMENTATIONS if config.data.augment else 0,

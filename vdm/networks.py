@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
@@ -235,6 +236,8 @@ class ScoreUNet(nn.Module):
     remat_policy: what a rematerialised block keeps, see ``REMAT_POLICIES``:
       "convs" (its convolutions' outputs; only norms and activations are
       recomputed) or "full" (nothing; the whole forward pass runs twice).
+    scan_unroll: blocks per iteration of a scanned stack's loop (the same
+      function; fewer, larger iterations, longer compilation).
     dtype: computation dtype (bfloat16 for mixed precision); params stay float32.
     conv_grad: "dot" (the backward pass of the 3×3 convolutions written as
       matmuls, see :func:`conv_dot_grad`; fast inside ``nn.scan`` on CPU) or
@@ -263,6 +266,7 @@ class ScoreUNet(nn.Module):
   scan_blocks: bool = True
   remat: bool = False
   remat_policy: str = "convs"
+  scan_unroll: int = 1
   dtype: Dtype = jnp.float32
   conv_grad: str = "dot"
   num_augmentations: int = 0
@@ -345,7 +349,8 @@ class ScoreUNet(nn.Module):
             self.conv_grad, self.norm_groups)
     if self.scan_blocks:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast if skips is None else 0, nn.broadcast), length=length)
+                      in_axes=(nn.broadcast if skips is None else 0, nn.broadcast), length=length,
+                      unroll=self.scan_unroll)
       return stack(*args, name=name)(h, skips, cond)
     outs = []
     for i in range(length):
@@ -380,10 +385,15 @@ def unstack_params(params: dict, num_blocks: int, num_levels: int = 1) -> dict:
   return params
 
 
+def _stack(*leaves):
+  """Host arrays stay on the host (a checkpoint being converted); device arrays are stacked by JAX."""
+  return np.stack(leaves) if all(isinstance(leaf, np.ndarray) for leaf in leaves) else jnp.stack(leaves)
+
+
 def stack_params(params: dict, num_blocks: int, num_levels: int = 1) -> dict:
   """The inverse of :func:`unstack_params`: ``down_i``/``up_i`` → stacked ``down``/``up``."""
   params = dict(params)
   for name, length in _stacks(num_blocks, num_levels):
     layers = [params.pop(f"{name}_{i}") for i in range(length)]
-    params[name] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
+    params[name] = jax.tree.map(_stack, *layers)
   return params
