@@ -5,6 +5,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from helpers import perturbed
 from vdm import losses, model, networks, schedules
 
 
@@ -57,9 +58,7 @@ def test_gradients_are_finite_and_reach_every_parameter(schedule, num_steps, dec
                   num_steps=num_steps, decoder=decoder)
   params = jax.jit(vdm.init)(jax.random.key(1), x, jax.random.key(2))["params"]
   # Off the initialisation: its zero output convolution would stop every gradient inside the network.
-  leaves, tree = jax.tree.flatten(params)
-  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(jax.random.key(10 + i), p.shape)
-                                     for i, p in enumerate(leaves)])
+  params = perturbed(params)
   loss = lambda p: vdm.apply({"params": p}, x, jax.random.key(3), train=True,  # noqa: E731
                              rngs={"dropout": jax.random.key(4)})["loss"].mean()
   grads = jax.jit(jax.grad(loss))(params)

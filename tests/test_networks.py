@@ -5,6 +5,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from helpers import perturbed
 from vdm import networks
 
 
@@ -12,12 +13,6 @@ def _tiny(**kw):
   args = dict(channels=16, num_blocks=2, dropout=0.1, fourier_exponents=(6, 7))
   args.update(kw)
   return networks.ScoreUNet(**args)
-
-
-def _perturbed(params, seed=0, scale=0.05, dtype=np.float32):
-  """``params`` plus Gaussian noise, as host arrays (drawn by numpy: no small programs to compile)."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda p: (np.asarray(p) + scale * rng.standard_normal(p.shape)).astype(dtype), params)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 1), (3, 8, 8, 3), (1, 12, 10, 2)])
@@ -35,7 +30,7 @@ def test_scanned_and_unrolled_forms_are_the_same_function(attention, mult):
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   gamma = jnp.array([-10.0, 2.0])
   scanned = _tiny(attention_everywhere=attention, channel_mult=mult)
-  params = _perturbed(jax.jit(scanned.init)(jax.random.key(1), z, gamma)["params"])
+  params = perturbed(jax.jit(scanned.init)(jax.random.key(1), z, gamma)["params"])
   out = jax.jit(scanned.apply)({"params": params}, z, gamma)
   unrolled = _tiny(attention_everywhere=attention, channel_mult=mult, scan_blocks=False)
   unstacked = networks.unstack_params(params, 2, len(mult))
@@ -73,7 +68,7 @@ def test_gamma_and_conditioning_change_the_output_and_dropout_is_train_only():
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   net = _tiny(dropout=0.5)
   cond = jnp.array([[1.0, 0.0], [0.0, 1.0]])
-  params = _perturbed(jax.jit(net.init)(jax.random.key(1), z, jnp.zeros(2), cond)["params"], scale=0.2)
+  params = perturbed(jax.jit(net.init)(jax.random.key(1), z, jnp.zeros(2), cond)["params"], scale=0.2)
   apply = jax.jit(lambda g, c, k: net.apply({"params": params}, z, jnp.full(2, g), c))
   apply_train = jax.jit(lambda g, c, k: net.apply({"params": params}, z, jnp.full(2, g), c, train=True,
                                                   rngs={"dropout": k}))
@@ -134,7 +129,7 @@ def test_conv_grad_choice_gives_the_same_network_gradient():
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   gamma = jnp.array([-10.0, 2.0])
   dot, xla = _tiny(dropout=0.0), _tiny(dropout=0.0, conv_grad="xla")
-  params = _perturbed(jax.jit(dot.init)(jax.random.key(1), z, gamma)["params"])
+  params = perturbed(jax.jit(dot.init)(jax.random.key(1), z, gamma)["params"])
   grad = lambda net: jax.jit(jax.grad(lambda p: jnp.sum(net.apply({"params": p}, z, gamma) ** 2)))(params)  # noqa: E731
   for a, b in zip(jax.tree.leaves(grad(dot)), jax.tree.leaves(grad(xla))):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
@@ -147,7 +142,7 @@ def test_remat_policies_give_the_same_gradient_and_convs_recomputes_no_convoluti
   with jax.enable_x64(True):
     z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.float64)
     gamma = jnp.array([-10.0, 2.0])
-    params = _perturbed(jax.jit(net().init)(jax.random.key(1), z, gamma)["params"], dtype=np.float64)
+    params = perturbed(jax.jit(net().init)(jax.random.key(1), z, gamma)["params"], dtype=np.float64)
 
     def lowered_grad(module):
       loss = lambda p: jnp.sum(module.apply({"params": p}, z, gamma, train=True,  # noqa: E731
@@ -197,7 +192,7 @@ def test_matmul_precision_reaches_every_matmul_and_conv_forward_and_backward(pre
 def test_augmentation_conditioning_defaults_to_the_identity():
   z = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
   net = _tiny(num_augmentations=8)
-  params = _perturbed(jax.jit(net.init)(jax.random.key(1), z, jnp.zeros(3))["params"], scale=0.2)
+  params = perturbed(jax.jit(net.init)(jax.random.key(1), z, jnp.zeros(3))["params"], scale=0.2)
   apply = jax.jit(lambda codes: net.apply({"params": params}, z, jnp.zeros(3), codes))
   np.testing.assert_array_equal(apply(None), apply(jnp.zeros(3, jnp.int32)))
   assert float(jnp.abs(apply(None) - apply(jnp.array([0, 5, 7]))).max()) > 1e-3

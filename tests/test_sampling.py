@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import oracles
+from helpers import perturbed
 
 import jax
 import jax.numpy as jnp
@@ -145,9 +146,7 @@ def _tiny_vdm():
   config = smoke.get_config()
   model = config_lib.build_model(config)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.int32), jax.random.key(1))["params"]
-  leaves, tree = jax.tree.flatten(params)  # off the identity-at-init network
-  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(jax.random.key(i), p.shape)
-                                     for i, p in enumerate(leaves)])
+  params = perturbed(params)  # off the identity-at-init network
   return model, params
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from configs import smoke
+from helpers import perturbed
 from vdm import config as config_lib
 from vdm import checkpoints, evaluation, input_pipeline, losses, train_step
 from vdm import model as model_lib
@@ -254,9 +255,7 @@ def test_bfloat16_runs_only_the_network_in_bfloat16():
   bf16 = config_lib.build_model(config)
   x = jnp.asarray(_batch()[0])
   params = f32.init(jax.random.key(0), x, jax.random.key(1))
-  leaves, tree = jax.tree.flatten(params)  # move off the identity-at-init network
-  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(jax.random.key(i), p.shape)
-                                     for i, p in enumerate(leaves)])
+  params = perturbed(params)  # move off the identity-at-init network
   noise = model_lib.draw_noise(jax.random.key(2), x.shape)
   a, b = (jax.jit(m.apply)(params, x, None, noise=noise) for m in (f32, bf16))
   for term in ("loss_recon", "loss_prior"):
@@ -286,9 +285,7 @@ def test_rbg_dropout_repeats_with_the_seed_and_draws_other_masks_than_threefry()
   config.model.network.dropout = 0.5
   model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
   state = train_step.create_train_state(config, model, optimizer, (8, 8, 1))
-  rng = np.random.default_rng(0)  # off the identity at init, so that every block gets a gradient
-  state = state.replace(params=jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32),
-                                            state.params))
+  state = state.replace(params=perturbed(state.params))  # every block gets a gradient
   raw = lambda s: s.replace(key=jax.random.key_data(s.key))  # noqa: E731
   stepped = {}
   for impl, times in (("rbg", 2), ("threefry", 1)):
