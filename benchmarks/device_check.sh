@@ -14,9 +14,10 @@
 #
 # ~9 minutes on one H100 (measured). What it writes into OUT_DIR (8 files, the most the device tool brings back):
 #   env.json          devices, versions
-#   train_step.jsonl  configs/cifar10.py at batch 128: as shipped and the variants that matter (bf16;
-#                     dropout masks from the rbg PRNG; two blocks per scan iteration), each with a 3-step
-#                     profile (device time by XLA op, kernel, kind of work and JAX source)
+#   train_step.jsonl  configs/cifar10.py at batch 128: as shipped and the variants that matter (bf16; the
+#                     throughput candidates one by one in bf16 — dropout masks from the rbg PRNG, two blocks
+#                     per scan iteration, skips joined after the norm — and all three in bf16 and in TF32),
+#                     each with a 3-step profile (device time by XLA op, kernel, kind of work, JAX source)
 #   reference.jsonl   the reference's train step at batch 128 (if REF_BENCH)
 #   quickstart.jsonl  the MNIST Quick start end to end: train + eval (its JSON), sample.py, wall times;
 #                     its checkpoint's bpd under fp32 / TF32 / bf16 (benchmarks/precision.py); the same
@@ -55,6 +56,8 @@ print(json.dumps({"backend": jax.default_backend(), "device": d[0].device_kind, 
 EOF
 cat "$OUT/env.json" | tee -a "$LOG"
 
+# The throughput candidates of the accelerator issue, off by default until measured here.
+ALL_CANDIDATES=execution.dropout_rng=rbg,execution.scan_unroll=2,execution.skip_concat=after_norm
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
 step train_step 300 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
   --results="$OUT/train_step.jsonl" --profile="$TRACES" \
@@ -62,7 +65,9 @@ step train_step 300 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH
   --variant=execution.dtype=bfloat16 \
   --variant=execution.dtype=bfloat16,execution.dropout_rng=rbg \
   --variant=execution.dtype=bfloat16,execution.scan_unroll=2 \
-  --variant=execution.dtype=float32,execution.dropout_rng=rbg
+  --variant=execution.dtype=bfloat16,execution.skip_concat=after_norm \
+  --variant=execution.dtype=bfloat16,$ALL_CANDIDATES \
+  --variant=execution.dtype=float32,$ALL_CANDIDATES
 
 if [[ -n "${REF_BENCH:-}" ]]; then
   step reference 150 bash -c "$PY '$REF_BENCH/ref_bench.py' ${REF_ARGS[*]} > '$OUT/reference.jsonl'"

@@ -81,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Identical blocks per loop iteration of a scanned stack (nn.scan's unroll): fewer, larger
   # iterations; 1 compiles fastest.
   config.execution.scan_unroll = 1
+  # Where the up path's skips join: "before_norm" (concatenate the inputs, as the paper's code) or
+  # "after_norm" (normalise input and skip apart, concatenate the normalised: the same function and
+  # parameters, without storing the concatenated inputs).
+  config.execution.skip_concat = "before_norm"
 
   config.training = ml_collections.ConfigDict()
   config.training.num_steps = 10_000_000  # optimiser steps in total

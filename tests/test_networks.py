@@ -168,6 +168,39 @@ def test_remat_policies_give_the_same_gradient_and_convs_recomputes_no_convoluti
     assert convolutions(variants["full"]) > convolutions(lowered_grad(net(**unroll)) if unroll else plain)
 
 
+def test_skips_joined_after_the_norm_are_the_same_function_of_the_same_parameters():
+  """execution.skip_concat="after_norm": input and skip normalised apart, then concatenated. Same init, same
+  output and gradient (computed in float64); with one norm group (it straddles both parts) the paper's order
+  is used: the same program."""
+  net = lambda **kw: _tiny(dropout=0.3, dtype=jnp.float64, **kw)  # noqa: E731
+  forms = networks.SKIP_CONCATS
+  with jax.enable_x64(True):
+    z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.float64)
+    gamma = jnp.array([-10.0, 2.0])
+    params = {form: jax.jit(net(skip_concat=form).init)(jax.random.key(1), z, gamma)["params"] for form in forms}
+    for a, b in zip(jax.tree.leaves(params["before_norm"]), jax.tree.leaves(params["after_norm"])):
+      np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(params["before_norm"]) == jax.tree.structure(params["after_norm"])
+    params = perturbed(params["before_norm"], dtype=np.float64)
+
+    def lowered(form, norm_groups=0):
+      loss = lambda p: jnp.sum(net(skip_concat=form, norm_groups=norm_groups).apply(  # noqa: E731
+          {"params": p}, z, gamma, train=True, rngs={"dropout": jax.random.key(2)}) ** 2)
+      return jax.jit(jax.value_and_grad(loss)).lower(params)
+
+    programs = {form: lowered(form) for form in forms}
+    (loss, grads), (loss_after, grads_after) = (programs[form].compile()(params) for form in forms)
+    np.testing.assert_allclose(loss_after, loss, rtol=1e-6)  # to the rounding of ε̂, which is float32
+    for a, b in zip(jax.tree.leaves(grads_after), jax.tree.leaves(grads)):
+      assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max()) + 1e-12
+    # The up blocks' first GroupNorm reduces each part on its own: more reductions, the same function.
+    count = lambda program: program.as_text().count("stablehlo.reduce")  # noqa: E731
+    assert count(programs["after_norm"]) > count(programs["before_norm"])
+    assert lowered("after_norm", norm_groups=1).as_text() == lowered("before_norm", norm_groups=1).as_text()
+  with pytest.raises(ValueError, match="skip_concat: expected one of"):
+    _tiny(skip_concat="after").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros(1))
+
+
 @pytest.mark.parametrize("precision,expected", [("highest", "HIGHEST"), ("default", "DEFAULT")])
 def test_matmul_precision_reaches_every_matmul_and_conv_forward_and_backward(precision, expected):
   net = _tiny(channels=8, num_blocks=1, matmul_precision=precision, attention_everywhere=True)

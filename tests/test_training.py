@@ -211,7 +211,8 @@ def test_validation_names_the_field():
   with pytest.raises(config_lib.ConfigError, match="config.model.schedule.name: expected one of"):
     config_lib.validate(config)
   for field, value, expected in [("dropout_rng", "philox", r"one of \('threefry', 'rbg'\), got 'philox'"),
-                                 ("scan_unroll", 0, "a positive integer")]:
+                                 ("scan_unroll", 0, "a positive integer"),
+                                 ("skip_concat", "after", r"one of \('before_norm', 'after_norm'\)")]:
     config = smoke.get_config()
     config.execution[field] = value
     with pytest.raises(config_lib.ConfigError, match=f"config.execution.{field}: expected {expected}"):

@@ -175,6 +175,7 @@ LATER_FIELDS = {
     "execution.remat_policy": "full",
     "execution.dropout_rng": "threefry",
     "execution.scan_unroll": 1,
+    "execution.skip_concat": "before_norm",
     "data.augment": False,
     "eval.full_precision": True,
     "model.network.norm_groups": 0,

@@ -109,6 +109,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"one of {tuple(networks.REMAT_POLICIES)}", ex.remat_policy)
   _check(ex.conv_grad in CONV_GRADS, "execution.conv_grad", f"one of {CONV_GRADS}", ex.conv_grad)
   _check(ex.dropout_rng in DROPOUT_RNGS, "execution.dropout_rng", f"one of {DROPOUT_RNGS}", ex.dropout_rng)
+  _check(ex.skip_concat in networks.SKIP_CONCATS, "execution.skip_concat", f"one of {networks.SKIP_CONCATS}",
+         ex.skip_concat)
   _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 1, "execution.scan_unroll",
          "a positive integer (1 = one block per loop iteration)", ex.scan_unroll)
   _check(ex.matmul_precision in MATMUL_PRECISIONS, "execution.matmul_precision", f"one of {MATMUL_PRECISIONS}",
@@ -180,7 +182,8 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
                  channel_mult=tuple(m.network.channel_mult))
   network = networks.ScoreUNet(
       **network, gamma_min=sched.gamma_min, gamma_max=sched.gamma_max,
-      remat=ex.remat, remat_policy=ex.remat_policy, scan_unroll=ex.scan_unroll, dtype=DTYPES[dtype],
+      remat=ex.remat, remat_policy=ex.remat_policy, scan_unroll=ex.scan_unroll, skip_concat=ex.skip_concat,
+      dtype=DTYPES[dtype],
       conv_grad="xla" if forward_mode else resolve_conv_grad(ex.conv_grad, m.network.scan_blocks),
       matmul_precision=precision,
       num_augmentations=input_pipeline.NUM_AUGMENTATIONS if config.data.augment else 0,

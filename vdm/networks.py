@@ -105,6 +105,9 @@ REMAT_POLICIES = {
 }
 
 
+SKIP_CONCATS = ("before_norm", "after_norm")  # where the up path's skips join, see ResnetBlock
+
+
 def _num_groups(channels: int, groups: int = 0) -> int:
   """``groups`` if given; else 32 as in the paper (128 channels: 4 per group).
 
@@ -150,25 +153,99 @@ def fourier_features(z: jax.Array, exponents: Sequence[int]) -> jax.Array:
   return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
 
 
+class _PartsGroupNorm(nn.Module):
+  """GroupNorm of ``concatenate(parts, -1)`` computed part by part, the normalised parts concatenated.
+
+  The same function as ``nn.GroupNorm`` of the concatenation (the same
+  parameters: ``scale`` and ``bias`` over all channels) when no group
+  straddles two parts; the concatenation of the raw inputs is never formed.
+  """
+  num_groups: int
+  dtype: Dtype = jnp.float32
+  epsilon: float = 1e-6  # nn.GroupNorm's
+
+  @nn.compact
+  def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+    total = sum(part.shape[-1] for part in parts)
+    scale = self.param("scale", nn.initializers.ones, (total,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (total,), jnp.float32)
+    size = total // self.num_groups
+    outs, start = [], 0
+    for part in parts:
+      c = part.shape[-1]
+      x = part.reshape(part.shape[:-1] + (c // size, size))
+      stats = x.astype(jnp.float32)  # float32 statistics, as nn.GroupNorm
+      mean = stats.mean(axis=(1, 2, 4), keepdims=True)
+      var = jnp.maximum(jnp.square(stats).mean(axis=(1, 2, 4), keepdims=True) - jnp.square(mean), 0.0)
+      mul = lax.rsqrt(var + self.epsilon) * scale[start:start + c].reshape(c // size, size)
+      y = (x - mean) * mul + bias[start:start + c].reshape(c // size, size)
+      outs.append(y.reshape(part.shape).astype(self.dtype))
+      start += c
+    return jnp.concatenate(outs, axis=-1)
+
+
+class _PartsDense(nn.Module):
+  """``nn.Dense`` of ``concatenate(parts, -1)`` as a sum of one matmul per part (same parameters).
+
+  Parameters are float32 and initialised as ``nn.Dense``'s, whatever the computation dtype.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+    total = sum(part.shape[-1] for part in parts)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (total, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    out, start = bias.astype(self.dtype), 0
+    for part in parts:
+      c = part.shape[-1]
+      out = out + jnp.dot(part.astype(self.dtype), kernel[start:start + c].astype(self.dtype))
+      start += c
+    return out
+
+
 class ResnetBlock(nn.Module):
-  """GroupNorm–swish–conv twice, conditioning added in between, residual."""
+  """GroupNorm–swish–conv twice, conditioning added in between, residual.
+
+  ``skip`` (the up path's matching down activation) joins the input by
+  concatenation. ``skip_concat`` says where: "before_norm" concatenates the
+  inputs, as the paper's code does; "after_norm" normalises the input and
+  the skip separately and concatenates the normalised activations, so the
+  concatenation of the raw inputs is never stored, and the residual's
+  projection is one matmul per part. Both are the same function of the
+  same parameters when no norm group straddles the two parts; where one
+  would, "before_norm" is used.
+  """
   channels: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   conv_grad: str = "dot"
   norm_groups: int = 0
+  skip_concat: str = "before_norm"
 
   @nn.compact
-  def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool) -> jax.Array:
-    h = nn.swish(_group_norm(x.shape[-1], self.dtype, self.norm_groups)(x))
-    h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad)(h), "conv")
+  def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool,
+               skip: Optional[jax.Array] = None) -> jax.Array:
+    parts = (x,) if skip is None else (x, skip.astype(x.dtype))
+    width = sum(part.shape[-1] for part in parts)
+    groups = _num_groups(width, self.norm_groups)
+    split = (len(parts) > 1 and self.skip_concat == "after_norm"
+             and all(part.shape[-1] % (width // groups) == 0 for part in parts))
+    if split:
+      h = _PartsGroupNorm(groups, self.dtype, name="GroupNorm_0")(parts)
+    else:
+      x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else x
+      h = _group_norm(width, self.dtype, self.norm_groups, name="GroupNorm_0")(x)
+    h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, name="Conv_0")(nn.swish(h)), "conv")
     h = h + nn.Dense(self.channels, use_bias=False, kernel_init=nn.initializers.zeros,
-                     dtype=self.dtype)(cond)[:, None, None, :]
-    h = nn.swish(_group_norm(self.channels, self.dtype, self.norm_groups)(h))
+                     dtype=self.dtype, name="Dense_0")(cond)[:, None, None, :]
+    h = nn.swish(_group_norm(self.channels, self.dtype, self.norm_groups, name="GroupNorm_1")(h))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True)(h), "conv")
-    if x.shape[-1] != self.channels:
-      x = nn.Dense(self.channels, dtype=self.dtype, name="skip")(x)
+    h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True, name="Conv_1")(h), "conv")
+    if width != self.channels:
+      x = (_PartsDense(self.channels, self.dtype, name="skip")(parts) if split
+           else nn.Dense(self.channels, dtype=self.dtype, name="skip")(x))
     return x + h
 
 
@@ -200,12 +277,12 @@ class _Layer(nn.Module):
   dtype: Dtype
   conv_grad: str
   norm_groups: int = 0
+  skip_concat: str = "before_norm"
 
   @nn.compact
   def __call__(self, h, skip, cond):
-    x = h if skip is None else jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-    h = ResnetBlock(self.channels, self.dropout, self.dtype, self.conv_grad, self.norm_groups, name="resnet")(
-        x, cond, self.deterministic)
+    h = ResnetBlock(self.channels, self.dropout, self.dtype, self.conv_grad, self.norm_groups, self.skip_concat,
+                    name="resnet")(h, cond, self.deterministic, skip)
     if self.attention:
       h = AttnBlock(dtype=self.dtype, norm_groups=self.norm_groups, name="attn")(h)
     return h, (h if skip is None else None)
@@ -238,6 +315,9 @@ class ScoreUNet(nn.Module):
       recomputed) or "full" (nothing; the whole forward pass runs twice).
     scan_unroll: blocks per iteration of a scanned stack's loop (the same
       function; fewer, larger iterations, longer compilation).
+    skip_concat: where the up path's skips join (see :class:`ResnetBlock`):
+      "before_norm" (the paper's code) or "after_norm" (the same function
+      without storing the concatenated inputs).
     dtype: computation dtype (bfloat16 for mixed precision); params stay float32.
     conv_grad: "dot" (the backward pass of the 3×3 convolutions written as
       matmuls, see :func:`conv_dot_grad`; fast inside ``nn.scan`` on CPU) or
@@ -267,6 +347,7 @@ class ScoreUNet(nn.Module):
   remat: bool = False
   remat_policy: str = "convs"
   scan_unroll: int = 1
+  skip_concat: str = "before_norm"
   dtype: Dtype = jnp.float32
   conv_grad: str = "dot"
   num_augmentations: int = 0
@@ -307,6 +388,8 @@ class ScoreUNet(nn.Module):
     h = z.astype(jnp.float32)
     if self.fourier_exponents:
       h = jnp.concatenate([h, fourier_features(h, self.fourier_exponents)], axis=-1)
+    if self.skip_concat not in SKIP_CONCATS:
+      raise ValueError(f"skip_concat: expected one of {SKIP_CONCATS}, got {self.skip_concat!r}")
     levels, factor = len(self.channel_mult), size_divisor(self.channel_mult)
     if z.shape[1] % factor or z.shape[2] % factor:
       raise ValueError(f"model.network.channel_mult: {levels} resolution levels need height and width divisible "
@@ -346,7 +429,7 @@ class ScoreUNet(nn.Module):
     length = self.num_blocks if skips is None else self.num_blocks + 1
     layer = nn.remat(_Layer, policy=REMAT_POLICIES[self.remat_policy]) if self.remat else _Layer
     args = (channels, self.dropout, self.attention_everywhere, deterministic, self.dtype,
-            self.conv_grad, self.norm_groups)
+            self.conv_grad, self.norm_groups, self.skip_concat)
     if self.scan_blocks:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast if skips is None else 0, nn.broadcast), length=length,
