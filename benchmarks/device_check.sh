@@ -15,14 +15,16 @@
 # ~9 minutes on one H100 (measured). What it writes into OUT_DIR (8 files, the most the device tool brings back):
 #   env.json          devices, versions
 #   train_step.jsonl  configs/cifar10.py at batch 128: as shipped and the variants that matter (bf16; the
-#                     throughput candidates one by one in bf16 — dropout masks from the rbg PRNG, two blocks
-#                     per scan iteration, skips joined after the norm — and all three in bf16 and in TF32),
+#                     throughput candidates one by one in bf16 — dropout masks from Philox or from rbg, two
+#                     blocks per scan iteration, skips joined after the norm — and Philox + two blocks + skips
+#                     after the norm together, in bf16 and in TF32),
 #                     each with a 3-step profile (device time by XLA op, kernel, kind of work, JAX source)
 #   reference.jsonl   the reference's train step at batch 128 (if REF_BENCH)
 #   quickstart.jsonl  the MNIST Quick start end to end: train + eval (its JSON), sample.py, wall times;
 #                     its checkpoint's bpd under fp32 / TF32 / bf16 (benchmarks/precision.py); the same
 #                     training in bfloat16
-#   throughput.jsonl  configs/cifar10.py: the sampler (128 images, float32 and bf16) and the evaluation step
+#   throughput.jsonl  a dropout mask of the CIFAR-10 blocks' shape drawn by each dropout_rng generator;
+#                     configs/cifar10.py: the sampler (128 images, float32 and bf16) and the evaluation step
 #                     (at full precision, as evaluation runs, and at the training precision)
 #   summary.json      the figures against the targets of the accelerator issue
 #   traces.tar        the raw profiler traces (*.xplane.pb.gz; XProf/TensorBoard read them)
@@ -38,12 +40,12 @@ if [[ -n "${SMALL:-}" ]]; then  # tiny shapes, to check the script itself on a C
   BATCH=4; NET=(--config.model.network.channels=8 --config.model.network.num_blocks=1); SAMPLE_STEPS=5; REPEATS=2
   QS=(--config.training.num_steps=20 --config.training.log_every=10 --config.training.checkpoint_every=10
       --config.eval.num_samples=4 --config.eval.sample_steps=5 --config.eval.draws=1)
-  QS_SAMPLE_STEPS=10; EVAL_BATCH=8; REF_ARGS=(4 32 3 2); PRECISION=(--limit=50 --draws=1)
+  QS_SAMPLE_STEPS=10; EVAL_BATCH=8; DROPOUT_SHAPE=(--shape=4,8,8,8 --repeats=2); REF_ARGS=(4 32 3 2); PRECISION=(--limit=50 --draws=1)
 else
   # The sampler runs its N-step loop four times (warm and timed, whole and in ~50 calls): N = 50 gives
   # seconds per step; 1,000 steps take 20 times the loop's time.
   BATCH=128; NET=(); SAMPLE_STEPS=50; REPEATS=10
-  QS=(); QS_SAMPLE_STEPS=1000; EVAL_BATCH=256; REF_ARGS=(128 32 3 10); PRECISION=()
+  QS=(); QS_SAMPLE_STEPS=1000; EVAL_BATCH=256; DROPOUT_SHAPE=(); REF_ARGS=(128 32 3 10); PRECISION=()
 fi
 TRACES=$(mktemp -d)
 
@@ -57,12 +59,13 @@ EOF
 cat "$OUT/env.json" | tee -a "$LOG"
 
 # The throughput candidates of the accelerator issue, off by default until measured here.
-ALL_CANDIDATES=execution.dropout_rng=rbg,execution.scan_unroll=2,execution.skip_concat=after_norm
+ALL_CANDIDATES=execution.dropout_rng=philox,execution.scan_unroll=2,execution.skip_concat=after_norm
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
-step train_step 300 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
+step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
   --results="$OUT/train_step.jsonl" --profile="$TRACES" \
   --variant=execution.dtype=float32 \
   --variant=execution.dtype=bfloat16 \
+  --variant=execution.dtype=bfloat16,execution.dropout_rng=philox \
   --variant=execution.dtype=bfloat16,execution.dropout_rng=rbg \
   --variant=execution.dtype=bfloat16,execution.scan_unroll=2 \
   --variant=execution.dtype=bfloat16,execution.skip_concat=after_norm \
@@ -72,6 +75,8 @@ step train_step 300 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH
 if [[ -n "${REF_BENCH:-}" ]]; then
   step reference 150 bash -c "$PY '$REF_BENCH/ref_bench.py' ${REF_ARGS[*]} > '$OUT/reference.jsonl'"
 fi
+
+step dropout_rng 30 bash -c "$PY benchmarks/dropout_rng.py ${DROPOUT_SHAPE[*]} >> '$OUT/throughput.jsonl'"
 
 QS_DIR=$(mktemp -d)
 t0=$SECONDS

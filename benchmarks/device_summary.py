@@ -56,6 +56,8 @@ def summarize(out: str) -> dict:
   summary["eval_step"] = [{k: r.get(k) for k in ("batch_size", "dtype", "matmul_precision", "images_per_s",
                                                  "trace_and_compile_s")}
                           for r in _records(out, "throughput.jsonl") if r.get("benchmark") == "eval_step"]
+  summary["dropout_rng"] = next((r["rows"] for r in _records(out, "throughput.jsonl")
+                                 if r.get("benchmark") == "dropout_rng"), None)
   quickstart = _records(out, "quickstart.jsonl")
   summary["quickstart"] = next((r for r in quickstart if r.get("benchmark") == "quickstart"), None)
   summary["quickstart_bf16"] = next((r for r in quickstart if r.get("benchmark") == "quickstart_bf16"), None)

@@ -1,7 +1,11 @@
-"""The benchmarks' FLOP counter (benchmarks/flops.py) against closed forms and XLA's own count, and the profile
-summary (benchmarks/profile.py)."""
+"""The benchmarks' FLOP counter (benchmarks/flops.py) against closed forms and XLA's own count, the profile
+summary (benchmarks/profile.py), and the dropout generators' benchmark."""
 
 import gzip
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from benchmarks import flops, profile
 from configs import cifar10
+from vdm import config as config_lib
 from vdm import train_step, training
 
 
@@ -109,3 +114,15 @@ def test_profile_names_kinds_and_sources_as_written():
          '  ROOT %cudnn-conv.1 = f32[2]{0} custom-call(%p), metadata={op_name="jit(steps)/jvp(ScoreUNet)/conv_in/conv"}')
   assert profile.hlo_sources(hlo) == {"loop_add_fusion_3": "ScoreUNet/down/resnet/GroupNorm_0/add [bwd]",
                                       "cudnn_conv_1": "ScoreUNet/conv_in/conv"}
+
+
+def test_dropout_rng_benchmark_times_every_generator_and_draws_the_keep_rate():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "benchmarks/dropout_rng.py", "--shape=16,16,16,16", "--repeats=1"], cwd=root,
+                        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  record = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert [row["dropout_rng"] for row in record["rows"]] == list(config_lib.DROPOUT_RNGS)
+  assert record["rows"][0]["vs_threefry"] == 1.0
+  for row in record["rows"]:
+    assert abs(row["keep_rate"] - 0.9) < 5 * (0.9 * 0.1 / 16**4) ** 0.5 and row["ms_median"] > 0

@@ -5,7 +5,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-from helpers import perturbed
+from perturbation import perturbed
 from vdm import losses, model, networks, schedules
 
 

@@ -5,8 +5,8 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-from helpers import perturbed
-from vdm import networks
+from perturbation import perturbed
+from vdm import convolution, networks
 
 
 def _tiny(**kw):
@@ -118,7 +118,7 @@ def test_written_out_conv_gradient_equals_xlas_in_float64(padding, kernel):
 
     def loss(conv):
       return lambda x, k: jnp.sum(jnp.sin(conv(x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))))
-    ours = jax.jit(jax.grad(loss(networks.conv_dot_grad), (0, 1)))(x, k)
+    ours = jax.jit(jax.grad(loss(convolution.conv_dot_grad), (0, 1)))(x, k)
     xla = jax.jit(jax.grad(loss(jax.lax.conv_general_dilated), (0, 1)))(x, k)
     assert ours[1].dtype == jnp.float64
     for a, b in zip(ours, xla):

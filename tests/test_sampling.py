@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import oracles
-from helpers import perturbed
+from perturbation import perturbed
 
 import jax
 import jax.numpy as jnp

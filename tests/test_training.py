@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from configs import smoke
-from helpers import perturbed
+from perturbation import perturbed
 from vdm import config as config_lib
 from vdm import checkpoints, evaluation, input_pipeline, losses, train_step
 from vdm import model as model_lib
@@ -210,7 +210,7 @@ def test_validation_names_the_field():
   config.model.schedule.name = "wobbly"
   with pytest.raises(config_lib.ConfigError, match="config.model.schedule.name: expected one of"):
     config_lib.validate(config)
-  for field, value, expected in [("dropout_rng", "philox", r"one of \('threefry', 'rbg'\), got 'philox'"),
+  for field, value, expected in [("dropout_rng", "xorshift", r"one of \('threefry', 'philox', 'rbg'\), got 'xorshift'"),
                                  ("scan_unroll", 0, "a positive integer"),
                                  ("skip_concat", "after", r"one of \('before_norm', 'after_norm'\)")]:
     config = smoke.get_config()
@@ -279,8 +279,8 @@ def test_bfloat16_runs_only_the_network_in_bfloat16():
   np.testing.assert_allclose(a["loss_diff"], b["loss_diff"], rtol=0.05)  # … close to float32
 
 
-def test_rbg_dropout_repeats_with_the_seed_and_draws_other_masks_than_threefry():
-  """execution.dropout_rng="rbg": masks from XLA's RngBitGenerator seeded by the step's key, so the same
+def test_dropout_prngs_repeat_with_the_seed_and_draw_other_masks_than_threefry():
+  """execution.dropout_rng="philox"/"rbg": masks from another generator seeded by the step's key, so the same
   state and batch give the same step (runs repeat and resume exactly), with other masks than threefry's."""
   config = smoke.get_config()
   config.model.network.dropout = 0.5
@@ -289,24 +289,27 @@ def test_rbg_dropout_repeats_with_the_seed_and_draws_other_masks_than_threefry()
   state = state.replace(params=perturbed(state.params))  # every block gets a gradient
   raw = lambda s: s.replace(key=jax.random.key_data(s.key))  # noqa: E731
   stepped = {}
-  for impl, times in (("rbg", 2), ("threefry", 1)):
+  for impl, times in (("philox", 2), ("rbg", 1), ("threefry", 1)):
     config.execution.dropout_rng = impl
     fn = train_step.make_train_fn(config, model, optimizer)
     stepped[impl] = [jax.device_get(raw(fn(jax.tree.map(jnp.copy, state), _batch())[0])) for _ in range(times)]
-  for x, y in zip(jax.tree.leaves(stepped["rbg"][0]), jax.tree.leaves(stepped["rbg"][1])):
+  for x, y in zip(jax.tree.leaves(stepped["philox"][0]), jax.tree.leaves(stepped["philox"][1])):
     np.testing.assert_array_equal(x, y)
   # Other masks, other gradients (seen in Adam's first moment: the warm-up's first learning rate is 0).
-  kernels = [{jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(s.opt_state[0].mu)
-              if "kernel" in jax.tree_util.keystr(p)} for s in (stepped["rbg"][0], stepped["threefry"][0])]
-  assert len(kernels[0]) > 10 and all(not np.allclose(x, kernels[1][k]) for k, x in kernels[0].items())
+  kernels = {impl: {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(s[0].opt_state[0].mu)
+                    if "kernel" in jax.tree_util.keystr(p)} for impl, s in stepped.items()}
+  assert len(kernels["threefry"]) > 10
+  for a, b in (("philox", "threefry"), ("rbg", "threefry"), ("philox", "rbg")):
+    assert all(not np.allclose(x, kernels[b][k]) for k, x in kernels[a].items()), (a, b)
 
 
-def test_rbg_dropout_key_keeps_the_rate_and_changes_with_the_step():
-  keys = [train_step.make_dropout_key(jax.random.fold_in(jax.random.key(0), n), "rbg") for n in range(2)]
-  assert jax.random.key_impl(keys[0]) == jax.random.key_impl(jax.random.key(0, impl="rbg"))
+@pytest.mark.parametrize("impl", ["philox", "rbg"])
+def test_dropout_key_keeps_the_rate_and_changes_with_the_step(impl):
+  keys = [train_step.make_dropout_key(jax.random.fold_in(jax.random.key(0), n), impl) for n in range(2)]
+  assert jax.random.key_impl(keys[0]) == jax.random.key_impl(jax.random.key(0, impl=config_lib.DROPOUT_RNGS[impl]))
   masks = [np.asarray(jax.random.bernoulli(k, 0.9, (200_000,))) for k in keys]
   for m in masks:
     assert abs(m.mean() - 0.9) < 5 * np.sqrt(0.9 * 0.1 / m.size)
   assert 0.75 < (masks[0] == masks[1]).mean() < 0.9  # independent masks agree on 0.9² + 0.1² = 82 %
   with pytest.raises(ValueError, match="dropout_rng: expected one of"):
-    train_step.make_dropout_key(keys[0], "philox")
+    train_step.make_dropout_key(keys[0], "xorshift")

@@ -20,7 +20,8 @@ from vdm import input_pipeline, networks, objectives, schedules
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LR_DECAYS = ("constant", "cosine", "linear")
 CONV_GRADS = ("auto", "dot", "xla")
-DROPOUT_RNGS = ("threefry", "rbg")
+# execution.dropout_rng → JAX's PRNG implementation (see vdm.train_step.make_dropout_key).
+DROPOUT_RNGS = {"threefry": "threefry2x32", "philox": "philox4x32", "rbg": "rbg"}
 MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 
 
@@ -108,7 +109,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(ex.remat_policy in networks.REMAT_POLICIES, "execution.remat_policy",
          f"one of {tuple(networks.REMAT_POLICIES)}", ex.remat_policy)
   _check(ex.conv_grad in CONV_GRADS, "execution.conv_grad", f"one of {CONV_GRADS}", ex.conv_grad)
-  _check(ex.dropout_rng in DROPOUT_RNGS, "execution.dropout_rng", f"one of {DROPOUT_RNGS}", ex.dropout_rng)
+  _check(ex.dropout_rng in DROPOUT_RNGS, "execution.dropout_rng", f"one of {tuple(DROPOUT_RNGS)}",
+         ex.dropout_rng)
   _check(ex.skip_concat in networks.SKIP_CONCATS, "execution.skip_concat", f"one of {networks.SKIP_CONCATS}",
          ex.skip_concat)
   _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 1, "execution.scan_unroll",

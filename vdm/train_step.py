@@ -72,21 +72,25 @@ class NonFiniteError(RuntimeError):
 
 
 def make_dropout_key(key: jax.Array, impl: str) -> jax.Array:
-  """The key the dropout masks of a step are drawn from, derived from ``key`` (a threefry key).
+  """The key the dropout masks of a step are drawn from, seeded from ``key`` (a threefry key).
 
-  "threefry": ``key`` itself. "rbg": a key of XLA's RngBitGenerator, seeded
-  from ``key``: masks are drawn by the accelerator's own generator (Philox
-  on GPUs) instead of threefry's arithmetic, which costs several ms a step
-  on a GPU (README, Performance). Still a function of the seed and the
-  step, so runs repeat and resume exactly; but its bits may change with
-  the backend, the JAX version and the sharding, so a run on 8 devices no
-  longer draws the same masks as on one.
+  Threefry's 20 rounds cost several ms a step on a GPU (README,
+  Performance). "philox": JAX's Philox4x32 (10 rounds; on this project's
+  CPU it draws a dropout mask 11× faster), like threefry the same bits on
+  every backend and sharding. "rbg": XLA's RngBitGenerator, the
+  accelerator's own generator; its bits differ between CPU, GPU and TPU
+  and it is not efficiently shardable (with the batch over several
+  devices, each may draw the masks of the whole batch). Either way the
+  masks are a function of the seed and the step: runs repeat and resume
+  exactly.
   """
+  if impl not in config_lib.DROPOUT_RNGS:  # jax.random's module docstring compares them
+    raise ValueError(f"dropout_rng: expected one of {tuple(config_lib.DROPOUT_RNGS)}, got {impl!r}")
   if impl == "threefry":
     return key
-  if impl == "rbg":
-    return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
-  raise ValueError(f"dropout_rng: expected one of {config_lib.DROPOUT_RNGS}, got {impl!r}")
+  name = config_lib.DROPOUT_RNGS[impl]
+  shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=name))).shape
+  return jax.random.wrap_key_data(jax.random.bits(key, shape, jnp.uint32), impl=name)
 
 
 def _loss_and_grads(model, params, batch, conditioning, labels, noise, dropout_key, num_dims):

@@ -1,4 +1,4 @@
-"""Small helpers the test files share."""
+"""Parameters moved off their initialisation, for tests of gradients and of equal functions."""
 
 import jax
 import numpy as np
