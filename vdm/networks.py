@@ -95,6 +95,7 @@ class _PartsGroupNorm(nn.Module):
   The same function as ``nn.GroupNorm`` of the concatenation (the same
   parameters: ``scale`` and ``bias`` over all channels) when no group
   straddles two parts; the concatenation of the raw inputs is never formed.
+  Parts are ``[B, H, W, C_i]``; statistics are float32 per example and group.
   """
   num_groups: int
   dtype: Dtype = jnp.float32
