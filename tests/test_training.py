@@ -280,8 +280,9 @@ def test_bfloat16_runs_only_the_network_in_bfloat16():
 
 
 def test_dropout_prngs_repeat_with_the_seed_and_draw_other_masks_than_threefry():
-  """execution.dropout_rng="philox"/"rbg": masks from another generator seeded by the step's key, so the same
-  state and batch give the same step (runs repeat and resume exactly), with other masks than threefry's."""
+  """execution.dropout_rng="philox": masks from another generator seeded by the step's key, so the same state
+  and batch give the same step (runs repeat and resume exactly), with other masks than threefry's. ("rbg"
+  takes the same path: its key is checked below, its masks in the network by the device check.)"""
   config = smoke.get_config()
   config.model.network.dropout = 0.5
   model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
@@ -289,7 +290,7 @@ def test_dropout_prngs_repeat_with_the_seed_and_draw_other_masks_than_threefry()
   state = state.replace(params=perturbed(state.params))  # every block gets a gradient
   raw = lambda s: s.replace(key=jax.random.key_data(s.key))  # noqa: E731
   stepped = {}
-  for impl, times in (("philox", 2), ("rbg", 1), ("threefry", 1)):
+  for impl, times in (("philox", 2), ("threefry", 1)):
     config.execution.dropout_rng = impl
     fn = train_step.make_train_fn(config, model, optimizer)
     stepped[impl] = [jax.device_get(raw(fn(jax.tree.map(jnp.copy, state), _batch())[0])) for _ in range(times)]
@@ -299,8 +300,7 @@ def test_dropout_prngs_repeat_with_the_seed_and_draw_other_masks_than_threefry()
   kernels = {impl: {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(s[0].opt_state[0].mu)
                     if "kernel" in jax.tree_util.keystr(p)} for impl, s in stepped.items()}
   assert len(kernels["threefry"]) > 10
-  for a, b in (("philox", "threefry"), ("rbg", "threefry"), ("philox", "rbg")):
-    assert all(not np.allclose(x, kernels[b][k]) for k, x in kernels[a].items()), (a, b)
+  assert all(not np.allclose(x, kernels["threefry"][k]) for k, x in kernels["philox"].items())
 
 
 @pytest.mark.parametrize("impl", ["philox", "rbg"])
