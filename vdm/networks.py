@@ -167,7 +167,7 @@ class ResnetBlock(nn.Module):
     parts = (x,) if skip is None else (x, skip.astype(x.dtype))
     width = sum(part.shape[-1] for part in parts)
     groups = _num_groups(width, self.norm_groups)
-    split = (len(parts) > 1 and self.skip_concat == "after_norm"
+    split = (len(parts) > 1 and self.skip_concat == "after_norm" and width != self.channels  # projected residual
              and all(part.shape[-1] % (width // groups) == 0 for part in parts))
     if split:
       h = _PartsGroupNorm(groups, self.dtype, name="GroupNorm_0")(parts)
