@@ -152,7 +152,7 @@ class ResnetBlock(nn.Module):
   concatenation of the raw inputs is never stored, and the residual's
   projection is one matmul per part. Both are the same function of the
   same parameters when no norm group straddles the two parts; where one
-  would, "before_norm" is used.
+  would, or where the residual is not projected, "before_norm" is used.
   """
   channels: int
   dropout: float = 0.0
