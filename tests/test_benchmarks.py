@@ -1,5 +1,6 @@
 """The benchmarks' FLOP counter (benchmarks/flops.py) against closed forms and XLA's own count, the profile
-summary (benchmarks/profile.py), and the dropout generators' benchmark."""
+summary (benchmarks/profile.py), the dropout generators' benchmark, and the variance-optimal schedule of
+benchmarks/estimator_variance.py."""
 
 import gzip
 import json
@@ -7,12 +8,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from benchmarks import flops, profile
+from benchmarks import estimator_variance, flops, profile
 from configs import cifar10
 from vdm import config as config_lib
 from vdm import train_step, training
@@ -126,3 +128,28 @@ def test_dropout_rng_benchmark_times_every_generator_and_draws_the_keep_rate():
   assert record["rows"][0]["vs_threefry"] == 1.0
   for row in record["rows"]:
     assert abs(row["keep_rate"] - 0.9) < 5 * (0.9 * 0.1 / 16**4) ** 0.5 and row["ms_median"] > 0
+
+
+def test_variance_optimal_density_removes_a_shared_shape_and_keeps_a_flat_one():
+  rng = np.random.default_rng(0)
+  t = (np.arange(64) + 0.5) / 64
+  shape, scale = 1.0 + 30.0 * (1.0 - t) ** 4, rng.uniform(0.5, 2.0, 5)  # every example ∝ the same h(t)
+  values = (shape[:, None] * scale[None, :])[:, None, :]  # [K, R=1, B]
+  now, best, q = estimator_variance.variance_optimal(values)
+  np.testing.assert_allclose(now, np.sqrt(np.mean(scale**2) * shape.var()), rtol=1e-12)
+  assert best < 1e-6 * now  # q ∝ h makes each L/q constant in t
+  np.testing.assert_allclose(q, shape / shape.mean(), rtol=1e-12)
+  flat = 1.0 + rng.standard_normal((16, 8, 5))  # no dependence on t: uniform q is already best
+  now, best, q = estimator_variance.variance_optimal(flat)
+  np.testing.assert_allclose(q, 1.0, rtol=0.3)
+  assert best <= now * (1 + 1e-12) and best > 0.95 * now
+
+
+def test_gamma_under_a_density_composes_the_old_schedule_with_its_inverse_cdf():
+  gamma_edges = np.array([-10.0, 0.0, 6.0])  # old γ at t = 0, 0.5, 1 (linear between)
+  points = np.array([0.0, 0.375, 0.75, 0.875, 1.0])
+  np.testing.assert_allclose(estimator_variance.gamma_under(np.ones(2), gamma_edges, points),
+                             np.interp(points, [0.0, 0.5, 1.0], gamma_edges))
+  # q = (1.5, 0.5): three quarters of the draws fall in the first half of the old t.
+  np.testing.assert_allclose(estimator_variance.gamma_under(np.array([1.5, 0.5]), gamma_edges, points),
+                             [-10.0, -5.0, 0.0, 3.0, 6.0])

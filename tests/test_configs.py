@@ -82,6 +82,15 @@ def test_channel_mult_levels_must_halve_the_images():
     config_lib.check_image_shape(config, (28, 28, 1))
 
 
+@pytest.mark.parametrize("scale", [0.0, -2.0])
+def test_schedule_lr_scale_must_be_positive(scale):
+  config = importlib.import_module("configs.mnist").get_config()
+  config.optimizer.schedule_lr_scale = scale
+  with pytest.raises(config_lib.ConfigError, match=r"config\.optimizer\.schedule_lr_scale: expected > 0 \(1 = the "
+                                                   r"network's rate\), got " + str(scale)):
+    config_lib.validate(config)
+
+
 def test_configs_are_typesafe():
   config = importlib.import_module("configs.mnist").get_config()
   with pytest.raises(TypeError):

@@ -83,6 +83,37 @@ def test_weight_decay_skips_biases_norm_scales_and_schedule_endpoints(schedule):
   assert len(decayed) > 5
 
 
+def test_schedule_lr_scale_scales_only_the_schedule_interior():
+  """×s on monotone_net's l1–l3 updates (AdamW's step and decay alike); endpoints and network unchanged."""
+  config = smoke.get_config()
+  config.model.schedule.name = "monotone_net"
+  config.optimizer.warmup_steps = 0
+  model = config_lib.build_model(config)
+  plain = config_lib.build_optimizer(config)
+  state = train_step.create_train_state(config, model, plain, (8, 8, 1))
+  grads = perturbed(jax.tree.map(jnp.zeros_like, state.params), seed=3, scale=1.0)
+  config.optimizer.schedule_lr_scale = 7.0
+  scaled = config_lib.build_optimizer(config)
+  want, _ = plain.update(grads, plain.init(state.params), state.params)
+  got, _ = scaled.update(grads, scaled.init(state.params), state.params)
+  interior = []
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    name = jax.tree_util.keystr(path)
+    if name.startswith("['schedule']['l"):
+      interior.append(name)
+      np.testing.assert_allclose(a, 7.0 * b, rtol=1e-6, err_msg=name)
+      assert float(jnp.abs(b).max()) > 0, name
+    else:
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  assert len(interior) == 6
+  # At the default 1 the optimiser (and so a checkpoint's optimizer state) is the plain AdamW's.
+  config.optimizer.schedule_lr_scale = 1.0
+  assert (jax.tree.structure(config_lib.build_optimizer(config).init(state.params))
+          == jax.tree.structure(optax.adamw(config_lib.learning_rate_schedule(config),
+                                            mask=lambda p: jax.tree.map(lambda _: True, p)).init(state.params)))
+  assert jax.tree.structure(scaled.init(state.params)) != jax.tree.structure(plain.init(state.params))
+
+
 def test_learning_rate_warms_up_then_decays():
   config = smoke.get_config()
   config.training.num_steps = 110

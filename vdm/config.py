@@ -137,6 +137,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", "≥ 0", opt.warmup_steps)
   _check(opt.decay in LR_DECAYS, "optimizer.decay", f"one of {LR_DECAYS}", opt.decay)
   _check(opt.weight_decay >= 0, "optimizer.weight_decay", "≥ 0", opt.weight_decay)
+  _check(opt.schedule_lr_scale > 0, "optimizer.schedule_lr_scale", "> 0 (1 = the network's rate)",
+         opt.schedule_lr_scale)
   _check(opt.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "≥ 0 (0 = off)", opt.grad_clip_norm)
   _check(0.0 <= opt.ema_rate < 1.0, "optimizer.ema_rate", "a decay in [0, 1)", opt.ema_rate)
   _check(ev.batch_size >= 1, "eval.batch_size", "a positive integer", ev.batch_size)
@@ -234,11 +236,33 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def is_schedule_interior(path) -> bool:
+  """A parameter of the schedule other than its endpoints (monotone_net's l1–l3)."""
+  names = [str(getattr(entry, "key", entry)) for entry in path]
+  return "schedule" in names and names[-1] not in ("gamma_min", "gamma_max")
+
+
+def _scale_schedule_interior(scale: float) -> optax.GradientTransformation:
+  """Multiplies the updates of the schedule's interior by ``scale``; stateless."""
+  def scale_updates(updates, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * scale if is_schedule_interior(path) else u, updates)
+  return optax.stateless(scale_updates)
+
+
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with warm-up and decay in the chain, optional global-norm clipping."""
+  """AdamW with warm-up and decay in the chain, optional global-norm clipping.
+
+  With ``optimizer.schedule_lr_scale`` ≠ 1, the schedule interior's updates
+  (learning rate and weight decay) are scaled after AdamW. At 1 the chain,
+  and so the checkpointed optimizer state, is exactly the plain AdamW's.
+  """
   opt = config.optimizer
   adamw = optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                       weight_decay=opt.weight_decay, mask=_decay_mask)
+  if opt.schedule_lr_scale != 1.0:
+    adamw = optax.chain(adamw, _scale_schedule_interior(opt.schedule_lr_scale))
   if opt.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw)
   return adamw
