@@ -147,6 +147,7 @@ def test_a_first_version_checkpoint_config_migrates_to_the_model_it_trained(tmp_
   want = config.copy_and_resolve_references()
   want.execution.conv_grad, want.execution.remat_policy = "xla", "full"
   want.training.minimize_variance = False  # those runs' monotone_net interior followed the ELBO
+  want.optimizer.schedule_lr_scale = 1.0  # … at the network's learning rate
   assert _plain(restored.to_dict()) == _plain(want.to_dict())
   config_lib.validate(restored)
   # Same parameters: the two configs build models with identical parameter trees.

@@ -242,27 +242,30 @@ def is_schedule_interior(path) -> bool:
   return "schedule" in names and names[-1] not in ("gamma_min", "gamma_max")
 
 
-def _scale_schedule_interior(scale: float) -> optax.GradientTransformation:
-  """Multiplies the updates of the schedule's interior by ``scale``; stateless."""
-  def scale_updates(updates, params=None):
-    del params
+def _scale_schedule_interior(inner: optax.GradientTransformation, scale: float) -> optax.GradientTransformation:
+  """``inner`` with the updates of the schedule's interior multiplied by ``scale``.
+
+  The state is ``inner``'s own, so checkpoints do not depend on the scale.
+  """
+  def update(updates, state, params=None, **extra_args):
+    updates, state = inner.update(updates, state, params, **extra_args)
     return jax.tree_util.tree_map_with_path(
-        lambda path, u: u * scale if is_schedule_interior(path) else u, updates)
-  return optax.stateless(scale_updates)
+        lambda path, u: u * scale if is_schedule_interior(path) else u, updates), state
+  return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW with warm-up and decay in the chain, optional global-norm clipping.
 
-  With ``optimizer.schedule_lr_scale`` ≠ 1, the schedule interior's updates
-  (learning rate and weight decay) are scaled after AdamW. At 1 the chain,
-  and so the checkpointed optimizer state, is exactly the plain AdamW's.
+  The schedule interior's updates (its learning rate and weight decay) are
+  multiplied by ``optimizer.schedule_lr_scale``; the optimizer state is
+  AdamW's whatever the scale, so a run may resume with another.
   """
   opt = config.optimizer
   adamw = optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                       weight_decay=opt.weight_decay, mask=_decay_mask)
   if opt.schedule_lr_scale != 1.0:
-    adamw = optax.chain(adamw, _scale_schedule_interior(opt.schedule_lr_scale))
+    adamw = _scale_schedule_interior(adamw, opt.schedule_lr_scale)
   if opt.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw)
   return adamw
