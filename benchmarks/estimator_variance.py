@@ -18,7 +18,8 @@ E_u[L²/q], summed over examples, is least for q ∝ √E[L² | t]. The loss is
 evaluated at the midpoints of K equal cells of t (``--optimum_draws``
 draws of ε at each), q is taken constant on each cell, and the record gets
 ``std_per_example_optimal`` (the one-draw std under that q, which no
-schedule of the same network beats by more than the grid's resolution) and
+schedule of the same network beats by more than the grid's resolution),
+``std_per_example_grid`` (the same grid's estimate of today's std) and
 ``gamma_optimal`` (the γ(t) that draws t from q, at t = 0, 0.1, …, 1).
 """
 
@@ -103,10 +104,10 @@ def measure_optimum(trained, images: np.ndarray, cells: int, draws: int) -> dict
   mids = (np.arange(cells) + 0.5) / cells
   values = np.stack([np.stack([np.asarray(loss_diff(t, jax.random.fold_in(jax.random.key(1), k * draws + r)))
                                for r in range(draws)]) for k, t in enumerate(mids)])
-  _, best, q = variance_optimal(values)
+  now, best, q = variance_optimal(values)
   edges = jnp.linspace(0.0, 1.0, cells + 1)
   gamma = np.asarray(trained.model.apply({"params": trained.params}, edges, method=lambda m, t: m.schedule(t)))
-  return {"std_per_example_optimal": best,
+  return {"std_per_example_grid": now, "std_per_example_optimal": best,
           "gamma_optimal": [round(float(g), 3) for g in gamma_under(q, gamma, np.linspace(0.0, 1.0, 11))],
           "gamma": [round(float(g), 3) for g in np.interp(np.linspace(0.0, 1.0, 11), np.asarray(edges), gamma)],
           "optimum_cells": cells, "optimum_draws": draws}

@@ -153,3 +153,25 @@ def test_gamma_under_a_density_composes_the_old_schedule_with_its_inverse_cdf():
   # q = (1.5, 0.5): three quarters of the draws fall in the first half of the old t.
   np.testing.assert_allclose(estimator_variance.gamma_under(np.array([1.5, 0.5]), gamma_edges, points),
                              [-10.0, -5.0, 0.0, 3.0, 6.0])
+
+
+def test_the_optimum_of_a_checkpoint_keeps_its_endpoints_and_is_no_noisier(tmp_path):
+  import vdm
+  from configs import smoke
+  from vdm import checkpoints
+  config = smoke.get_config()
+  config.model.schedule.name = "monotone_net"
+  model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
+  state = train_step.create_train_state(config, model, optimizer, (8, 8, 1))
+  checkpoints.save(checkpoints.manager(checkpoints.checkpoint_dir(str(tmp_path))), state, config,
+                   {"image_shape": [8, 8, 1]})
+  trained = vdm.load(str(tmp_path))
+  images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1)).astype(np.int32)
+  record = estimator_variance.measure_optimum(trained, images, cells=8, draws=2)
+  gamma, best = np.array(record["gamma"]), np.array(record["gamma_optimal"])
+  np.testing.assert_allclose([best[0], best[-1]], [gamma[0], gamma[-1]], rtol=1e-6)
+  np.testing.assert_allclose([gamma[0], gamma[-1]], [-13.3, 5.0], rtol=1e-5)
+  assert np.all(np.diff(best) > 0) and np.all(np.diff(gamma) > 0)
+  assert 0 < record["std_per_example_optimal"] <= record["std_per_example_grid"]
+  now = estimator_variance.measure(trained, images, draws=16)["std_per_example"]
+  assert now / 1.5 < record["std_per_example_grid"] < now * 1.5  # the grid and random t agree
