@@ -175,3 +175,28 @@ def test_the_optimum_of_a_checkpoint_keeps_its_endpoints_and_is_no_noisier(tmp_p
   assert 0 < record["std_per_example_optimal"] <= record["std_per_example_grid"]
   now = estimator_variance.measure(trained, images, draws=16)["std_per_example"]
   assert now / 1.5 < record["std_per_example_grid"] < now * 1.5  # the grid and random t agree
+
+
+def test_plot_gamma_draws_each_curve_where_it_lies(tmp_path):
+  import importlib.util
+  from PIL import Image
+  spec = importlib.util.spec_from_file_location("plot_gamma", os.path.join(os.path.dirname(__file__), "..",
+                                                                            "scripts", "plot_gamma.py"))
+  plot_gamma = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(plot_gamma)
+  t = np.linspace(0, 1, 101)
+  out = str(tmp_path / "gamma.png")
+  plot_gamma.draw([("linear", t, -10 + 15 * t)], [("dots", np.array([0.5]), np.array([-8.0]))], out)
+  image = np.asarray(Image.open(out).convert("RGB")).astype(int)
+  assert image.shape == (plot_gamma.HEIGHT, plot_gamma.WIDTH, 3)
+
+  def colour_near(t, g):  # axes from −10 to 5 (multiples of 5 around the data)
+    x = plot_gamma.LEFT + t * (plot_gamma.WIDTH - plot_gamma.LEFT - plot_gamma.RIGHT)
+    y = plot_gamma.TOP + (5 - g) / 15 * (plot_gamma.HEIGHT - plot_gamma.TOP - plot_gamma.BOTTOM)
+    patch = image[int(y) - 1:int(y) + 2, int(x) - 1:int(x) + 2].reshape(-1, 3)
+    return {tuple(p) for p in patch}
+
+  assert plot_gamma.COLOURS[0] in colour_near(0.3, -10 + 15 * 0.3)
+  assert plot_gamma.COLOURS[1] in colour_near(0.5, -8.0)
+  assert plot_gamma.COLOURS[0] not in colour_near(0.5, -8.0)
+  assert plot_gamma._split("a = 1=runs/x", "run") == ("a = 1", "runs/x")
