@@ -61,6 +61,6 @@ M=configs/mnist_samples.py
 recipe shipped "$M" "|--num_steps=$LONG_STEPS|--sampler=ddim --eta=0" --
 recipe sigmoid "$M" "" -- --config.model.loss_weighting=sigmoid
 recipe two_blocks "$M" "" -- --config.model.network.num_blocks=2
-recipe wider "$M" "" -- --config.model.network.channels=64
+recipe wider "$M" "" -- --config.model.network.channels=32
 recipe conditional configs/mnist_conditional.py "--guidance=0,2,5" --
 cat "$OUT/recipes.jsonl" | tee -a "$LOG"

@@ -8,8 +8,12 @@ downsampling, trained on the ELBO. At 2 blocks × 32 channels its receptive
 field (about 21 pixels) is smaller than a digit, and it draws strokes. This
 recipe changes what the samples need and nothing the evaluation reports:
 
-* a U-Net at three resolutions (28, 14, 7; ``channel_mult=(1, 2, 2)``) with
-  self-attention at 7×7, so every output pixel sees the whole image;
+* a U-Net at three resolutions (28, 14, 7; ``channel_mult=(1, 4, 4)`` on 16
+  channels: 16, 64, 64) with self-attention at 7×7, so every output pixel
+  sees the whole image; the width sits at the low resolutions, where shapes
+  form. A step costs 0.68–0.80× one of 32 channels at (1, 2, 2), so its
+  1,800 steps cost 1.0–1.2× the 1,200 of that earlier recipe (FD ratio
+  15.9 against 20.6);
 * the ``eps_mse`` weighting (Ho et al. 2020's simple loss), which spends
   the network on the noise levels where shapes form instead of the
   imperceptible low-noise detail the ELBO weighs most.
@@ -23,9 +27,11 @@ from configs import mnist
 
 def get_config():
   config = mnist.get_config()
-  config.model.network.channel_mult = (1, 2, 2)
+  config.model.network.channels = 16
+  config.model.network.channel_mult = (1, 4, 4)
   config.model.network.num_blocks = 1
   config.model.network.mid_attention = True  # at 7×7: 49 positions, cheap
   config.model.loss_weighting = "eps_mse"
-  config.training.num_steps = 1200
+  config.training.num_steps = 1800
+  config.training.checkpoint_every = 600
   return config
