@@ -106,7 +106,7 @@ def measure_optimum(trained, images: np.ndarray, cells: int, draws: int) -> dict
                                for r in range(draws)]) for k, t in enumerate(mids)])
   now, best, q = variance_optimal(values)
   edges = jnp.linspace(0.0, 1.0, cells + 1)
-  gamma = np.asarray(trained.model.apply({"params": trained.params}, edges, method=lambda m, t: m.schedule(t)))
+  gamma = np.asarray(trained.model.apply({"params": trained.params}, edges, method="gamma"))
   return {"std_per_example_grid": now, "std_per_example_optimal": best,
           "gamma_optimal": [round(float(g), 3) for g in gamma_under(q, gamma, np.linspace(0.0, 1.0, 11))],
           "gamma": [round(float(g), 3) for g in np.interp(np.linspace(0.0, 1.0, 11), np.asarray(edges), gamma)],

@@ -42,8 +42,7 @@ def schedule_curve(workdir: str, points: int = 201) -> tuple[np.ndarray, np.ndar
   import vdm  # noqa: PLC0415
   trained = vdm.load(workdir)
   t = np.linspace(0.0, 1.0, points)
-  gamma = trained.model.apply({"params": trained.params}, jnp.asarray(t, jnp.float32),
-                              method=lambda m, t: m.schedule(t))
+  gamma = trained.model.apply({"params": trained.params}, jnp.asarray(t, jnp.float32), method="gamma")
   return t, np.asarray(gamma, np.float64)
 
 
