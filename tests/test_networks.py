@@ -83,6 +83,25 @@ def test_gamma_and_conditioning_change_the_output_and_dropout_is_train_only():
   assert float(jnp.abs(train(0) - plain).max()) > 1e-3  # in training it is on
 
 
+def test_bfloat16_network_sees_z_and_returns_eps_hat_in_float32():
+  """bf16 spacing near 1 is 2^-8: rounded to it, z_t would lose ε at low noise. The input and output
+  convolutions run in float32, so a change of z below that spacing still moves ε̂ − z (without Fourier
+  features, the input convolution is the only way in), and the bf16 network stays close to float32's."""
+  z = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1), minval=0.6, maxval=0.9)
+  z = z.astype(jnp.bfloat16).astype(jnp.float32)  # on bf16's grid, so z + δ rounds back to z
+  gamma = jnp.array([-13.0, -13.0])
+  f32, bf16 = (_tiny(fourier_exponents=(), dropout=0.0, dtype=d) for d in (jnp.float32, jnp.bfloat16))
+  params = perturbed(jax.jit(f32.init)(jax.random.key(1), z, gamma))
+  delta = 2.0 ** -11  # an eighth of bf16's spacing here
+  assert jnp.all(z.astype(jnp.bfloat16) == (z + delta).astype(jnp.bfloat16))
+  out = lambda net, z: jax.jit(net.apply)(params, z, gamma) - z  # noqa: E731
+  moved = out(bf16, z + delta) - out(bf16, z)
+  assert out(bf16, z).dtype == jnp.float32
+  assert float(jnp.abs(moved).max()) > 0
+  np.testing.assert_allclose(moved, out(f32, z + delta) - out(f32, z), atol=0.05 * float(jnp.abs(out(f32, z)).max()))
+  np.testing.assert_allclose(out(bf16, z), out(f32, z), atol=0.05 * float(jnp.abs(out(f32, z)).max()))
+
+
 def test_fourier_features_closed_form():
   z = jnp.array([[[[0.1, -0.3]]]])
   got = networks.fourier_features(z, (6, 7))

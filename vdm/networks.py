@@ -255,7 +255,8 @@ class ScoreUNet(nn.Module):
     skip_concat: where the up path's skips join (see :class:`ResnetBlock`):
       "before_norm" (the paper's code) or "after_norm" (the same function
       without storing the concatenated inputs).
-    dtype: computation dtype (bfloat16 for mixed precision); params stay float32.
+    dtype: computation dtype of the blocks (bfloat16 for mixed precision);
+      params, the input and output convolutions and ε̂ stay float32.
     conv_grad: "dot" (the backward pass of the 3×3 convolutions written as
       matmuls, see :func:`vdm.convolution.conv_dot_grad`; fast inside ``nn.scan`` on CPU) or
       "xla" (XLA's own convolution gradients).
@@ -336,7 +337,9 @@ class ScoreUNet(nn.Module):
     skips = []  # per level: [num_blocks + 1, B, H_l, W_l, C_l], the level's input first
     for level, width in enumerate(widths):
       if level == 0:
-        h = _conv(width, self.dtype, self.conv_grad, name="conv_in")(h)
+        # In float32 whatever the dtype: rounded to bfloat16 (spacing 2^-8 near 1), z_t loses the detail
+        # that ε is at low noise (σ ≈ 0.001). The blocks then run in the computation dtype.
+        h = _conv(width, jnp.float32, self.conv_grad, name="conv_in")(h).astype(self.dtype)
       else:  # half the resolution: a strided 3×3 convolution
         h = nn.Conv(width, (3, 3), strides=(2, 2), dtype=self.dtype, name=f"downsample_{level}")(h)
       h_in = h
@@ -357,7 +360,7 @@ class ScoreUNet(nn.Module):
       h, _ = self._stack(_stack_name("up", level), widths[level], h, skips[level][::-1], cond, deterministic)
 
     h = nn.swish(_group_norm(widths[0], self.dtype, self.norm_groups, "norm_out")(h))
-    out = _conv(z.shape[-1], self.dtype, self.conv_grad, zero_init=True, name="conv_out")(h)
+    out = _conv(z.shape[-1], jnp.float32, self.conv_grad, zero_init=True, name="conv_out")(h)  # float32, as conv_in
     return z.astype(jnp.float32) + out.astype(jnp.float32)
 
   def _stack(self, name: str, channels: int, h: jax.Array, skips: Optional[jax.Array], cond: jax.Array,
