@@ -102,6 +102,28 @@ def test_bfloat16_network_sees_z_and_returns_eps_hat_in_float32():
   np.testing.assert_allclose(out(bf16, z), out(f32, z), atol=0.05 * float(jnp.abs(out(f32, z)).max()))
 
 
+@pytest.mark.parametrize("mult", [(1,), (1, 2)])
+def test_float32_residuals_carry_the_stream_in_float32_around_bfloat16_blocks(mult):
+  z = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  gamma = jnp.array([-5.0, 1.0])
+  net = lambda **kw: _tiny(dtype=jnp.bfloat16, channel_mult=mult, dropout=0.0, **kw)  # noqa: E731
+  params = perturbed(jax.jit(net().init)(jax.random.key(1), z, gamma))
+
+  def carries(**kw):  # the dtypes of the scanned stacks' carried activations
+    jaxpr = jax.make_jaxpr(net(**kw).apply)(params, z, gamma)
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 2 * len(mult)
+    return {str(v.aval.dtype) for e in scans for v in e.outvars[:e.params["num_carry"]] if v.aval.ndim == 4}
+
+  assert carries() == {"bfloat16"} and carries(float32_residuals=True) == {"float32"}
+  f32 = jax.jit(_tiny(channel_mult=mult, dropout=0.0).apply)(params, z, gamma)
+  out = jax.jit(net(float32_residuals=True).apply)(params, z, gamma)
+  assert out.dtype == jnp.float32 and not np.array_equal(out, f32)
+  np.testing.assert_allclose(out, f32, atol=0.05 * float(jnp.abs(f32 - z).max()))
+  lowered = lambda **kw: jax.jit(_tiny(channel_mult=mult, **kw).apply).lower(params, z, gamma).as_text()  # noqa: E731
+  assert lowered(float32_residuals=True) == lowered()  # no effect in float32
+
+
 def test_fourier_features_closed_form():
   z = jnp.array([[[[0.1, -0.3]]]])
   got = networks.fourier_features(z, (6, 7))

@@ -176,6 +176,7 @@ LATER_FIELDS = {
     "execution.dropout_rng": "threefry",
     "execution.scan_unroll": 1,
     "execution.skip_concat": "before_norm",
+    "execution.float32_residuals": False,
     "data.augment": False,
     "eval.full_precision": True,
     "model.network.norm_groups": 0,

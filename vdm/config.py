@@ -113,6 +113,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          ex.dropout_rng)
   _check(ex.skip_concat in networks.SKIP_CONCATS, "execution.skip_concat", f"one of {networks.SKIP_CONCATS}",
          ex.skip_concat)
+  _check(isinstance(ex.float32_residuals, bool), "execution.float32_residuals", "True or False",
+         ex.float32_residuals)
   _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 1, "execution.scan_unroll",
          "a positive integer (1 = one block per loop iteration)", ex.scan_unroll)
   _check(ex.matmul_precision in MATMUL_PRECISIONS, "execution.matmul_precision", f"one of {MATMUL_PRECISIONS}",
@@ -187,7 +189,7 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
   network = networks.ScoreUNet(
       **network, gamma_min=sched.gamma_min, gamma_max=sched.gamma_max,
       remat=ex.remat, remat_policy=ex.remat_policy, scan_unroll=ex.scan_unroll, skip_concat=ex.skip_concat,
-      dtype=DTYPES[dtype],
+      dtype=DTYPES[dtype], float32_residuals=ex.float32_residuals,
       conv_grad="xla" if forward_mode else resolve_conv_grad(ex.conv_grad, m.network.scan_blocks),
       matmul_precision=precision,
       num_augmentations=input_pipeline.NUM_AUGMENTATIONS if config.data.augment else 0,

@@ -182,7 +182,7 @@ class ResnetBlock(nn.Module):
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True, name="Conv_1")(h), "conv")
     if width != self.channels:
       x = (_PartsDense(self.channels, self.dtype, name="skip")(parts) if split
-           else nn.Dense(self.channels, dtype=self.dtype, name="skip")(x))
+           else nn.Dense(self.channels, dtype=self.dtype, name="skip")(x)).astype(parts[0].dtype)
     return x + h
 
 
@@ -257,6 +257,9 @@ class ScoreUNet(nn.Module):
       without storing the concatenated inputs).
     dtype: computation dtype of the blocks (bfloat16 for mixed precision);
       params, the input and output convolutions and ε̂ stay float32.
+    float32_residuals: with a bf16 ``dtype``, carry the residual stream
+      between blocks (and so the skips) in float32; the blocks compute in
+      ``dtype``.
     conv_grad: "dot" (the backward pass of the 3×3 convolutions written as
       matmuls, see :func:`vdm.convolution.conv_dot_grad`; fast inside ``nn.scan`` on CPU) or
       "xla" (XLA's own convolution gradients).
@@ -287,6 +290,7 @@ class ScoreUNet(nn.Module):
   scan_unroll: int = 1
   skip_concat: str = "before_norm"
   dtype: Dtype = jnp.float32
+  float32_residuals: bool = False
   conv_grad: str = "dot"
   num_augmentations: int = 0
   num_classes: int = 0
@@ -333,15 +337,16 @@ class ScoreUNet(nn.Module):
       raise ValueError(f"model.network.channel_mult: {levels} resolution levels need height and width divisible "
                        f"by {factor}, got {z.shape[1]}×{z.shape[2]}")
     widths = [self.channels * m for m in self.channel_mult]
+    stream = jnp.float32 if self.float32_residuals else self.dtype  # the residual stream's dtype
 
     skips = []  # per level: [num_blocks + 1, B, H_l, W_l, C_l], the level's input first
     for level, width in enumerate(widths):
       if level == 0:
         # In float32 whatever the dtype: rounded to bfloat16 (spacing 2^-8 near 1), z_t loses the detail
         # that ε is at low noise (σ ≈ 0.001). The blocks then run in the computation dtype.
-        h = _conv(width, jnp.float32, self.conv_grad, name="conv_in")(h).astype(self.dtype)
+        h = _conv(width, jnp.float32, self.conv_grad, name="conv_in")(h).astype(stream)
       else:  # half the resolution: a strided 3×3 convolution
-        h = nn.Conv(width, (3, 3), strides=(2, 2), dtype=self.dtype, name=f"downsample_{level}")(h)
+        h = nn.Conv(width, (3, 3), strides=(2, 2), dtype=self.dtype, name=f"downsample_{level}")(h).astype(stream)
       h_in = h
       h, down = self._stack(_stack_name("down", level), width, h, None, cond, deterministic)
       skips.append(jnp.concatenate([h_in[None], down]))
@@ -356,7 +361,7 @@ class ScoreUNet(nn.Module):
     for level in reversed(range(levels)):
       if level < levels - 1:  # double the resolution: nearest neighbour, then a 3×3 convolution
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-        h = _conv(widths[level], self.dtype, self.conv_grad, name=f"upsample_{level}")(h)
+        h = _conv(widths[level], self.dtype, self.conv_grad, name=f"upsample_{level}")(h).astype(stream)
       h, _ = self._stack(_stack_name("up", level), widths[level], h, skips[level][::-1], cond, deterministic)
 
     h = nn.swish(_group_norm(widths[0], self.dtype, self.norm_groups, "norm_out")(h))
