@@ -15,17 +15,16 @@
 # ~9 minutes on one H100 (measured). What it writes into OUT_DIR (8 files, the most the device tool brings back):
 #   env.json          devices, versions
 #   train_step.jsonl  configs/cifar10.py at batch 128: as shipped and the variants that matter (bf16; the
-#                     throughput candidates one by one in bf16 — dropout masks from Philox or from rbg, two
-#                     blocks per scan iteration, skips joined after the norm — and Philox + two blocks + skips
-#                     after the norm together, in bf16 and in TF32),
+#                     throughput candidates together — dropout masks from Philox, two blocks per scan
+#                     iteration, skips joined after the norm — in bf16, in bf16 with float32 residuals,
+#                     and in TF32),
 #                     each with a 3-step profile (device time by XLA op, kernel, kind of work, JAX source)
 #   reference.jsonl   the reference's train step at batch 128 (if REF_BENCH)
 #   quickstart.jsonl  the MNIST Quick start end to end: train + eval (its JSON), sample.py, wall times;
-#                     its checkpoint's bpd under fp32 / TF32 / bf16 (benchmarks/precision.py); the same
-#                     training in bfloat16
-#   throughput.jsonl  a dropout mask of the CIFAR-10 blocks' shape drawn by each dropout_rng generator;
-#                     configs/cifar10.py: the sampler (128 images, float32 and bf16) and the evaluation step
-#                     (at full precision, as evaluation runs, and at the training precision)
+#                     its checkpoint's bpd under fp32 / TF32 / bf16 / bf16 with float32 residuals
+#                     (benchmarks/precision.py); the same training in bf16, and in bf16 with float32 residuals
+#   throughput.jsonl  configs/cifar10.py with the throughput candidates: the sampler (128 images, bf16 and
+#                     float32) and the evaluation step (at full precision, as evaluation runs)
 #   summary.json      the figures against the targets of the accelerator issue
 #   traces.tar        the raw profiler traces (*.xplane.pb.gz; XProf/TensorBoard read them)
 #   log.txt           everything the steps printed
@@ -40,12 +39,12 @@ if [[ -n "${SMALL:-}" ]]; then  # tiny shapes, to check the script itself on a C
   BATCH=4; NET=(--config.model.network.channels=8 --config.model.network.num_blocks=1); SAMPLE_STEPS=5; REPEATS=2
   QS=(--config.training.num_steps=20 --config.training.log_every=10 --config.training.checkpoint_every=10
       --config.eval.num_samples=4 --config.eval.sample_steps=5 --config.eval.draws=1)
-  QS_SAMPLE_STEPS=10; EVAL_BATCH=8; DROPOUT_SHAPE=(--shape=4,8,8,8 --repeats=2); REF_ARGS=(4 32 3 2); PRECISION=(--limit=50 --draws=1)
+  QS_SAMPLE_STEPS=10; EVAL_BATCH=8; REF_ARGS=(4 32 3 2); PRECISION=(--limit=50 --draws=1)
 else
   # The sampler runs its N-step loop four times (warm and timed, whole and in ~50 calls): N = 50 gives
   # seconds per step; 1,000 steps take 20 times the loop's time.
   BATCH=128; NET=(); SAMPLE_STEPS=50; REPEATS=10
-  QS=(); QS_SAMPLE_STEPS=1000; EVAL_BATCH=256; DROPOUT_SHAPE=(); REF_ARGS=(128 32 3 10); PRECISION=()
+  QS=(); QS_SAMPLE_STEPS=1000; EVAL_BATCH=256; REF_ARGS=(128 32 3 10); PRECISION=()
 fi
 TRACES=$(mktemp -d)
 
@@ -65,18 +64,13 @@ step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH
   --results="$OUT/train_step.jsonl" --profile="$TRACES" \
   --variant=execution.dtype=float32 \
   --variant=execution.dtype=bfloat16 \
-  --variant=execution.dtype=bfloat16,execution.dropout_rng=philox \
-  --variant=execution.dtype=bfloat16,execution.dropout_rng=rbg \
-  --variant=execution.dtype=bfloat16,execution.scan_unroll=2 \
-  --variant=execution.dtype=bfloat16,execution.skip_concat=after_norm \
   --variant=execution.dtype=bfloat16,$ALL_CANDIDATES \
+  --variant=execution.dtype=bfloat16,$ALL_CANDIDATES,execution.float32_residuals=True \
   --variant=execution.dtype=float32,$ALL_CANDIDATES
 
 if [[ -n "${REF_BENCH:-}" ]]; then
   step reference 150 bash -c "$PY '$REF_BENCH/ref_bench.py' ${REF_ARGS[*]} > '$OUT/reference.jsonl'"
 fi
-
-step dropout_rng 30 bash -c "$PY benchmarks/dropout_rng.py ${DROPOUT_SHAPE[*]} >> '$OUT/throughput.jsonl'"
 
 QS_DIR=$(mktemp -d)
 t0=$SECONDS
@@ -95,30 +89,28 @@ print(json.dumps({"benchmark": "quickstart", "train_and_eval_wall_s": int(train_
                   "sample_wall_s": int(sample_s), "sample_steps": int(n), "eval": record}))
 EOF
 step precision 90 $PY benchmarks/precision.py --workdir="$QS_DIR" --results="$OUT/quickstart.jsonl" "${PRECISION[@]}" \
-  --policies=float32:highest,float32:default,bfloat16:default
-
-for dtype in float32 bfloat16; do
-  step "sampler_$dtype" 60 $PY benchmarks/sampler.py "${C10[@]}" --batch_size=$BATCH --samplers=ancestral \
-    --num_steps=$SAMPLE_STEPS --timed_steps=$SAMPLE_STEPS --results="$OUT/throughput.jsonl" --config.execution.dtype=$dtype
-done
-step eval_step 45 $PY benchmarks/eval_step.py "${C10[@]}" --batch_size=$EVAL_BATCH --repeats=$REPEATS \
-  --results="$OUT/throughput.jsonl"
-step eval_step_training_precision 45 $PY benchmarks/eval_step.py "${C10[@]}" --batch_size=$EVAL_BATCH \
-  --repeats=$REPEATS --results="$OUT/throughput.jsonl" --config.eval.full_precision=False
+  --policies=float32:highest,float32:default,bfloat16:default,bfloat16:default:float32_residuals
 
 # The same training in bfloat16 (same seed): does the precision move the reported bpd?
-step quickstart_bf16 120 bash -c "$PY train.py --config=configs/mnist.py --workdir='$QS_DIR-bf16' ${QS[*]} \
-  --config.execution.dtype=bfloat16 --config.eval.num_samples=0 | tail -n 1 | \
-  $PY -c 'import json,sys; print(json.dumps({\"benchmark\": \"quickstart_bf16\", \"eval\": json.loads(sys.stdin.read())}))' \
-  >> '$OUT/quickstart.jsonl'"
+quickstart_bf16() {  # NAME EXTRA_FLAGS…
+  local name=$1; shift
+  step "$name" 120 bash -c "$PY train.py --config=configs/mnist.py --workdir='$QS_DIR-$name' ${QS[*]} \
+    --config.execution.dtype=bfloat16 --config.eval.num_samples=0 $* | tail -n 1 | \
+    $PY -c 'import json,sys; print(json.dumps({\"benchmark\": \"$name\", \"eval\": json.loads(sys.stdin.read())}))' \
+    >> '$OUT/quickstart.jsonl'"
+}
+quickstart_bf16 quickstart_bf16
+CANDIDATE_FLAGS=(--config.execution.scan_unroll=2 --config.execution.skip_concat=after_norm)
+step sampler_bfloat16 60 $PY benchmarks/sampler.py "${C10[@]}" --batch_size=$BATCH --samplers=ancestral \
+  --num_steps=$SAMPLE_STEPS --timed_steps=$SAMPLE_STEPS --results="$OUT/throughput.jsonl" \
+  --config.execution.dtype=bfloat16 "${CANDIDATE_FLAGS[@]}"
+quickstart_bf16 quickstart_bf16_float32_residuals --config.execution.float32_residuals=True
 cat "$OUT/quickstart.jsonl" | tee -a "$LOG"
-
-# Last, if time is left: the blocks unrolled instead of scanned (compiles longer; faster steps?). Without
-# remat in float32 the step needs more than an 80 GB H100 has (measured), so that variant is not run.
-mkdir -p "$TRACES/unrolled"
-step train_step_unrolled 120 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
-  --results="$OUT/train_step.jsonl" --profile="$TRACES/unrolled" \
-  --variant=execution.dtype=bfloat16,model.network.scan_blocks=False
+step eval_step 45 $PY benchmarks/eval_step.py "${C10[@]}" --batch_size=$EVAL_BATCH --repeats=$REPEATS \
+  --results="$OUT/throughput.jsonl"
+step sampler_float32 60 $PY benchmarks/sampler.py "${C10[@]}" --batch_size=$BATCH --samplers=ancestral \
+  --num_steps=$SAMPLE_STEPS --timed_steps=$SAMPLE_STEPS --results="$OUT/throughput.jsonl" \
+  --config.execution.dtype=float32 "${CANDIDATE_FLAGS[@]}"
 
 tar -cf "$OUT/traces.tar" -C "$TRACES" . 2>>"$LOG"
 $PY benchmarks/device_summary.py "$OUT" | tee "$OUT/summary.json"

@@ -60,7 +60,8 @@ def summarize(out: str) -> dict:
                                  if r.get("benchmark") == "dropout_rng"), None)
   quickstart = _records(out, "quickstart.jsonl")
   summary["quickstart"] = next((r for r in quickstart if r.get("benchmark") == "quickstart"), None)
-  summary["quickstart_bf16"] = next((r for r in quickstart if r.get("benchmark") == "quickstart_bf16"), None)
+  for name in ("quickstart_bf16", "quickstart_bf16_float32_residuals"):
+    summary[name] = next((r for r in quickstart if r.get("benchmark") == name), None)
   summary["precision"] = [{k: r.get(k) for k in ("policy", "bpd", "bpd_stderr", "bpd_minus_first",
                                                 "bpd_minus_first_stderr")}
                           for r in quickstart if r.get("benchmark") == "precision"]

@@ -4,7 +4,8 @@
     python benchmarks/precision.py --workdir=runs/mnist --policies=float32:highest,float32:default,bfloat16:default
 
 Each policy is ``DTYPE:MATMUL_PRECISION`` for the network (``execution.dtype``,
-``execution.matmul_precision``). Every policy sees the same examples and the same
+``execution.matmul_precision``), with ``:float32_residuals`` appended for
+``execution.float32_residuals``. Every policy sees the same examples and the same
 draws of (t, ε, ε_0), so the differences are paired: each record gives the
 split's bpd and its Monte-Carlo standard error, and the mean per-example
 difference to the first policy with the standard error of that difference.
@@ -31,7 +32,8 @@ from vdm import evaluation, input_pipeline  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir or checkpoint folder.")
 _POLICIES = flags.DEFINE_list("policies", ["float32:highest", "float32:default", "bfloat16:default"],
-                              "DTYPE:MATMUL_PRECISION for the network; the first is the reference.")
+                              "DTYPE:MATMUL_PRECISION[:float32_residuals] for the network; the first is the "
+                              "reference.")
 _DRAWS = flags.DEFINE_integer("draws", 4, "Draws of (t, ε) per example.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate only the first N examples (0: all).")
@@ -46,8 +48,12 @@ def main(argv):
   first = None
   for policy in _POLICIES.value:
     dtype, _, precision = policy.partition(":")
+    precision, _, residuals = precision.partition(":")
+    if residuals not in ("", "float32_residuals"):
+      raise app.UsageError(f"--policies: expected DTYPE:MATMUL_PRECISION[:float32_residuals], got {policy!r}")
     config = copy.deepcopy(trained.config)
     config.execution.dtype, config.execution.matmul_precision, config.eval.full_precision = dtype, precision, False
+    config.execution.float32_residuals = bool(residuals)
     config_lib.validate(config)
     model = config_lib.build_model(config, for_eval=True)
     result = evaluation.evaluate(model, trained.params, split, batch_size=config.eval.batch_size,
