@@ -42,8 +42,9 @@ _INTERPOLATE = flags.DEFINE_integer("interpolate", 0, "Instead of samples: N row
                                     "the great circle, decoded).")
 _POINTS = flags.DEFINE_integer("points", 8, "--interpolate: images per row, both ends included.")
 _OUTPUT = flags.DEFINE_string("output", "", "Output folder (default: <workdir>/samples/; ./samples for a released model).")
-_DTYPE = flags.DEFINE_string("dtype", "", "The network's activations while sampling: float32 or bfloat16 (about "
-                             "1.9x faster on GPUs); default: as the model trained (config.execution.dtype).")
+_DTYPE = flags.DEFINE_string("dtype", "", "The network's activations while sampling: float32, bfloat16 (about "
+                             "1.9x faster on GPUs) or auto (bf16 on GPUs/TPUs); default: as the model trained "
+                             "(config.execution.dtype).")
 _PRECISION = flags.DEFINE_string("matmul_precision", "", "The network's matmul precision while sampling: default "
                                  "(TF32 on GPUs) or highest; default: as the model trained.")
 _CONFIG = config_flags.DEFINE_config_file(

@@ -62,7 +62,8 @@ def main(argv):
         jax.block_until_ready(compiled(params, key, indices))
         elapsed = time.perf_counter() - t2
         result.update(loop_s=elapsed, steps_per_s=n / elapsed, images_steps_per_s=n * _BATCH.value / elapsed,
-                      matmul_precision=config.execution.matmul_precision, dtype=config.execution.dtype)
+                      matmul_precision=config.execution.matmul_precision,
+                      dtype=config_lib.resolve_dtype(config.execution.dtype))
         # The same loop as vdm.load(...).sample(progress=True) runs it: in ~50 calls, a bar one call behind.
         chunked = functools.partial(sampling.generate, model, params, key, _BATCH.value, shape, num_steps=n,
                                     sampler=sampler, eta=0.0, steps_per_call=-(-n // 50))

@@ -75,7 +75,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
   base = {"benchmark": "train_step", "batch_size": batch_size, "image_shape": list(image_shape),
           "channels": config.model.network.channels, "num_blocks": config.model.network.num_blocks,
           "scan_blocks": config.model.network.scan_blocks, "remat": config.execution.remat,
-          "remat_policy": config.execution.remat_policy, "dtype": config.execution.dtype,
+          "remat_policy": config.execution.remat_policy, "dtype": config_lib.resolve_dtype(config.execution.dtype),
           "conv_grad": config_lib.resolve_conv_grad(config.execution.conv_grad, config.model.network.scan_blocks), "matmul_precision": config.execution.matmul_precision,
           "trace_s": t1 - t0, "compile_s": t2 - t1, "device": jax.devices()[0].device_kind,
           "num_devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
@@ -103,7 +103,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
   step_flops = model_flops(config, batch)  # after the timings: it traces the model again
   median = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
-  kind = flops.matmul_kind(config.execution.dtype, config.execution.matmul_precision, jax.default_backend())
+  kind = flops.matmul_kind(config_lib.resolve_dtype(config.execution.dtype), config.execution.matmul_precision, jax.default_backend())
   peak = _PEAK.value or flops.peak_tflops(jax.devices()[0].device_kind, kind)
   return {**base, "flops_per_step": step_flops, "params": params, "first_run_s": t3 - t2, "first_call_s": t3 - t0,
           "step_ms_median": 1e3 * median, "step_ms_spread": 1e3 * (max(times) - min(times)),

@@ -67,7 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   # What remat keeps: "convs" (convolution outputs; norms/activations recomputed, no extra
   # convolutions) or "full" (nothing; the forward pass runs twice, the least memory).
   config.execution.remat_policy = "convs"
-  config.execution.dtype = "float32"  # network compute dtype: float32 or bfloat16 (params, loss stay float32)
+  # Network compute dtype: float32, bfloat16 (params, loss stay float32) or "auto" (bf16 on GPUs/TPUs).
+  config.execution.dtype = "float32"
   # jax.default_matmul_precision of the network's matmuls and convolutions in training and sampling:
   # "default" is the backend's fast float32 (TF32 on A100/H100/H200, one bf16 pass on TPUs, exact on
   # CPUs), as the paper trained; "highest" is true float32 (3.3x slower steps on an H200).

@@ -15,6 +15,14 @@ convolution, same gradients): a batch-8 step needs 1.5 GB of activations
 instead of 5.3 GB on CPU; at batch 128 on an H100, 16.1 GB of XLA
 temporaries, while without remat the step does not fit in 80 GB, and in
 bf16 remat is also the faster step (110 vs 151 ms; README, Performance).
+
+On GPUs and TPUs the blocks compute in bfloat16 (``execution.dtype="auto"``;
+parameters, optimiser state, γ, the likelihood and the loss stay float32,
+evaluation runs in float32): on an H200 a step takes 96 ms instead of
+TF32's 176 ms, 1.63× the 2022 reference's images/s, and the Quick start
+trained this way reports the same bpd. ``--config.execution.dtype=float32``
+trains in TF32. Dropout masks come from Philox and the up path's skips join
+after the norm (the same function; 2 % faster there). On CPUs: float32.
 """
 
 from configs import base
@@ -24,6 +32,9 @@ def get_config():
   config = base.get_config()
   config.data.dataset = "cifar10"
   config.execution.remat = True  # remat_policy "convs" (base): same FLOPs, 0.29× the activation memory
+  config.execution.dtype = "auto"  # bf16 blocks on GPUs/TPUs, float32 on CPUs
+  config.execution.dropout_rng = "philox"
+  config.execution.skip_concat = "after_norm"
   config.training.log_every = 1000
   config.training.eval_every = 50_000
   config.training.checkpoint_every = 10_000

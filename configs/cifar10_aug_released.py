@@ -23,4 +23,7 @@ def get_config():
   config.model.network.dropout = 0.05
   config.model.network.norm_groups = 32
   config.training.batch_size = 1024
+  # Trained without bf16 activations: sampled in float32 too (vdm.load(…).with_execution(dtype="bfloat16")
+  # for speed).
+  config.execution.dtype = "float32"
   return config

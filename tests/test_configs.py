@@ -146,6 +146,8 @@ def test_a_first_version_checkpoint_config_migrates_to_the_model_it_trained(tmp_
   config = importlib.import_module("configs.cifar10").get_config()
   want = config.copy_and_resolve_references()
   want.execution.conv_grad, want.execution.remat_policy = "xla", "full"
+  want.execution.dtype = "float32"  # saved then; "auto" came later …
+  want.execution.dropout_rng, want.execution.skip_concat = "threefry", "before_norm"  # … and these fields
   want.training.minimize_variance = False  # those runs' monotone_net interior followed the ELBO
   want.optimizer.schedule_lr_scale = 1.0  # … at the network's learning rate
   assert _plain(restored.to_dict()) == _plain(want.to_dict())
@@ -173,3 +175,20 @@ def _plain(tree):
   if isinstance(tree, dict):
     return {k: _plain(v) for k, v in tree.items()}
   return [_plain(v) for v in tree] if isinstance(tree, (list, tuple)) else tree
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpus(monkeypatch):
+  config = importlib.import_module("configs.cifar10").get_config()
+  assert config.execution.dtype == "auto"
+  config_lib.validate(config)
+  assert config_lib.resolve_dtype("auto") == "float32"  # this machine's backend is the CPU
+  assert config_lib.build_model(config).network.dtype == jnp.float32
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert config_lib.resolve_dtype("auto") == "bfloat16"
+  assert config_lib.resolve_dtype("float32") == "float32"  # a named dtype is kept everywhere
+  assert config_lib.build_model(config).network.dtype == jnp.bfloat16
+  assert config_lib.build_model(config, for_eval=True).network.dtype == jnp.float32  # evaluation: full precision
+  config.execution.dtype = "float16"
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.execution.dtype: expected one of \('float32', 'bfloat16', 'auto'\), got 'float16'"):
+    config_lib.validate(config)
