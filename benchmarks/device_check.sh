@@ -14,17 +14,16 @@
 #
 # ~9 minutes on one H100 (measured). What it writes into OUT_DIR (8 files, the most the device tool brings back):
 #   env.json          devices, versions
-#   train_step.jsonl  configs/cifar10.py at batch 128: as shipped and the variants that matter (bf16; the
-#                     throughput candidates together — dropout masks from Philox, two blocks per scan
-#                     iteration, skips joined after the norm — in bf16, in bf16 with float32 residuals,
-#                     and in TF32),
+#   train_step.jsonl  configs/cifar10.py at batch 128: as shipped (bf16 blocks on the accelerator) and the
+#                     variants that matter (TF32; TF32 with threefry masks and skips joined before the
+#                     norm, as shipped until 2026-11-27; two blocks per scan iteration; no remat),
 #                     each with a 3-step profile (device time by XLA op, kernel, kind of work, JAX source)
 #   reference.jsonl   the reference's train step at batch 128 (if REF_BENCH)
 #   quickstart.jsonl  the MNIST Quick start end to end: train + eval (its JSON), sample.py, wall times;
 #                     its checkpoint's bpd under fp32 / TF32 / bf16 / bf16 with float32 residuals
 #                     (benchmarks/precision.py); the same training in bf16, and in bf16 with float32 residuals
-#   throughput.jsonl  configs/cifar10.py with the throughput candidates: the sampler (128 images, bf16 and
-#                     float32) and the evaluation step (at full precision, as evaluation runs)
+#   throughput.jsonl  configs/cifar10.py: the sampler (128 images, as shipped and in float32) and the
+#                     evaluation step (at full precision, as evaluation runs)
 #   summary.json      the figures against the targets of the accelerator issue
 #   traces.tar        the raw profiler traces (*.xplane.pb.gz; XProf/TensorBoard read them)
 #   log.txt           everything the steps printed
@@ -57,16 +56,15 @@ print(json.dumps({"backend": jax.default_backend(), "device": d[0].device_kind, 
 EOF
 cat "$OUT/env.json" | tee -a "$LOG"
 
-# The throughput candidates of the accelerator issue, off by default until measured here.
-ALL_CANDIDATES=execution.dropout_rng=philox,execution.scan_unroll=2,execution.skip_concat=after_norm
+# As shipped (bf16 blocks on accelerators, Philox masks, skips after the norm), then the variants that matter.
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
 step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
   --results="$OUT/train_step.jsonl" --profile="$TRACES" \
+  --variant=execution.dtype=auto \
   --variant=execution.dtype=float32 \
-  --variant=execution.dtype=bfloat16 \
-  --variant=execution.dtype=bfloat16,$ALL_CANDIDATES \
-  --variant=execution.dtype=bfloat16,$ALL_CANDIDATES,execution.float32_residuals=True \
-  --variant=execution.dtype=float32,$ALL_CANDIDATES
+  --variant=execution.dtype=float32,execution.dropout_rng=threefry,execution.skip_concat=before_norm \
+  --variant=execution.dtype=auto,execution.scan_unroll=2 \
+  --variant=execution.dtype=auto,execution.remat=False
 
 if [[ -n "${REF_BENCH:-}" ]]; then
   step reference 150 bash -c "$PY '$REF_BENCH/ref_bench.py' ${REF_ARGS[*]} > '$OUT/reference.jsonl'"
@@ -100,17 +98,15 @@ quickstart_bf16() {  # NAME EXTRA_FLAGS…
     >> '$OUT/quickstart.jsonl'"
 }
 quickstart_bf16 quickstart_bf16
-CANDIDATE_FLAGS=(--config.execution.scan_unroll=2 --config.execution.skip_concat=after_norm)
-step sampler_bfloat16 60 $PY benchmarks/sampler.py "${C10[@]}" --batch_size=$BATCH --samplers=ancestral \
-  --num_steps=$SAMPLE_STEPS --timed_steps=$SAMPLE_STEPS --results="$OUT/throughput.jsonl" \
-  --config.execution.dtype=bfloat16 "${CANDIDATE_FLAGS[@]}"
+step sampler_as_shipped 60 $PY benchmarks/sampler.py "${C10[@]}" --batch_size=$BATCH --samplers=ancestral \
+  --num_steps=$SAMPLE_STEPS --timed_steps=$SAMPLE_STEPS --results="$OUT/throughput.jsonl"
 quickstart_bf16 quickstart_bf16_float32_residuals --config.execution.float32_residuals=True
 cat "$OUT/quickstart.jsonl" | tee -a "$LOG"
 step eval_step 45 $PY benchmarks/eval_step.py "${C10[@]}" --batch_size=$EVAL_BATCH --repeats=$REPEATS \
   --results="$OUT/throughput.jsonl"
 step sampler_float32 60 $PY benchmarks/sampler.py "${C10[@]}" --batch_size=$BATCH --samplers=ancestral \
   --num_steps=$SAMPLE_STEPS --timed_steps=$SAMPLE_STEPS --results="$OUT/throughput.jsonl" \
-  --config.execution.dtype=float32 "${CANDIDATE_FLAGS[@]}"
+  --config.execution.dtype=float32
 
 tar -cf "$OUT/traces.tar" -C "$TRACES" . 2>>"$LOG"
 $PY benchmarks/device_summary.py "$OUT" | tee "$OUT/summary.json"
