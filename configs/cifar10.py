@@ -19,7 +19,7 @@ bf16 remat is also the faster step (110 vs 151 ms; README, Performance).
 On GPUs and TPUs the blocks compute in bfloat16 (``execution.dtype="auto"``;
 parameters, optimiser state, γ, the likelihood and the loss stay float32,
 evaluation runs in float32): on an H200 a step takes 96 ms instead of
-TF32's 176 ms, 1.63× the 2022 reference's images/s, and the Quick start
+TF32's 176 ms, 1.62× the 2022 reference's images/s, and the Quick start
 trained this way reports the same bpd. ``--config.execution.dtype=float32``
 trains in TF32. Dropout masks come from Philox and the up path's skips join
 after the norm (the same function; 2 % faster there). On CPUs: float32.
