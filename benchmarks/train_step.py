@@ -103,8 +103,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
   step_flops = model_flops(config, batch)  # after the timings: it traces the model again
   median = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
-  kind = flops.matmul_kind(config_lib.resolve_dtype(config.execution.dtype), config.execution.matmul_precision,
-                           jax.default_backend())
+  kind = flops.matmul_kind(base["dtype"], config.execution.matmul_precision, jax.default_backend())
   peak = _PEAK.value or flops.peak_tflops(jax.devices()[0].device_kind, kind)
   return {**base, "flops_per_step": step_flops, "params": params, "first_run_s": t3 - t2, "first_call_s": t3 - t0,
           "step_ms_median": 1e3 * median, "step_ms_spread": 1e3 * (max(times) - min(times)),

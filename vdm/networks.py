@@ -366,7 +366,7 @@ class ScoreUNet(nn.Module):
 
     h = nn.swish(_group_norm(widths[0], self.dtype, self.norm_groups, "norm_out")(h))
     out = _conv(z.shape[-1], jnp.float32, self.conv_grad, zero_init=True, name="conv_out")(h)  # float32, as conv_in
-    return z.astype(jnp.float32) + out.astype(jnp.float32)
+    return z.astype(jnp.float32) + out
 
   def _stack(self, name: str, channels: int, h: jax.Array, skips: Optional[jax.Array], cond: jax.Array,
              deterministic: bool):
