@@ -135,6 +135,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluate bits/dim with float32 activations and "highest" matmul precision, whatever the model
   # trained with (the reported figure does not depend on the accelerator); False: as in training.
   config.eval.full_precision = True
+  # How evaluation's t ~ U(0, 1) maps to γ in the continuous-time bound (the same expectation either
+  # way, paper §5): "schedule" (γ(t), as training), "linear" (γ uniform between the schedule's
+  # endpoints), or "auto": linear for cosine and linear_beta, whose steep ends make the uniform-t
+  # estimate heavy-tailed, else the schedule's own path.
+  config.eval.gamma_path = "auto"
   config.eval.periodic_examples = 0  # examples in periodic evals during training; 0 = all
   config.eval.num_samples = 64  # images in each sample grid written during training
   config.eval.sample_steps = 250  # ancestral steps for those samples

@@ -150,6 +150,7 @@ def test_a_first_version_checkpoint_config_migrates_to_the_model_it_trained(tmp_
   want.execution.dropout_rng, want.execution.skip_concat = "threefry", "before_norm"  # … and these fields
   want.training.minimize_variance = False  # those runs' monotone_net interior followed the ELBO
   want.optimizer.schedule_lr_scale = 1.0  # … at the network's learning rate
+  want.eval.gamma_path = "schedule"  # evaluated along the schedule's own path, as then
   assert _plain(restored.to_dict()) == _plain(want.to_dict())
   config_lib.validate(restored)
   # Same parameters: the two configs build models with identical parameter trees.
@@ -191,4 +192,25 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpus(monkeypatch)
   config.execution.dtype = "float16"
   with pytest.raises(config_lib.ConfigError,
                      match=r"config.execution.dtype: expected one of \('float32', 'bfloat16', 'auto'\), got 'float16'"):
+    config_lib.validate(config)
+
+
+def test_eval_gamma_path_auto_is_linear_for_schedules_with_steep_ends():
+  config = importlib.import_module("configs.mnist").get_config()
+  assert config.eval.gamma_path == "auto"
+  for name, path in [("learned_linear", "schedule"), ("monotone_net", "schedule"), ("cosine", "linear"),
+                     ("linear_beta", "linear")]:
+    config.model.schedule.name = name
+    assert config_lib.resolve_gamma_path(config) == path, name
+    assert config_lib.build_model(config, for_eval=True).gamma_path == path
+    assert config_lib.build_model(config).gamma_path == "schedule"  # training: always the schedule's path
+  config.model.num_diffusion_steps = 10  # discrete time depends on the schedule's grid
+  assert config_lib.resolve_gamma_path(config) == "schedule"
+  config.eval.gamma_path = "linear"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.gamma_path: expected 'auto' or 'schedule' in "
+                                                   r"discrete time .*, got 'linear'"):
+    config_lib.validate(config)
+  config.eval.gamma_path = "uniform"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.gamma_path: expected one of \('auto', "
+                                                   r"'schedule', 'linear'\), got 'uniform'"):
     config_lib.validate(config)

@@ -107,6 +107,34 @@ def test_continuous_loss_expectation_depends_only_on_endpoints():
     np.testing.assert_allclose(values, linear, rtol=1e-4, err_msg=name)
 
 
+def test_linear_gamma_path_estimates_the_same_bound_without_the_heavy_tail():
+  """gamma_path="linear" (eval.gamma_path): γ uniform between the endpoints, weight γ(1) − γ(0).
+
+  For ε̂ = z_t, random t, 128 examples × 16 draws: under cosine and
+  linear_beta both paths centre on the float64 closed form, and the linear
+  path's per-draw spread is over 5× smaller (measured: 325 nats against 2,904
+  for cosine). For a linear schedule the two paths are the same function.
+  """
+  x = jax.random.randint(jax.random.key(0), (128, 8, 8, 1), 0, 256)
+  expected = _expected_loss_at_init(np.asarray(x))
+  draws = {}
+  for name in ["cosine", "linear_beta", "fixed_linear"]:
+    for path in ["schedule", "linear"]:
+      vdm = _vdm(name, gamma_path=path)
+      params = jax.jit(vdm.init)(jax.random.key(1), x[:2], jax.random.key(2))
+      run = jax.jit(lambda k: vdm.apply(params, x, k)["loss_diff"])  # noqa: B023
+      diff = np.concatenate([np.asarray(run(jax.random.key(i)), np.float64) for i in range(16)])
+      assert abs(diff.mean() - expected) < 4 * diff.std() / np.sqrt(len(diff)), (name, path)
+      draws[name, path] = diff
+  for name in ["cosine", "linear_beta"]:
+    assert draws[name, "linear"].std() < draws[name, "schedule"].std() / 5, name
+    # The same draws of (t, ε) give the same γ whatever the schedule between the same endpoints.
+    np.testing.assert_allclose(draws[name, "linear"], draws["fixed_linear", "linear"], rtol=1e-4)
+  np.testing.assert_allclose(draws["fixed_linear", "linear"], draws["fixed_linear", "schedule"], rtol=1e-4)
+  with pytest.raises(ValueError, match="gamma_path"):
+    _vdm(gamma_path="uniform").init(jax.random.key(1), x[:2], jax.random.key(2))
+
+
 def test_antithetic_times_cover_the_unit_interval_evenly():
   t = np.sort(np.asarray(model.sample_times(jax.random.key(0), 64, antithetic=True)))
   np.testing.assert_allclose(np.diff(t), 1 / 64, atol=1e-6)

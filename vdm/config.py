@@ -23,6 +23,7 @@ CONV_GRADS = ("auto", "dot", "xla")
 # execution.dropout_rng → JAX's PRNG implementation (see vdm.train_step.make_dropout_key).
 DROPOUT_RNGS = {"threefry": "threefry2x32", "philox": "philox4x32", "rbg": "rbg"}
 MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
+GAMMA_PATHS = ("auto",) + model_lib.GAMMA_PATHS  # eval.gamma_path, see resolve_gamma_path
 
 
 class ConfigError(ValueError):
@@ -149,6 +150,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(isinstance(ev.full_precision, bool), "eval.full_precision", "True or False", ev.full_precision)
   _check(ev.num_samples >= 0, "eval.num_samples", "≥ 0", ev.num_samples)
   _check(ev.sample_steps >= 1, "eval.sample_steps", "a positive integer", ev.sample_steps)
+  _check(ev.gamma_path in GAMMA_PATHS, "eval.gamma_path", f"one of {GAMMA_PATHS}", ev.gamma_path)
+  _check(ev.gamma_path != "linear" or m.num_diffusion_steps == 0, "eval.gamma_path",
+         "'auto' or 'schedule' in discrete time (model.num_diffusion_steps > 0: the loss depends on the "
+         "schedule's grid)", ev.gamma_path)
   _check(ev.ode.rtol > 0 and ev.ode.atol > 0, "eval.ode.rtol", "tolerances > 0 (eval.ode.rtol and .atol)",
          (ev.ode.rtol, ev.ode.atol))
   _check(ev.ode.max_steps >= 1, "eval.ode.max_steps", "a positive integer", ev.ode.max_steps)
@@ -201,7 +206,25 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
                        # a weighted loss depends on the interior: then it is what the interior follows
                        minimize_variance=config.training.minimize_variance and m.loss_weighting == "elbo",
                        antithetic_time_sampling=m.antithetic_time_sampling, decoder=m.decoder,
-                       num_classes=m.num_classes, label_dropout=m.label_dropout)
+                       num_classes=m.num_classes, label_dropout=m.label_dropout,
+                       gamma_path=resolve_gamma_path(config) if for_eval else "schedule")
+
+
+def resolve_gamma_path(config: ml_collections.ConfigDict) -> str:
+  """``eval.gamma_path="auto"``: "linear" for the fixed schedules with steep ends, else "schedule".
+
+  cosine and linear_beta spend little t near their ends, where γ'(t) is
+  large, so the uniform-t estimate of the ELBO is heavy-tailed there (its
+  rare draws carry the bound). A linear schedule's path is already linear,
+  and monotone_net learns its interior to minimise this very variance.
+  Discrete time depends on the schedule's grid: always "schedule".
+  """
+  path = config.eval.gamma_path
+  if config.model.num_diffusion_steps > 0:
+    return "schedule"
+  if path == "auto":
+    return "linear" if config.model.schedule.name in ("cosine", "linear_beta") else "schedule"
+  return path
 
 
 def resolve_dtype(dtype: str) -> str:

@@ -17,6 +17,8 @@ from vdm import losses, objectives
 # The decoder p(x│z_0)'s reconstruction loss −log p(x│z_0) of each ``model.decoder``: (x, ε_0, γ_0, V) → [B] nats.
 RECONSTRUCTION_LOSSES = {"softmax": losses.reconstruction_loss, "cdf": losses.reconstruction_loss_cdf}
 DECODERS = tuple(RECONSTRUCTION_LOSSES)
+# How t ~ U(0, 1) maps to γ in the continuous-time diffusion term; see VDM.gamma_path.
+GAMMA_PATHS = ("schedule", "linear")
 
 
 def sample_times(key: jax.Array, batch: int, antithetic: bool = True) -> jax.Array:
@@ -73,6 +75,14 @@ class VDM(nn.Module):
       class (no label), which classifier-free guidance contrasts with.
     label_dropout: the share of training labels replaced by the null class
       (:func:`vdm.guidance.drop_labels`, applied by the training step).
+    gamma_path: how the continuous-time diffusion term ½ ∫ ‖ε − ε̂‖² dγ is
+      estimated from t ~ U(0, 1): "schedule" (γ = γ(t), weight γ'(t); what
+      training does) or "linear" (γ = γ(0) + t (γ(1) − γ(0)), weight
+      γ(1) − γ(0): γ uniform between the schedule's endpoints). The network
+      sees γ, not t, so both have the same expectation (paper §5); the
+      linear path avoids the heavy tail of a schedule with steep ends
+      (cosine, linear_beta), whose rare draws near t = 0 or 1 carry huge
+      weights γ'(t). Discrete time (``num_steps`` > 0) always uses the schedule.
   """
   schedule: nn.Module
   network: nn.Module
@@ -86,6 +96,7 @@ class VDM(nn.Module):
   minimize_variance: bool = False
   num_classes: int = 0
   label_dropout: float = 0.0
+  gamma_path: str = "schedule"
 
   def gamma(self, t: jax.Array) -> jax.Array:
     return self.schedule(t)
@@ -124,7 +135,13 @@ class VDM(nn.Module):
     t = noise["t"]
     if self.num_steps > 0:
       t = (jnp.floor(t * self.num_steps) + 1.0) / self.num_steps  # t ∈ {1/T, …, 1}
-    if self.minimize_variance and self.num_steps == 0 and hasattr(self.schedule, "with_slope"):
+    if self.gamma_path not in GAMMA_PATHS:
+      raise ValueError(f"unknown gamma_path {self.gamma_path!r}; expected one of {GAMMA_PATHS}")
+    if self.gamma_path == "linear" and self.num_steps == 0:  # γ uniform between the endpoints
+      gamma_t = gamma_0 + (gamma_1 - gamma_0) * t
+      dgamma_dt = jnp.broadcast_to(gamma_1 - gamma_0, t.shape)
+      probe = jnp.zeros_like(t)
+    elif self.minimize_variance and self.num_steps == 0 and hasattr(self.schedule, "with_slope"):
       gamma_t, dgamma_dt, probe = self.schedule.with_slope(t, minimize_variance=train)
     else:  # γ_t and γ'(t) in one forward-mode pass
       gamma_t, dgamma_dt = nn.jvp(lambda mdl, t: mdl(t), self.schedule, (t,), (jnp.ones_like(t),),
