@@ -14,12 +14,19 @@ recipe changes what the samples need and nothing the evaluation reports:
   form. A step costs 0.68–0.80× one of 32 channels at (1, 2, 2), so its
   1,800 steps cost 1.0–1.2× the 1,200 of that earlier recipe (FD ratio
   15.9 against 20.6);
-* the ``eps_mse`` weighting (Ho et al. 2020's simple loss), which spends
-  the network on the noise levels where shapes form instead of the
-  imperceptible low-noise detail the ELBO weighs most.
+* the ``cosine`` schedule with the ``eps_mse`` weighting: Ho et al.'s (2020)
+  simple ε-MSE on Nichol & Dhariwal's (2021) schedule. Per unit of
+  λ = log SNR it weighs mid noise, where shapes form, far above the
+  imperceptible low-noise detail the ELBO weighs evenly, and the sampler's
+  steps (uniform in t) go there too. On a linear schedule eps_mse *is* the
+  ELBO: this recipe trained exactly the ELBO until 2026-11-27 (FD ratio
+  15.9); the cosine schedule gives 5.3 at the same cost.
 
-Evaluation still reports the unweighted ELBO in bits/dim. Figures: README,
-Results.
+Evaluation still reports the unweighted ELBO in bits/dim, along the linear
+γ path (``eval.gamma_path="auto"``): along the cosine's own path its rare
+steep-end draws make the estimate heavy-tailed (0.99 ± 0.12 bpd there
+against 2.42 ± 0.07). The recipe gives up likelihood for samples.
+Figures: README, Results.
 """
 
 from configs import mnist
@@ -31,6 +38,7 @@ def get_config():
   config.model.network.channel_mult = (1, 4, 4)
   config.model.network.num_blocks = 1
   config.model.network.mid_attention = True  # at 7×7: 49 positions, cheap
+  config.model.schedule.name = "cosine"
   config.model.loss_weighting = "eps_mse"
   config.training.num_steps = 1800
   config.training.checkpoint_every = 600
