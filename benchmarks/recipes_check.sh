@@ -24,9 +24,10 @@ source "$(dirname "$0")/device_common.sh"
 if [[ -n "${SMALL:-}" ]]; then  # tiny runs, to check the script itself on a CPU
   TRAIN=(--config.training.num_steps=6 --config.training.log_every=3 --config.training.checkpoint_every=6
          --config.eval.num_samples=0 --config.eval.draws=1)
-  QUALITY=(--num_samples=20 --num_steps=5 --classifier_steps=5); LONG_STEPS=10
+  QUALITY=(--num_samples=20 --num_steps=5 --classifier_steps=5); LONG_STEPS=10; LONGER_TRAINING=12
 else
   TRAIN=(--config.eval.num_samples=0); QUALITY=(--num_samples=500 --num_steps=100); LONG_STEPS=1000
+  LONGER_TRAINING=5400  # three times the recipe's 1,800 steps
 fi
 
 recipe() {  # recipe NAME CONFIG QUALITY_ARGS -- OVERRIDES…: train, then sample quality; one record in recipes.jsonl
@@ -59,8 +60,10 @@ EOF
 
 M=configs/mnist_samples.py
 recipe shipped "$M" "|--num_steps=$LONG_STEPS|--sampler=ddim --eta=0" --
-recipe sigmoid "$M" "" -- --config.model.loss_weighting=sigmoid
-recipe two_blocks "$M" "" -- --config.model.network.num_blocks=2
+recipe longer "$M" "" -- --config.training.num_steps=$LONGER_TRAINING
+recipe v_prediction "$M" "" -- --config.model.prediction=v
 recipe wider "$M" "" -- --config.model.network.channels=32
 recipe conditional configs/mnist_conditional.py "--guidance=0,2,5" --
+recipe conditional_longer configs/mnist_conditional.py "--guidance=0,2,5" -- \
+  --config.training.num_steps=$LONGER_TRAINING
 cat "$OUT/recipes.jsonl" | tee -a "$LOG"
