@@ -5,8 +5,8 @@
     python -m vdm.sample_quality --workdir=runs/mnist_cond --guidance=0,2,5
 
 ``configs/mnist_samples.py`` (a U-Net at three resolutions, the cosine
-schedule with the eps_mse weighting, the Quick start's data and budget) with
-labels. The embedded 5,000 digits carry labels; one in ten is dropped to the
+schedule with the eps_mse weighting, v-prediction, the Quick start's data
+and budget) with labels. The embedded 5,000 digits carry labels; one in ten is dropped to the
 null class in training, so the same network gives p(x│c) and p(x)
 (evaluation reports both) and samples can be guided,
 ε̃ = (1 + w) ε̂(z, c) − w ε̂(z, ∅). Figures: README, Results.
