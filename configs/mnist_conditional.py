@@ -5,8 +5,10 @@
     python -m vdm.sample_quality --workdir=runs/mnist_cond --guidance=0,2,5
 
 ``configs/mnist_samples.py`` (a U-Net at three resolutions, the cosine
-schedule with the eps_mse weighting, v-prediction, the Quick start's data
-and budget) with labels. The embedded 5,000 digits carry labels; one in ten is dropped to the
+schedule with the eps_mse weighting, the Quick start's data and budget)
+with labels, predicting ε rather than v: guided samples are then more
+often of their class (80 % at w = 2 and 88 % at w = 5, against v's 67 %
+at w = 2; one run each). The embedded 5,000 digits carry labels; one in ten is dropped to the
 null class in training, so the same network gives p(x│c) and p(x)
 (evaluation reports both) and samples can be guided,
 ε̃ = (1 + w) ε̂(z, c) − w ε̂(z, ∅). Figures: README, Results.
@@ -17,6 +19,7 @@ from configs import mnist_samples
 
 def get_config():
   config = mnist_samples.get_config()
+  config.model.prediction = "eps"  # class fidelity under guidance (README, Class-conditional models)
   config.model.num_classes = 10
   config.model.label_dropout = 0.1
   config.eval.num_samples = 80  # 10 rows (one per digit) of 8
