@@ -223,7 +223,7 @@ def resolve_gamma_path(config: ml_collections.ConfigDict) -> str:
   if config.model.num_diffusion_steps > 0:
     return "schedule"
   if path == "auto":
-    return "linear" if config.model.schedule.name in ("cosine", "linear_beta") else "schedule"
+    return "linear" if config.model.schedule.name in schedules.CURVED_FIXED else "schedule"
   return path
 
 

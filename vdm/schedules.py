@@ -225,6 +225,8 @@ SCHEDULES = {
     "linear_beta": LinearBeta,
     "cosine": Cosine,
 }
+# The fixed curves between γ_min and γ_max (steep at their ends): evaluation's "auto" γ path is linear for these.
+CURVED_FIXED = tuple(name for name, cls in SCHEDULES.items() if issubclass(cls, _ReparameterisedFixed))
 
 
 def get_schedule(name: str, gamma_min: float, gamma_max: float, **kwargs) -> nn.Module:
