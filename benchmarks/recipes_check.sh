@@ -6,7 +6,9 @@
 #
 # On 2 CPU cores one recipe is ~30 minutes of training and ~9 of sampling; on a GPU a minute or so, so a
 # short GPU slot can compare what the CPU cannot (issues "objectives" and "conditional"). Each recipe
-# trains configs/mnist_samples.py (or mnist_conditional.py) with some overrides, then
+# trains configs/mnist_samples.py (or mnist_conditional.py) with some overrides (as shipped; three times the
+# steps; EMA decay 0.995; learning rate 4e-3; the sigmoid weighting; ε-prediction; 32 channels; the conditional model, also three times
+# as long), then
 # `python -m vdm.sample_quality` draws 500 samples and gives their Fréchet distance in the features of a
 # classifier trained on the training digits, beside held-out real digits' (`fd_ratio`: samples' FD over
 # held-out digits'; the objectives issue asks for ≤ 2), and for the conditional model the label accuracy
@@ -58,12 +60,23 @@ print(json.dumps({"benchmark": "recipe", "recipe": name, "config": config, "over
 EOF
 }
 
+# RECIPES="a b …" runs only those, in that order (default: all, in the order below).
+RECIPES=${RECIPES:-shipped longer ema_0995 lr_4e-3 sigmoid eps_prediction wider conditional conditional_longer}
 M=configs/mnist_samples.py
-recipe shipped "$M" "|--num_steps=$LONG_STEPS|--sampler=ddim --eta=0" --
-recipe longer "$M" "" -- --config.training.num_steps=$LONGER_TRAINING
-recipe v_prediction "$M" "" -- --config.model.prediction=v
-recipe wider "$M" "" -- --config.model.network.channels=32
-recipe conditional configs/mnist_conditional.py "--guidance=0,2,5" --
-recipe conditional_longer configs/mnist_conditional.py "--guidance=0,2,5" -- \
-  --config.training.num_steps=$LONGER_TRAINING
+for name in $RECIPES; do
+  case $name in
+    shipped) recipe shipped "$M" "|--num_steps=$LONG_STEPS|--sampler=ddim --eta=0" -- ;;
+    shipped_quick) recipe shipped_quick "$M" "" -- ;;  # the shipped recipe, one sampler setting
+    longer) recipe longer "$M" "" -- --config.training.num_steps=$LONGER_TRAINING ;;
+    lr_4e-3) recipe lr_4e-3 "$M" "" -- --config.optimizer.learning_rate=4e-3 ;;
+    sigmoid) recipe sigmoid "$M" "" -- --config.model.loss_weighting=sigmoid ;;
+    eps_prediction) recipe eps_prediction "$M" "" -- --config.model.prediction=eps ;;
+    wider) recipe wider "$M" "" -- --config.model.network.channels=32 ;;
+    ema_0995) recipe ema_0995 "$M" "" -- --config.optimizer.ema_rate=0.995 ;;
+    conditional) recipe conditional configs/mnist_conditional.py "--guidance=0,2,5" -- ;;
+    conditional_longer) recipe conditional_longer configs/mnist_conditional.py "--guidance=0,2,5" -- \
+      --config.training.num_steps=$LONGER_TRAINING ;;
+    *) echo "recipes_check.sh: unknown recipe $name" | tee -a "$LOG"; exit 2 ;;
+  esac
+done
 cat "$OUT/recipes.jsonl" | tee -a "$LOG"
