@@ -36,38 +36,41 @@ def _compute_dtype(x: jax.Array):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _stats(x: jax.Array, num_groups: int, epsilon: float):
-  """Per example and group: mean and 1/√(var + ε) ``[B, G]``, float32, from one pass over ``x``."""
-  b, c = x.shape[0], x.shape[-1]
-  xf = x.astype(_compute_dtype(x))
-  axes = tuple(range(1, x.ndim - 1))
-  n = x.size // (b * c) * (c // num_groups)
-  s1 = xf.sum(axes).reshape(b, num_groups, -1).sum(-1)
-  s2 = jnp.square(xf).sum(axes).reshape(b, num_groups, -1).sum(-1)
-  mean = s1 / n
-  var = jnp.maximum(s2 / n - jnp.square(mean), 0.0)  # flax's fast variance
+def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
+  """``[B, …, C]`` → ``[B, …, G, C/G]``, in the compute dtype."""
+  return x.reshape(x.shape[:-1] + (num_groups, x.shape[-1] // num_groups)).astype(_compute_dtype(x))
+
+
+def _group_axes(ndim: int) -> tuple:
+  """The axes of a grouped ``[B, …, G, C/G]`` array that a group's statistics reduce: all but B and G."""
+  return tuple(range(1, ndim - 2)) + (ndim - 1,)
+
+
+def _stats(xg: jax.Array, epsilon: float):
+  """Per example and group: mean and 1/√(var + ε) ``[B, G]`` of grouped ``xg``, from one pass over it."""
+  axes = _group_axes(xg.ndim)
+  mean = xg.mean(axes)
+  var = jnp.maximum(jnp.square(xg).mean(axes) - jnp.square(mean), 0.0)  # flax's fast variance
   return mean, jax.lax.rsqrt(var + epsilon)
 
 
-def _per_channel(v: jax.Array, channels: int, ndim: int) -> jax.Array:
-  """``[B, G]`` → ``[B, 1, …, 1, C]``: each group's value on its channels."""
-  b, g = v.shape
-  v = jnp.repeat(v, channels // g, axis=1)
-  return v.reshape((b,) + (1,) * (ndim - 2) + (channels,))
+def _per_group(v: jax.Array, ndim: int) -> jax.Array:
+  """``[B, G]`` → ``[B, 1, …, 1, G, 1]``, broadcasting against a grouped array."""
+  return v.reshape(v.shape[:1] + (1,) * (ndim - 3) + v.shape[1:] + (1,))
 
 
-def _pre(x, scale, bias, mean, rstd):
-  """The normalised, scaled and shifted input (float32) and x̂."""
-  c = x.shape[-1]
-  xhat = (x.astype(_compute_dtype(x)) - _per_channel(mean, c, x.ndim)) * _per_channel(rstd, c, x.ndim)
+def _pre(xg, scale, bias, mean, rstd):
+  """The normalised, scaled and shifted grouped input, and x̂; ``scale``, ``bias`` ``[G, C/G]``."""
+  xhat = (xg - _per_group(mean, xg.ndim)) * _per_group(rstd, xg.ndim)
   return xhat * scale + bias, xhat
 
 
 def _forward(x, scale, bias, keep, num_groups, epsilon, keep_prob):
-  mean, rstd = _stats(x, num_groups, epsilon)
+  xg = _grouped(x, num_groups)
+  mean, rstd = _stats(xg, epsilon)
   mean, rstd = checkpoint_name(mean, "norm_stats"), checkpoint_name(rstd, "norm_stats")
-  pre, _ = _pre(x, scale, bias, mean, rstd)
-  y = pre * jax.nn.sigmoid(pre)
+  pre, _ = _pre(xg, scale.reshape(xg.shape[-2:]), bias.reshape(xg.shape[-2:]), mean, rstd)
+  y = (pre * jax.nn.sigmoid(pre)).reshape(x.shape)
   if keep is not None:
     y = jnp.where(keep, y / keep_prob, 0.0)
   return y.astype(x.dtype), (x, scale, bias, keep, mean, rstd)
@@ -85,21 +88,22 @@ def _fwd(x, scale, bias, keep, num_groups, epsilon, keep_prob):
 def _bwd(num_groups, epsilon, keep_prob, residuals, g):
   del epsilon  # in rstd already
   x, scale, bias, keep, mean, rstd = residuals
-  b, c = x.shape[0], x.shape[-1]
   g = g.astype(_compute_dtype(x))
   if keep is not None:
     g = jnp.where(keep, g / keep_prob, 0.0)
-  pre, xhat = _pre(x, scale, bias, mean, rstd)
+  xg, g = _grouped(x, num_groups), _grouped(g, num_groups)
+  scale = scale.reshape(xg.shape[-2:])
+  pre, xhat = _pre(xg, scale, bias.reshape(xg.shape[-2:]), mean, rstd)
   sig = jax.nn.sigmoid(pre)
   d = g * sig * (1.0 + pre * (1.0 - sig))  # ∂L/∂pre
-  axes = tuple(range(1, x.ndim - 1))
-  s1, s2 = d.sum(axes), (d * xhat).sum(axes)  # [B, C]: the only two passes over the activations
-  n = x.size // (b * c) * (c // num_groups)
-  m1 = (scale * s1).reshape(b, num_groups, -1).sum(-1) / n  # mean_g(scale · d)
-  m2 = (scale * s2).reshape(b, num_groups, -1).sum(-1) / n  # mean_g(scale · d · x̂)
-  dx = _per_channel(rstd, c, x.ndim) * (d * scale - _per_channel(m1, c, x.ndim) - xhat * _per_channel(m2, c, x.ndim))
+  axes = _group_axes(xg.ndim)
+  m1 = (d * scale).mean(axes)  # [B, G]: mean_g(scale · d)
+  m2 = (d * scale * xhat).mean(axes)  # mean_g(scale · d · x̂)
+  dx = _per_group(rstd, xg.ndim) * (d * scale - _per_group(m1, xg.ndim) - xhat * _per_group(m2, xg.ndim))
+  batch_axes = tuple(range(xg.ndim - 2))
+  dscale, dbias = (d * xhat).sum(batch_axes).reshape(-1), d.sum(batch_axes).reshape(-1)
   dkeep = None if keep is None else jnp.zeros(keep.shape, jax.dtypes.float0)
-  return dx.astype(x.dtype), s2.sum(0), s1.sum(0), dkeep
+  return dx.reshape(x.shape).astype(x.dtype), dscale, dbias, dkeep
 
 
 _group_norm_swish.defvjp(_fwd, _bwd)
