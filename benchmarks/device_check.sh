@@ -15,8 +15,8 @@
 # ~9 minutes on one H100 (measured). What it writes into OUT_DIR (8 files, the most the device tool brings back):
 #   env.json          devices, versions
 #   train_step.jsonl  configs/cifar10.py at batch 128: as shipped (bf16 blocks on the accelerator) and the
-#                     variants that matter (TF32; the fused GroupNorm–swish–dropout; the remat policy
-#                     that keeps the dropout masks and norm statistics; both; both with rbg masks),
+#                     variants that matter (TF32; TF32 with threefry masks and skips joined before the
+#                     norm, as shipped until 2026-11-27; masks from the device's own generator; no remat),
 #                     each with a 3-step profile (device time by XLA op, kernel, kind of work, JAX source)
 #   reference.jsonl   the reference's train step at batch 128 (if REF_BENCH)
 #   quickstart.jsonl  the MNIST Quick start end to end: train + eval (its JSON), sample.py, wall times;
@@ -59,9 +59,9 @@ cat "$OUT/env.json" | tee -a "$LOG"
 # As shipped (bf16 blocks on accelerators, Philox masks, skips after the norm), then the variants that matter.
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
 # VARIANTS="A B …" (each a comma-separated list of config overrides) replaces the list below.
-read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto execution.dtype=float32 execution.fused_norm=True \
-execution.fused_norm=True,execution.remat_policy=convs_masks execution.remat_policy=convs_masks \
-execution.fused_norm=True,execution.remat_policy=convs_masks,execution.dropout_rng=rbg}"
+read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto execution.dtype=float32 \
+execution.dtype=float32,execution.dropout_rng=threefry,execution.skip_concat=before_norm \
+execution.dtype=auto,execution.dropout_rng=rbg execution.dtype=auto,execution.remat=False}"
 step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
   --results="$OUT/train_step.jsonl" --profile="$TRACES" "${VARIANTS[@]/#/--variant=}"
 

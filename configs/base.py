@@ -65,9 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.execution = ml_collections.ConfigDict()
   config.execution.remat = False  # recompute activations in the backward pass (less memory)
   # What remat keeps: "convs" (convolution outputs; norms/activations recomputed, no extra
-  # convolutions), "convs_masks" (also the dropout masks and, with fused_norm, the norms' statistics:
-  # the recomputation neither draws random bits nor reduces) or "full" (nothing; the forward pass runs
-  # twice, the least memory).
+  # convolutions) or "full" (nothing; the forward pass runs twice, the least memory).
   config.execution.remat_policy = "convs"
   # Network compute dtype: float32, bfloat16 (params, loss stay float32) or "auto" (bf16 on GPUs/TPUs).
   config.execution.dtype = "float32"
@@ -91,9 +89,6 @@ def get_config() -> ml_collections.ConfigDict:
   # With dtype bfloat16: carry the blocks' residual stream (and the skips) in float32, the blocks'
   # insides in bf16 (more memory traffic; a smaller likelihood cost of bf16).
   config.execution.float32_residuals = False
-  # The blocks' GroupNorm–swish(–dropout) as one function with a hand-written gradient (vdm.norm_act):
-  # the same function and parameters, two reductions in its backward pass instead of many.
-  config.execution.fused_norm = False
 
   config.training = ml_collections.ConfigDict()
   config.training.num_steps = 10_000_000  # optimiser steps in total

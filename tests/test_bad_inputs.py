@@ -60,7 +60,7 @@ TRAIN = [  # (arguments after --config=configs/smoke.py, words expected on stder
     (["--config.model.decoder=gauss"], "config.model.decoder: expected one of"),
     (["--config.model.vocab_size=1"], "config.model.vocab_size: expected an integer ≥ 2"),
     (["--config.optimizer.learning_rate=-1.0"], "config.optimizer.learning_rate: expected > 0"),
-    (["--config.execution.remat_policy=some"], "config.execution.remat_policy: expected one of ('convs', 'convs_masks', 'full')"),
+    (["--config.execution.remat_policy=some"], "config.execution.remat_policy: expected one of ('convs', 'full')"),
     (["--config.model.network.dropout=1.5"], "config.model.network.dropout: expected a rate in [0, 1)"),
     (["--print_config", "--config.model.network.norm_groups=3"],
      "config.model.network.norm_groups: expected a divisor of model.network.channels (8), got 3"),

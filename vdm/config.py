@@ -115,7 +115,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
          ex.dropout_rng)
   _check(ex.skip_concat in networks.SKIP_CONCATS, "execution.skip_concat", f"one of {networks.SKIP_CONCATS}",
          ex.skip_concat)
-  _check(isinstance(ex.fused_norm, bool), "execution.fused_norm", "True or False", ex.fused_norm)
   _check(isinstance(ex.float32_residuals, bool), "execution.float32_residuals", "True or False",
          ex.float32_residuals)
   _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 1, "execution.scan_unroll",
@@ -196,7 +195,6 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
   network = networks.ScoreUNet(
       **network, gamma_min=sched.gamma_min, gamma_max=sched.gamma_max,
       remat=ex.remat, remat_policy=ex.remat_policy, scan_unroll=ex.scan_unroll, skip_concat=ex.skip_concat,
-      fused_norm=ex.fused_norm,
       dtype=DTYPES[resolve_dtype(dtype)], float32_residuals=ex.float32_residuals,
       conv_grad="xla" if forward_mode else resolve_conv_grad(ex.conv_grad, m.network.scan_blocks),
       matmul_precision=precision,

@@ -30,16 +30,13 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from vdm import convolution, norm_act
+from vdm import convolution
 
 Dtype = Any
 
 # What a rematerialised block keeps from its forward pass; the rest is recomputed.
 REMAT_POLICIES = {
     "convs": jax.checkpoint_policies.save_only_these_names("conv"),  # norms, activations recomputed
-    # also the dropout masks (1 byte an activation) and, with fused_norm, the norms' statistics
-    # ([B, G] each): the recomputed forward pass then neither draws random bits nor reduces
-    "convs_masks": jax.checkpoint_policies.save_only_these_names("conv", "dropout_mask", "norm_stats"),
     "full": jax.checkpoint_policies.nothing_saveable,  # the whole forward pass runs twice
 }
 
@@ -103,7 +100,6 @@ class _PartsGroupNorm(nn.Module):
   num_groups: int
   dtype: Dtype = jnp.float32
   epsilon: float = 1e-6  # nn.GroupNorm's
-  fused_swish: bool = False  # swish(GroupNorm) of each part with vdm.norm_act's gradient
 
   @nn.compact
   def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
@@ -114,11 +110,6 @@ class _PartsGroupNorm(nn.Module):
     outs, start = [], 0
     for part in parts:
       c = part.shape[-1]
-      if self.fused_swish:
-        outs.append(norm_act.group_norm_swish(part, scale[start:start + c], bias[start:start + c], c // size,
-                                              epsilon=self.epsilon).astype(self.dtype))
-        start += c
-        continue
       x = part.reshape(part.shape[:-1] + (c // size, size))
       stats = x.astype(jnp.float32)  # float32 statistics, as nn.GroupNorm
       mean = stats.mean(axis=(1, 2, 4), keepdims=True)
@@ -128,38 +119,6 @@ class _PartsGroupNorm(nn.Module):
       outs.append(y.reshape(part.shape).astype(self.dtype))
       start += c
     return jnp.concatenate(outs, axis=-1)
-
-
-class _DropoutMask(nn.Module):
-  """The keep-mask ``nn.Dropout(rate)`` would draw (same key, same bits when named as it: "Dropout_0").
-
-  Tagged "dropout_mask", so a remat policy can keep it (``REMAT_POLICIES``).
-  """
-  rate: float
-
-  @nn.compact
-  def __call__(self, shape: Sequence[int]) -> jax.Array:
-    keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, tuple(shape))
-    return checkpoint_name(keep, "dropout_mask")
-
-
-class _GroupNormSwish(nn.Module):
-  """``swish(GroupNorm(x))``, then dropout with ``keep``, as one function with a hand-written gradient.
-
-  See :mod:`vdm.norm_act`. The parameters of the ``nn.GroupNorm`` it replaces (``scale``, ``bias``,
-  float32) and the same function; the output in ``dtype``.
-  """
-  num_groups: int
-  dtype: Dtype = jnp.float32
-  epsilon: float = 1e-6  # nn.GroupNorm's
-
-  @nn.compact
-  def __call__(self, x: jax.Array, keep: Optional[jax.Array] = None, rate: float = 0.0) -> jax.Array:
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    return norm_act.group_norm_swish(x, scale, bias, self.num_groups, epsilon=self.epsilon, keep=keep,
-                                     rate=rate).astype(self.dtype)
 
 
 class _PartsDense(nn.Module):
@@ -194,10 +153,6 @@ class ResnetBlock(nn.Module):
   projection is one matmul per part. Both are the same function of the
   same parameters when no norm group straddles the two parts; where one
   would, or where the residual is not projected, "before_norm" is used.
-  ``fused_norm`` computes each GroupNorm–swish (and the dropout after the
-  second) as one function with a hand-written gradient
-  (:mod:`vdm.norm_act`): the same function of the same parameters, the
-  same dropout masks, fewer passes over the activations.
   """
   channels: int
   dropout: float = 0.0
@@ -205,7 +160,6 @@ class ResnetBlock(nn.Module):
   conv_grad: str = "dot"
   norm_groups: int = 0
   skip_concat: str = "before_norm"
-  fused_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool,
@@ -216,24 +170,15 @@ class ResnetBlock(nn.Module):
     split = (len(parts) > 1 and self.skip_concat == "after_norm" and width != self.channels  # projected residual
              and all(part.shape[-1] % (width // groups) == 0 for part in parts))
     if split:
-      h = _PartsGroupNorm(groups, self.dtype, fused_swish=self.fused_norm, name="GroupNorm_0")(parts)
-      h = h if self.fused_norm else nn.swish(h)
+      h = _PartsGroupNorm(groups, self.dtype, name="GroupNorm_0")(parts)
     else:
       x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else x
-      h = (_GroupNormSwish(groups, self.dtype, name="GroupNorm_0")(x) if self.fused_norm
-           else nn.swish(_group_norm(width, self.dtype, self.norm_groups, name="GroupNorm_0")(x)))
-    h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, name="Conv_0")(h), "conv")
+      h = _group_norm(width, self.dtype, self.norm_groups, name="GroupNorm_0")(x)
+    h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, name="Conv_0")(nn.swish(h)), "conv")
     h = h + nn.Dense(self.channels, use_bias=False, kernel_init=nn.initializers.zeros,
                      dtype=self.dtype, name="Dense_0")(cond)[:, None, None, :]
-    keep = None
-    if self.dropout > 0.0 and not deterministic:  # the mask nn.Dropout would draw
-      keep = _DropoutMask(self.dropout, name="Dropout_0")(h.shape)
-    if self.fused_norm:
-      h = _GroupNormSwish(_num_groups(self.channels, self.norm_groups), self.dtype, name="GroupNorm_1")(
-          h, keep, self.dropout)
-    else:
-      h = nn.swish(_group_norm(self.channels, self.dtype, self.norm_groups, name="GroupNorm_1")(h))
-      h = h if keep is None else jnp.where(keep, h / (1.0 - self.dropout), jnp.zeros_like(h))
+    h = nn.swish(_group_norm(self.channels, self.dtype, self.norm_groups, name="GroupNorm_1")(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True, name="Conv_1")(h), "conv")
     if width != self.channels:
       x = (_PartsDense(self.channels, self.dtype, name="skip")(parts) if split
@@ -270,12 +215,11 @@ class _Layer(nn.Module):
   conv_grad: str
   norm_groups: int = 0
   skip_concat: str = "before_norm"
-  fused_norm: bool = False
 
   @nn.compact
   def __call__(self, h, skip, cond):
     h = ResnetBlock(self.channels, self.dropout, self.dtype, self.conv_grad, self.norm_groups, self.skip_concat,
-                    self.fused_norm, name="resnet")(h, cond, self.deterministic, skip)
+                    name="resnet")(h, cond, self.deterministic, skip)
     if self.attention:
       h = AttnBlock(dtype=self.dtype, norm_groups=self.norm_groups, name="attn")(h)
     return h, (h if skip is None else None)
@@ -305,16 +249,12 @@ class ScoreUNet(nn.Module):
     remat: recompute block activations in the backward pass (saves memory).
     remat_policy: what a rematerialised block keeps, see ``REMAT_POLICIES``:
       "convs" (its convolutions' outputs; only norms and activations are
-      recomputed), "convs_masks" (also the dropout masks and, with
-      ``fused_norm``, the norms' statistics) or "full" (nothing; the whole
-      forward pass runs twice).
+      recomputed) or "full" (nothing; the whole forward pass runs twice).
     scan_unroll: blocks per iteration of a scanned stack's loop (the same
       function; fewer, larger iterations, longer compilation).
     skip_concat: where the up path's skips join (see :class:`ResnetBlock`):
       "before_norm" (the paper's code) or "after_norm" (the same function
       without storing the concatenated inputs).
-    fused_norm: the blocks' GroupNorm–swish(–dropout) as one function with a
-      hand-written gradient (:mod:`vdm.norm_act`; the same function).
     dtype: computation dtype of the blocks (bfloat16 for mixed precision);
       params, the input and output convolutions and ε̂ stay float32.
     float32_residuals: with a bf16 ``dtype``, carry the residual stream
@@ -349,7 +289,6 @@ class ScoreUNet(nn.Module):
   remat_policy: str = "convs"
   scan_unroll: int = 1
   skip_concat: str = "before_norm"
-  fused_norm: bool = False
   dtype: Dtype = jnp.float32
   float32_residuals: bool = False
   conv_grad: str = "dot"
@@ -414,7 +353,7 @@ class ScoreUNet(nn.Module):
 
     mid_layer = lambda name, attention: _Layer(  # noqa: E731
         widths[-1], self.dropout, attention, deterministic, self.dtype, self.conv_grad, self.norm_groups,
-        fused_norm=self.fused_norm, name=name)
+        name=name)
     h, _ = mid_layer("mid_0", self.mid_attention or self.attention_everywhere)(h, None, cond)
     h, _ = mid_layer("mid_1", False)(h, None, cond)
 
@@ -435,7 +374,7 @@ class ScoreUNet(nn.Module):
     length = self.num_blocks if skips is None else self.num_blocks + 1
     layer = nn.remat(_Layer, policy=REMAT_POLICIES[self.remat_policy]) if self.remat else _Layer
     args = (channels, self.dropout, self.attention_everywhere, deterministic, self.dtype,
-            self.conv_grad, self.norm_groups, self.skip_concat, self.fused_norm)
+            self.conv_grad, self.norm_groups, self.skip_concat)
     if self.scan_blocks:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast if skips is None else 0, nn.broadcast), length=length,
