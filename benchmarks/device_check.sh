@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/device_check.sh [OUT_DIR]          # default OUT_DIR: device_check/
 #   SMALL=1 bash benchmarks/device_check.sh /tmp/dc    # tiny shapes: try the script on a CPU in ~2 min
+#   VARIANTS="execution.dtype=auto a=1,b=2" bash …     # other train-step variants (config overrides)
 #
 # Runs from the repository root on a machine that has JAX (with CUDA or for TPUs), flax, optax,
 # orbax-checkpoint, absl-py, tqdm and pillow; the package itself need not be installed
