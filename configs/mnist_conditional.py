@@ -6,9 +6,9 @@
 
 ``configs/mnist_samples.py`` (a U-Net at three resolutions, the cosine
 schedule with the eps_mse weighting, the Quick start's data and budget)
-with labels, predicting ε rather than v: guided samples are then more
-often of their class (80 % at w = 2 and 88 % at w = 5, against v's 67 %
-at w = 2; one run each). The embedded 5,000 digits carry labels; one in
+at a constant learning rate, with labels, predicting ε rather than v:
+guided samples are then more often of their class (80 % at w = 2 and
+88 % at w = 5, against v's 67 % at w = 2; one run each). The embedded 5,000 digits carry labels; one in
 ten is dropped to the null class in training, so the same network gives
 p(x│c) and p(x) (evaluation reports both) and samples can be guided,
 ε̃ = (1 + w) ε̂(z, c) − w ε̂(z, ∅). Figures: README, Results.
