@@ -8,7 +8,7 @@
 # On 2 CPU cores one recipe is ~30 minutes of training and ~9 of sampling; on an H200 about 2 minutes in
 # all (measured), so a short GPU slot can compare what the CPU cannot (issues "objectives" and
 # "conditional"). Each recipe trains configs/mnist_samples.py (or mnist_conditional.py) as shipped or with
-# some overrides (three times the steps; EMA decay 0.995; learning rate 4e-3; the sigmoid weighting;
+# some overrides (twice the steps; EMA decay 0.995; learning rate 4e-3; the sigmoid weighting;
 # ε-prediction; 32 channels; the conditional model, also three times as long), then
 # `python -m vdm.sample_quality` draws 500 samples and gives their Fréchet distance in the features of a
 # classifier trained on the training digits, beside held-out real digits' (`fd_ratio`: samples' FD over
@@ -28,9 +28,11 @@ if [[ -n "${SMALL:-}" ]]; then  # tiny runs, to check the script itself on a CPU
   TRAIN=(--config.training.num_steps=6 --config.training.log_every=3 --config.training.checkpoint_every=6
          --config.eval.num_samples=0 --config.eval.draws=1)
   QUALITY=(--num_samples=20 --num_steps=5 --classifier_steps=5); LONG_STEPS=10; LONGER_TRAINING=12
+  CONDITIONAL_LONGER=12
 else
   TRAIN=(--config.eval.num_samples=0); QUALITY=(--num_samples=500 --num_steps=100); LONG_STEPS=1000
-  LONGER_TRAINING=5400  # three times the recipe's 1,800 steps
+  LONGER_TRAINING=16000  # twice the recipe's 8,000 steps
+  CONDITIONAL_LONGER=5400  # three times the conditional recipe's 1,800
 fi
 
 recipe() {  # recipe NAME CONFIG QUALITY_ARGS -- OVERRIDES…: train, then sample quality; one record in recipes.jsonl
@@ -80,7 +82,7 @@ for name in $RECIPES; do
     ema_0995) recipe ema_0995 "$M" "" -- --config.optimizer.ema_rate=0.995 ;;
     conditional) recipe conditional configs/mnist_conditional.py "--guidance=0,2,5" -- ;;
     conditional_longer) recipe conditional_longer configs/mnist_conditional.py "--guidance=0,2,5" -- \
-      --config.training.num_steps=$LONGER_TRAINING ;;
+      --config.training.num_steps=$CONDITIONAL_LONGER ;;
   esac
 done
 cat "$OUT/recipes.jsonl" | tee -a "$LOG"
