@@ -5,8 +5,9 @@
 #   RECIPES="shipped longer" bash benchmarks/recipes_check.sh OUT   # only these, in this order
 #   SMALL=1 bash benchmarks/recipes_check.sh /tmp/rc     # tiny runs: try the script on a CPU
 #
-# On 2 CPU cores one recipe is ~30 minutes of training and ~9 of sampling; on an H200 about 2 minutes in
-# all (measured), so a short GPU slot can compare what the CPU cannot (issues "objectives" and
+# On 2 CPU cores one recipe is ~25–30 minutes of training and ~5–9 of sampling; on an H200 the recipe as
+# it was until 2026-11-27 (1,800 steps at batch 32) took about 2 minutes in all (measured; today's 8,000
+# steps at batch 16 not yet), so a short GPU slot can compare what the CPU cannot (issues "objectives" and
 # "conditional"). Each recipe trains configs/mnist_samples.py (or mnist_conditional.py) as shipped or with
 # some overrides (twice the steps; EMA decay 0.995; learning rate 4e-3; the sigmoid weighting;
 # ε-prediction; 32 channels; the conditional model, also three times as long), then
