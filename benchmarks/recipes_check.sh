@@ -9,8 +9,8 @@
 # it was until 2026-11-27 (1,800 steps at batch 32) took about 2 minutes in all (measured; today's 8,000
 # steps at batch 16 not yet), so a short GPU slot can compare what the CPU cannot (issues "objectives" and
 # "conditional"). Each recipe trains configs/mnist_samples.py (or mnist_conditional.py) as shipped or with
-# some overrides (twice the steps; EMA decay 0.995; learning rate 4e-3; the sigmoid weighting;
-# ε-prediction; 32 channels; the conditional model, also three times as long), then
+# some overrides (twice the steps; EMA decay 0.995; learning rate 4e-3; the eps_mse weighting, the
+# recipe's until 2026-11-27, late evening; ε-prediction; 32 channels; the conditional model, also three times as long), then
 # `python -m vdm.sample_quality` draws 500 samples and gives their Fréchet distance in the features of a
 # classifier trained on the training digits, beside held-out real digits' (`fd_ratio`: samples' FD over
 # held-out digits'; the objectives issue asks for ≤ 2), and for the conditional model the label accuracy
@@ -65,7 +65,7 @@ EOF
 }
 
 # RECIPES="a b …" runs only those, in that order (default: all but shipped_quick, in this order).
-KNOWN="shipped shipped_quick longer ema_0995 lr_4e-3 sigmoid eps_prediction wider conditional conditional_longer"
+KNOWN="shipped shipped_quick longer ema_0995 lr_4e-3 eps_mse eps_prediction wider conditional conditional_longer"
 RECIPES=${RECIPES:-${KNOWN/ shipped_quick/}}
 for name in $RECIPES; do  # a misspelt name stops the script before it spends the slot
   [[ " $KNOWN " == *" $name "* ]] || { echo "recipes_check.sh: unknown recipe $name (known: $KNOWN)" | tee -a "$LOG"; exit 2; }
@@ -77,7 +77,7 @@ for name in $RECIPES; do
     shipped_quick) recipe shipped_quick "$M" "" -- ;;  # the shipped recipe, one sampler setting
     longer) recipe longer "$M" "" -- --config.training.num_steps=$LONGER_TRAINING ;;
     lr_4e-3) recipe lr_4e-3 "$M" "" -- --config.optimizer.learning_rate=4e-3 ;;
-    sigmoid) recipe sigmoid "$M" "" -- --config.model.loss_weighting=sigmoid ;;
+    eps_mse) recipe eps_mse "$M" "" -- --config.model.loss_weighting=eps_mse ;;
     eps_prediction) recipe eps_prediction "$M" "" -- --config.model.prediction=eps ;;
     wider) recipe wider "$M" "" -- --config.model.network.channels=32 ;;
     ema_0995) recipe ema_0995 "$M" "" -- --config.optimizer.ema_rate=0.995 ;;

@@ -22,12 +22,14 @@ from configs import mnist_samples
 def get_config():
   config = mnist_samples.get_config()
   config.model.prediction = "eps"  # class fidelity under guidance (README, Class-conditional models)
-  # The network, batch, length and rate its figures were measured with (mnist_samples changed them since).
+  # The network, batch, length, rate and weighting its figures were measured with (mnist_samples changed
+  # them since).
   config.model.network.channel_mult = (1, 4, 4)
   config.training.batch_size = 32
   config.training.num_steps = 1800
   config.training.checkpoint_every = 600
   config.optimizer.decay = "constant"
+  config.model.loss_weighting = "eps_mse"
   config.model.num_classes = 10
   config.model.label_dropout = 0.1
   config.eval.num_samples = 80  # 10 rows (one per digit) of 8

@@ -79,7 +79,8 @@ def test_sample_recipes_weigh_noise_levels_unlike_the_elbo(name):
   Per unit of λ, uniform t with weighting w puts w(λ_t) on the ELBO's integrand.
   With a linear schedule eps_mse's w is 1 (the ELBO: what mnist_samples
   trained until 2026-11-27); on the cosine schedule it falls 5.9×
-  from mid noise (t = 0.5, λ ≈ 0.1) to low noise (t = 0.05, λ ≈ 4.9).
+  from mid noise (t = 0.5, λ ≈ 0.1) to low noise (t = 0.05, λ ≈ 4.9)
+  (mnist_conditional), sigmoid(2 − λ) 17× (mnist_samples).
   """
   from vdm import objectives
   config = importlib.import_module(f"configs.{name}").get_config()
