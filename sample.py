@@ -31,6 +31,9 @@ _ETA = flags.DEFINE_float("eta", 1.0, "DDIM's η in [0, 1]: 0 deterministic, 1 t
 _RTOL = flags.DEFINE_float("rtol", 1e-5, "--sampler=ode: the solver's relative tolerance.")
 _ATOL = flags.DEFINE_float("atol", 1e-5, "--sampler=ode: the solver's absolute tolerance.")
 _CLIP = flags.DEFINE_bool("clip_denoised", False, "Clip x̂ to [-1, 1] inside every step.")
+_LANGEVIN = flags.DEFINE_integer("langevin_steps", 0, "Langevin corrector steps after each step (one network "
+                                 "evaluation each; configs/mnist_samples.py: 1).")
+_LANGEVIN_SNR = flags.DEFINE_float("langevin_snr", 0.1, "The corrector's step size, as a signal-to-noise ratio r.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sample k depends only on (seed, k).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Images per compiled batch (default: all at once).")
 _LABELS = flags.DEFINE_list("labels", [], "A class-conditional model: the classes to draw, e.g. 0,1,2 (one grid "
@@ -94,8 +97,10 @@ def main(argv):
     samples = trained.sample(jax.random.key(_SEED.value), count, num_steps=_NUM_STEPS.value,
                              sampler=_SAMPLER.value, eta=_ETA.value, clip_denoised=_CLIP.value, batch_size=_BATCH.value or None, progress=True,
                              labels=labels, guidance=_GUIDANCE.value, rtol=_RTOL.value, atol=_ATOL.value,
-                             stats=stats)
+                             stats=stats, langevin_steps=_LANGEVIN.value, langevin_snr=_LANGEVIN_SNR.value)
   steps = f"n{_NUM_STEPS.value}" if _SAMPLER.value != "ode" else f"tol{_RTOL.value:g}"
+  if _LANGEVIN.value:
+    steps += f"_langevin{_LANGEVIN.value}x{_LANGEVIN_SNR.value:g}"
   name = f"{_SAMPLER.value}_step{trained.step}_{steps}_seed{_SEED.value}"
   if classes is not None:
     name += f"_w{_GUIDANCE.value:g}"

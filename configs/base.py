@@ -143,6 +143,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.periodic_examples = 0  # examples in periodic evals during training; 0 = all
   config.eval.num_samples = 64  # images in each sample grid written during training
   config.eval.sample_steps = 250  # ancestral steps for those samples
+  config.eval.langevin_steps = 0  # Langevin corrector steps after each of them (one network evaluation each)
+  config.eval.langevin_snr = 0.1  # the corrector's step size, as a signal-to-noise ratio r (Song et al. 2021)
   # Classifier-free guidance weight w of a conditional model's sample grids (one row per class):
   # ε̃ = (1 + w) ε̂(z, c) − w ε̂(z, ∅); 0 = the conditional model as trained.
   config.eval.guidance = 0.0

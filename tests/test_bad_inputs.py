@@ -98,6 +98,8 @@ SAMPLE = [
     (["--workdir={tmp}/run", "--num_steps=0"], "num_steps: expected ≥ 1"),
     (["--workdir={tmp}/run", "--eta=1.5"], "eta: expected a value in [0, 1]"),
     (["--workdir={tmp}/run", "--sampler=euler"], "unknown sampler 'euler'"),
+    (["--workdir={tmp}/run", "--langevin_steps=-1"], "langevin_steps: expected an integer ≥ 0"),
+    (["--workdir={tmp}/run", "--sampler=ode", "--langevin_steps=1"], "the ODE sampler takes no corrector steps"),
     (["--workdir={tmp}/run", "--num_samples=0"], "num_samples: expected ≥ 1"),
     (["--checkpoint={tmp}/no/such"], "no checkpoint under"),
     ([], "give --workdir or --checkpoint"),
@@ -139,7 +141,8 @@ def test_python_api_refuses(trained):
     vdm.load(str(trained / "corrupt"))
   model = vdm.load(str(trained / "run"))
   for kwargs, words in [(dict(num_samples=0), "num_samples"), (dict(num_samples=2, batch_size=0), "batch_size"),
-                        (dict(num_samples=2, eta=-0.1), "eta")]:
+                        (dict(num_samples=2, eta=-0.1), "eta"),
+                        (dict(num_samples=2, langevin_steps=1, langevin_snr=0.0), "langevin_snr: expected a value > 0")]:
     n = kwargs.pop("num_samples")
     with pytest.raises(config_lib.ConfigError, match=words):
       model.sample(jax.random.key(0), n, **kwargs)
@@ -160,6 +163,8 @@ def test_python_api_refuses(trained):
   for field, value, words in [("model.num_classes", -1, "config.model.num_classes: expected an integer ≥ 0"),
                               ("model.label_dropout", 1.0, "config.model.label_dropout: expected a rate in [0, 1)"),
                               ("eval.guidance", -2.0, "config.eval.guidance: expected a weight ≥ −1"),
+                              ("eval.langevin_steps", -1, "config.eval.langevin_steps: expected an integer ≥ 0"),
+                              ("eval.langevin_snr", 0.0, "config.eval.langevin_snr: expected > 0"),
                               ("eval.ode.rtol", 0.0, "config.eval.ode.rtol: expected tolerances > 0"),
                               ("eval.ode.dequantization", "gauss", "config.eval.ode.dequantization: expected "
                                                                    "'uniform' or 'decoder'"),

@@ -124,6 +124,59 @@ def test_samplers_with_the_oracle_recover_a_two_point_distribution(sampler, eta)
   assert abs(is_first.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / n)
 
 
+@pytest.mark.parametrize("gamma", [-3.0, 4.0])
+def test_langevin_steps_keep_the_marginal_and_pull_a_wrong_start_towards_it(gamma):
+  """x ~ N(0.3, 0.5²) in each of 784 dimensions, so q(z_γ) = N(α 0.3, v) and ε̂ is exact (oracles.gaussian).
+
+  With r = 0.1 the step is δ ≈ 2 r² v; the discretised chain's stationary
+  variance is v / (1 − δ/2v) ≈ 1.01 v. A start too narrow has larger steps
+  (δ ∝ 1/‖ε̂‖²) and is pulled in quickly, one too wide slowly (a float64
+  NumPy chain: 0.09 v → 0.97 v and 4 v → 2.6 v in 50 steps).
+  """
+  eps_fn = oracles.gaussian(0.3, 0.5)
+  n, d = 200, 784
+  alpha, sigma_sq = np.sqrt(_sig(-gamma)), _sig(gamma)
+  mean, var = alpha * 0.3, alpha**2 * 0.25 + sigma_sq
+  gammas = jnp.full((n,), gamma, jnp.float32)
+
+  @jax.jit
+  def chain(z):
+    def body(j, z):
+      xi = jax.random.normal(jax.random.fold_in(jax.random.key(3), j), z.shape)
+      return sampling.langevin_step(z, eps_fn(z, gammas), gammas, 0.1, xi)
+    return jax.lax.fori_loop(0, 50, body, z)
+
+  def variance_after(scale, key):
+    z = mean + scale * np.sqrt(var) * jax.random.normal(jax.random.key(key), (n, d))
+    z = np.asarray(chain(z), np.float64)
+    assert abs(z.mean() - mean) < 0.01 * np.sqrt(var)
+    return z.var() / var
+
+  assert 1.0 < variance_after(1.0, 0) < 1.025
+  assert 0.9 < variance_after(0.3, 1) < 1.0
+  assert 2.3 < variance_after(2.0, 2) < 2.9
+
+
+def test_the_corrector_is_off_by_default_and_draws_the_two_point_distribution():
+  # 64 dimensions: the step size r² ‖ξ‖²/‖score‖² of a few dimensions is too erratic (images have hundreds).
+  values = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 64)))
+  points = losses.encode(values)
+  n = 1000
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(n))
+  z_1 = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 10_000), (64,)))(keys)
+  run = jax.jit(lambda z, steps: sampling.sample_loop(_oracle(points, [0.3, 0.7]), _gamma_fn, z, keys, 100,
+                                                      langevin_steps=steps), static_argnums=1)
+  np.testing.assert_array_equal(run(z_1, 0), sampling.sample_loop(_oracle(points, [0.3, 0.7]), _gamma_fn, z_1,
+                                                                  keys, 100))
+  corrected = run(z_1, 2)
+  assert float(jnp.abs(corrected - run(z_1, 0)).max()) > 1e-3
+  images = np.asarray(sampling.decode(corrected, _gamma_fn(0.0), 256))
+  distances = np.abs(images[:, None, :] - np.asarray(values)[None]).sum(-1)  # [n, 2]
+  nearest = distances.argmin(1)
+  assert (np.abs(images - np.asarray(values)[nearest]) <= 1).mean() > 0.99  # σ_0 is 1/3 of a bin
+  assert abs((nearest == 0).mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / n)
+
+
 def test_ddim_eta_zero_is_deterministic_given_z1_and_the_keys_matter_otherwise():
   point = losses.encode(jnp.array([[3, 128], [200, 1]]))
   z_1 = jax.random.normal(jax.random.key(1), (4, 2))
@@ -160,6 +213,10 @@ def test_the_loop_cut_into_calls_gives_the_same_samples_and_the_bar_counts_steps
                                   mesh=mesh)
     np.testing.assert_array_equal(images, whole)
     np.testing.assert_allclose(z, z_whole, rtol=0, atol=1e-6)
+  corrected, _ = sampling.generate(model, params, key, 3, (8, 8, 1), num_steps=12, langevin_steps=1)
+  cut, _ = sampling.generate(model, params, key, 3, (8, 8, 1), num_steps=12, langevin_steps=1, steps_per_call=5)
+  np.testing.assert_array_equal(cut, corrected)
+  assert (corrected != whole).any()
   before = sampling._programs.cache_info()
   again, _ = sampling.generate(model, params, key, 3, (8, 8, 1), num_steps=12)
   np.testing.assert_array_equal(again, whole)

@@ -191,6 +191,8 @@ LATER_FIELDS = {
     "model.num_classes": 0,
     "model.label_dropout": 0.1,
     "eval.guidance": 0.0,
+    "eval.langevin_steps": 0,
+    "eval.langevin_snr": 0.1,
     "eval.gamma_path": "schedule",  # as evaluated before the field: the schedule's own path
     "optimizer.schedule_lr_scale": 1.0,
     "eval.ode": {"rtol": 1e-5, "atol": 1e-5, "max_steps": 4096, "dequantization": "decoder", "examples": 0},

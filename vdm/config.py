@@ -150,6 +150,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(isinstance(ev.full_precision, bool), "eval.full_precision", "True or False", ev.full_precision)
   _check(ev.num_samples >= 0, "eval.num_samples", "≥ 0", ev.num_samples)
   _check(ev.sample_steps >= 1, "eval.sample_steps", "a positive integer", ev.sample_steps)
+  _check(ev.langevin_steps >= 0, "eval.langevin_steps", "an integer ≥ 0 (0 = no corrector)", ev.langevin_steps)
+  _check(ev.langevin_snr > 0, "eval.langevin_snr", "> 0", ev.langevin_snr)
   _check(ev.gamma_path in GAMMA_PATHS, "eval.gamma_path", f"one of {GAMMA_PATHS}", ev.gamma_path)
   _check(ev.gamma_path != "linear" or m.num_diffusion_steps == 0, "eval.gamma_path",
          "'auto' or 'schedule' in discrete time (model.num_diffusion_steps > 0: the loss depends on the "

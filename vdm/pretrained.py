@@ -37,7 +37,7 @@ class TrainedVDM:
              sampler: str = "ancestral", eta: float = 1.0, clip_denoised: bool = False,
              batch_size: Optional[int] = None, return_latents: bool = False, decode_draw: bool = False,
              progress: bool = True, labels=None, guidance: float = 0.0, rtol: float = 1e-5, atol: float = 1e-5,
-             stats: Optional[dict] = None):
+             stats: Optional[dict] = None, langevin_steps: int = 0, langevin_snr: float = 0.1):
     """Draws uint8 images ``[N, H, W, C]`` (and z_0 if ``return_latents``).
 
     ``sampler="ode"``: the probability-flow ODE (:mod:`vdm.ode`), solved
@@ -55,10 +55,13 @@ class TrainedVDM:
     sharded over them; in a multi-process run every process must call).
     ``eta`` is DDIM's (0: deterministic; 1: the ancestral variance); the
     ancestral sampler ignores it. ``progress``: a bar over sampler steps (on stderr).
+    ``langevin_steps``: Langevin corrector steps after each sampler step
+    (step size set by ``langevin_snr``; :func:`vdm.sampling.langevin_step`),
+    one network evaluation each; README, Sample.
     The network runs as in training (``config.execution.dtype`` and
     ``matmul_precision``).
     """
-    _check_sampling_args(num_samples, num_steps, sampler, eta, batch_size)
+    _check_sampling_args(num_samples, num_steps, sampler, eta, batch_size, langevin_steps, langevin_snr)
     if not (rtol > 0 and atol > 0):
       raise ConfigError(f"rtol, atol: expected tolerances > 0, got {rtol}, {atol}")
     labels = self._check_labels(labels, num_samples, guidance)
@@ -66,7 +69,7 @@ class TrainedVDM:
         self.model, self.params, key, num_samples, self.image_shape, num_steps=num_steps,
         sampler=sampler, eta=eta, clip_denoised=clip_denoised, decode_draw=decode_draw,
         batch_size=batch_size, progress=progress, mesh=sharding.make_mesh(), labels=labels, guidance=guidance,
-        rtol=rtol, atol=atol, stats=stats)
+        rtol=rtol, atol=atol, stats=stats, langevin_steps=langevin_steps, langevin_snr=langevin_snr)
     images = images.astype(np.uint8)
     return (images, latents) if return_latents else images
 
@@ -172,7 +175,8 @@ class TrainedVDM:
                                return_per_example=True, mesh=sharding.make_mesh(), labels=labels is not None)
 
 
-def _check_sampling_args(num_samples, num_steps, sampler, eta, batch_size) -> None:
+def _check_sampling_args(num_samples, num_steps, sampler, eta, batch_size, langevin_steps=0,
+                         langevin_snr=0.1) -> None:
   if num_samples < 1:
     raise ConfigError(f"num_samples: expected ≥ 1, got {num_samples}")
   if num_steps < 1:
@@ -183,6 +187,12 @@ def _check_sampling_args(num_samples, num_steps, sampler, eta, batch_size) -> No
     raise ConfigError(f"eta: expected a value in [0, 1], got {eta}")
   if batch_size is not None and batch_size < 1:
     raise ConfigError(f"batch_size: expected ≥ 1, got {batch_size}")
+  if not (isinstance(langevin_steps, int) and langevin_steps >= 0):
+    raise ConfigError(f"langevin_steps: expected an integer ≥ 0, got {langevin_steps!r}")
+  if langevin_steps and sampler == "ode":
+    raise ConfigError("langevin_steps: the ODE sampler takes no corrector steps; use 'ancestral' or 'ddim'")
+  if not langevin_snr > 0:
+    raise ConfigError(f"langevin_snr: expected a value > 0, got {langevin_snr}")
 
 
 def load(path: str, step: Optional[int] = None, *, config=None, image_shape: Optional[tuple] = None) -> TrainedVDM:

@@ -154,6 +154,9 @@ def main(argv=None):
   parser.add_argument("--sampler", default="ancestral")
   parser.add_argument("--eta", type=float, default=1.0)
   parser.add_argument("--clip_denoised", action="store_true", help="clip x̂ to [-1, 1] inside every sampler step")
+  parser.add_argument("--langevin_steps", type=int, default=0, help="Langevin corrector steps after each "
+                      "sampler step (configs/mnist_samples.py: 1)")
+  parser.add_argument("--langevin_snr", type=float, default=0.1, help="the corrector's step size (r)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--classifier_steps", type=int, default=600)
   parser.add_argument("--guidance", default="0", help="a conditional model: guidance weights, e.g. 0,1,3 "
@@ -172,7 +175,8 @@ def main(argv=None):
     for w in weights if labels is not None else [0.0]:
       samples = trained.sample(jax.random.key(args.seed), args.num_samples, num_steps=args.num_steps,
                                sampler=args.sampler, eta=args.eta, clip_denoised=args.clip_denoised,
-                               labels=labels, guidance=w)
+                               labels=labels, guidance=w, langevin_steps=args.langevin_steps,
+                               langevin_snr=args.langevin_snr)
       if classifier is None:
         train = data["train"]
         classifier = train_classifier(np.asarray(train.images), np.asarray(train.labels), steps=args.classifier_steps,
@@ -180,7 +184,9 @@ def main(argv=None):
       record = evaluate_samples(samples, data["train"], data["test"], classifier_steps=args.classifier_steps,
                                 seed=args.seed, classifier=classifier, sample_labels=labels)
       record.update(step=trained.step, num_steps=args.num_steps, sampler=args.sampler, eta=args.eta,
-                    clip_denoised=args.clip_denoised)
+                    clip_denoised=args.clip_denoised, langevin_steps=args.langevin_steps)
+      if args.langevin_steps:
+        record["langevin_snr"] = args.langevin_snr
       if labels is not None:
         record["guidance"] = w
       print(json.dumps(record), flush=True)

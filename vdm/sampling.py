@@ -78,6 +78,31 @@ def ddim_step(z_t: ArrayLike, eps_hat: ArrayLike, gamma_t: ArrayLike, gamma_s: A
   return jnp.sqrt(alpha_sq_s) * x_hat + direction * eps_hat + jnp.sqrt(var) * noise
 
 
+def langevin_step(z_t: ArrayLike, eps_hat: ArrayLike, gamma_t: ArrayLike, snr: float,
+                  noise: ArrayLike) -> jax.Array:
+  """One Langevin corrector step at time t (Song et al. 2021, Algorithm 5, "predictor–corrector").
+
+  A step of Langevin dynamics on the marginal q(z_t), which leaves it
+  invariant as the step size → 0: z ← z + δ s + √(2δ) ξ with the score
+  s = −ε̂/σ_t and, per example, δ = 2 (r ‖ξ‖ / ‖s‖)², r = ``snr``.
+
+  Args:
+    z_t, eps_hat: ``[B, …]``; ε̂ taken at z_t.
+    gamma_t: γ at t (scalar or ``[B]``).
+    snr: r > 0, the step's size relative to the noise it adds.
+    noise: ξ, standard normal ``[B, …]``.
+  Returns:
+    z_t ``[B, …]`` after the step.
+  """
+  z_t = jnp.asarray(z_t)
+  _, sigma_sq_t = _alpha_sq_sigma_sq(gamma_t, z_t.ndim)
+  score = -eps_hat / jnp.sqrt(sigma_sq_t)
+  axes = tuple(range(1, z_t.ndim))
+  norm = lambda v: jnp.sqrt(jnp.sum(jnp.square(v), axes, keepdims=True))  # noqa: E731  [B, 1, …]
+  delta = 2.0 * jnp.square(snr * norm(noise) / norm(score))
+  return z_t + delta * score + jnp.sqrt(2.0 * delta) * noise
+
+
 def clip_eps_hat(z_t: ArrayLike, eps_hat: ArrayLike, gamma_t: ArrayLike) -> jax.Array:
   """The ε̂ whose implied x̂ = (z_t − σ_t ε̂)/α_t is clipped to [−1, 1]."""
   z_t = jnp.asarray(z_t)
@@ -112,7 +137,8 @@ def sample_loop(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
                 gamma_fn: Callable[[jax.Array], jax.Array], z_1: jax.Array,
                 sample_keys: jax.Array, num_steps: int, *, sampler: str = "ancestral",
                 eta: float = 1.0, clip_denoised: bool = False, first: ArrayLike = 0,
-                last: Optional[ArrayLike] = None) -> jax.Array:
+                last: Optional[ArrayLike] = None, langevin_steps: int = 0,
+                langevin_snr: float = 0.1) -> jax.Array:
   """Runs the reverse process from z_1 to z_0 in one ``lax.fori_loop``.
 
   Args:
@@ -128,6 +154,9 @@ def sample_loop(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
     first, last: run only loop iterations ``first ≤ i < last`` (i = 0 is the
       step from t = 1; default: all N), so a long loop can run in pieces, then
       ``z_1`` is the latent after iteration ``first − 1``. May be traced.
+    langevin_steps: corrector steps (:func:`langevin_step`, ``langevin_snr``)
+      after each step that lands at s > 0; each costs one more network
+      evaluation. 0: the predictor alone.
   Returns:
     z_0 ``[B, …]`` (the latent after iteration ``last − 1``).
   """
@@ -144,11 +173,24 @@ def sample_loop(eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
     if clip_denoised:
       eps_hat = clip_eps_hat(z_t, eps_hat, gamma_t)
     if sampler == "ddim" and isinstance(eta, (int, float)) and eta == 0.0:
-      return ddim_step(z_t, eps_hat, gamma_t, gamma_s)  # deterministic: no noise drawn
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(sample_keys)
-    if sampler == "ancestral":
-      return ancestral_step(z_t, eps_hat, gamma_t, gamma_s, noise)
-    return ddim_step(z_t, eps_hat, gamma_t, gamma_s, eta, noise)
+      z_s = ddim_step(z_t, eps_hat, gamma_t, gamma_s)  # deterministic: no noise drawn
+    else:
+      noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(sample_keys)
+      if sampler == "ancestral":
+        z_s = ancestral_step(z_t, eps_hat, gamma_t, gamma_s, noise)
+      else:
+        z_s = ddim_step(z_t, eps_hat, gamma_t, gamma_s, eta, noise)
+    if not langevin_steps:
+      return z_s
+
+    def correct(j, z):
+      # Keys of their own: step `step`'s key with j + 1 folded in (the predictor uses step's key itself).
+      xi = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(jax.random.fold_in(k, step), j + 1),
+                                                shape))(sample_keys)
+      return langevin_step(z, eps_fn(z, gamma_s), gamma_s, langevin_snr, xi)
+
+    # Not at s = 0: the decoder takes z_0 as it is.
+    return jax.lax.cond(step > 1, lambda z: jax.lax.fori_loop(0, langevin_steps, correct, z), lambda z: z, z_s)
 
   return jax.lax.fori_loop(first, num_steps if last is None else last, body, z_1)
 
@@ -285,7 +327,7 @@ def _first_latents(key_data, indices, image_shape):
 
 
 def _denoise(model, params, z_t, step_key_data, labels, first, *, num_steps, steps_per_call, sampler, eta,
-             clip_denoised, guidance):
+             clip_denoised, guidance, langevin_steps=0, langevin_snr=0.1):
   """Loop iterations ``first … first + steps_per_call − 1`` (at most up to N) of the sampler.
 
   ``labels`` ``[B]``: the classes of a conditional model (guided with weight
@@ -295,7 +337,8 @@ def _denoise(model, params, z_t, step_key_data, labels, first, *, num_steps, ste
   gamma_fn = lambda t: model.apply({"params": params}, t, method=model.gamma)  # noqa: E731
   return sample_loop(eps_fn, gamma_fn, z_t, jax.random.wrap_key_data(step_key_data), num_steps,
                      sampler=sampler, eta=eta, clip_denoised=clip_denoised, first=first,
-                     last=jnp.minimum(first + steps_per_call, num_steps))
+                     last=jnp.minimum(first + steps_per_call, num_steps), langevin_steps=langevin_steps,
+                     langevin_snr=langevin_snr)
 
 
 def _decode(model, params, z_0, step_key_data, decode_draw):
@@ -308,23 +351,25 @@ def _decode(model, params, z_0, step_key_data, decode_draw):
 
 
 def _sample_batch(model, params, key, indices, image_shape, num_steps, sampler, eta, clip_denoised,
-                  decode_draw, labels=None, guidance=0.0):
+                  decode_draw, labels=None, guidance=0.0, langevin_steps=0, langevin_snr=0.1):
   """One batch, the whole loop in one program: (images, z_0). ``key`` is a typed key."""
   z_1, step_key_data = _first_latents(jax.random.key_data(key), indices, image_shape)
   if labels is None:
     labels = jnp.full(indices.shape, getattr(model, "num_classes", 0), jnp.int32)
   z_0 = _denoise(model, params, z_1, step_key_data, labels, 0, num_steps=num_steps, steps_per_call=num_steps,
-                 sampler=sampler, eta=eta, clip_denoised=clip_denoised, guidance=guidance)
+                 sampler=sampler, eta=eta, clip_denoised=clip_denoised, guidance=guidance,
+                 langevin_steps=langevin_steps, langevin_snr=langevin_snr)
   return _decode(model, params, z_0, step_key_data, decode_draw), z_0
 
 
 @functools.lru_cache(maxsize=16)
 def _programs(model, image_shape, num_steps, steps_per_call, sampler, eta, clip_denoised, decode_draw, mesh,
-              guidance=0.0):
+              guidance=0.0, langevin_steps=0, langevin_snr=0.1):
   """The three jitted pieces of :func:`generate`, made once per setting (a new jit would compile again)."""
   start = functools.partial(_first_latents, image_shape=image_shape)
   denoise = functools.partial(_denoise, model, num_steps=num_steps, steps_per_call=steps_per_call,
-                              sampler=sampler, eta=eta, clip_denoised=clip_denoised, guidance=guidance)
+                              sampler=sampler, eta=eta, clip_denoised=clip_denoised, guidance=guidance,
+                              langevin_steps=langevin_steps, langevin_snr=langevin_snr)
   finish = functools.partial(_decode, model, decode_draw=decode_draw)
   if mesh is None:
     return jax.jit(start), jax.jit(denoise), jax.jit(finish)
@@ -365,7 +410,7 @@ def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple
              batch_size: Optional[int] = None, progress: bool = False, mesh=None,
              steps_per_call: Optional[int] = None, labels: Optional[ArrayLike] = None,
              guidance: float = 0.0, rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096,
-             stats: Optional[dict] = None):
+             stats: Optional[dict] = None, langevin_steps: int = 0, langevin_snr: float = 0.1):
   """Draws ``num_samples`` images from a VDM, ``batch_size`` at a time.
 
   Sample k depends only on (key, k): its key is ``fold_in(key, k)``, so the
@@ -392,10 +437,14 @@ def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple
       ``clip_denoised``; :mod:`vdm.ode`).
     stats: a dict to receive ``solver_steps`` (one entry per batch) with
       ``sampler="ode"``.
+    langevin_steps, langevin_snr: corrector steps after each sampler step
+      (:func:`sample_loop`); refused with ``sampler="ode"``.
   Returns:
     ``(images, z_0)``: int32 ``[N, H, W, C]`` and float32 latents, on the host.
   """
   batch_size = min(batch_size or num_samples, num_samples)
+  if sampler == "ode" and langevin_steps:
+    raise ValueError("langevin_steps: the ODE sampler takes no corrector steps; use 'ancestral' or 'ddim'")
   if sampler == "ode":
     return _generate_ode(model, params, key, num_samples, tuple(image_shape), batch_size, mesh, labels, guidance,
                          rtol, atol, max_steps, progress, stats)
@@ -403,7 +452,8 @@ def generate(model, params, key: jax.Array, num_samples: int, image_shape: tuple
     steps_per_call = -(-num_steps // 50) if progress else num_steps
   steps_per_call = max(1, min(steps_per_call, num_steps))
   start, denoise, finish = _programs(model, tuple(image_shape), num_steps, steps_per_call, sampler, float(eta),
-                                     clip_denoised, decode_draw, mesh, float(guidance))
+                                     clip_denoised, decode_draw, mesh, float(guidance), int(langevin_steps),
+                                     float(langevin_snr))
   key_data = np.asarray(jax.random.key_data(key))
   batch_size, rep, data, to_device, fetch = _transfers(mesh, batch_size)
   all_labels = _sample_labels(model, labels, num_samples, batch_size)

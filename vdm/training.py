@@ -42,7 +42,8 @@ def write_samples(config, model, params, image_shape, workdir: str, step: int, m
   labels, columns = grid_labels(config.model.num_classes, config.eval.num_samples)
   samples, _ = sampling.generate(model, params, key, len(labels) if labels is not None else config.eval.num_samples,
                                  image_shape, num_steps=config.eval.sample_steps, mesh=mesh, progress=progress,
-                                 labels=labels, guidance=config.eval.guidance)
+                                 labels=labels, guidance=config.eval.guidance,
+                                 langevin_steps=config.eval.langevin_steps, langevin_snr=config.eval.langevin_snr)
   path = os.path.join(workdir, "samples", f"step_{step}.png")
   if write:
     images.write_png(path, images.grid(samples.astype(np.uint8), columns))
