@@ -31,9 +31,10 @@ _ETA = flags.DEFINE_float("eta", 1.0, "DDIM's η in [0, 1]: 0 deterministic, 1 t
 _RTOL = flags.DEFINE_float("rtol", 1e-5, "--sampler=ode: the solver's relative tolerance.")
 _ATOL = flags.DEFINE_float("atol", 1e-5, "--sampler=ode: the solver's absolute tolerance.")
 _CLIP = flags.DEFINE_bool("clip_denoised", False, "Clip x̂ to [-1, 1] inside every step.")
-_LANGEVIN = flags.DEFINE_integer("langevin_steps", 0, "Langevin corrector steps after each step (one network "
-                                 "evaluation each; configs/mnist_samples.py: 1).")
-_LANGEVIN_SNR = flags.DEFINE_float("langevin_snr", 0.1, "The corrector's step size, as a signal-to-noise ratio r.")
+_LANGEVIN = flags.DEFINE_integer("langevin_steps", None, "Langevin corrector steps after each step, one network "
+                                 "evaluation each (default: the checkpoint config's eval.langevin_steps).")
+_LANGEVIN_SNR = flags.DEFINE_float("langevin_snr", None, "The corrector's step size, as a signal-to-noise ratio r "
+                                   "(default: the config's eval.langevin_snr).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sample k depends only on (seed, k).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Images per compiled batch (default: all at once).")
 _LABELS = flags.DEFINE_list("labels", [], "A class-conditional model: the classes to draw, e.g. 0,1,2 (one grid "
@@ -94,13 +95,15 @@ def main(argv):
     stats = {}
     labels = None if classes is None else np.repeat(classes, _NUM_SAMPLES.value)
     count = _NUM_SAMPLES.value * (1 if classes is None else len(classes))
+    langevin_steps, langevin_snr = trained.langevin(_SAMPLER.value, _LANGEVIN.value, _LANGEVIN_SNR.value)
     samples = trained.sample(jax.random.key(_SEED.value), count, num_steps=_NUM_STEPS.value,
-                             sampler=_SAMPLER.value, eta=_ETA.value, clip_denoised=_CLIP.value, batch_size=_BATCH.value or None, progress=True,
-                             labels=labels, guidance=_GUIDANCE.value, rtol=_RTOL.value, atol=_ATOL.value,
-                             stats=stats, langevin_steps=_LANGEVIN.value, langevin_snr=_LANGEVIN_SNR.value)
+                             sampler=_SAMPLER.value, eta=_ETA.value, clip_denoised=_CLIP.value,
+                             batch_size=_BATCH.value or None, progress=True, labels=labels, guidance=_GUIDANCE.value,
+                             rtol=_RTOL.value, atol=_ATOL.value, stats=stats, langevin_steps=langevin_steps,
+                             langevin_snr=langevin_snr)
   steps = f"n{_NUM_STEPS.value}" if _SAMPLER.value != "ode" else f"tol{_RTOL.value:g}"
-  if _LANGEVIN.value:
-    steps += f"_langevin{_LANGEVIN.value}x{_LANGEVIN_SNR.value:g}"
+  if langevin_steps:
+    steps += f"_langevin{langevin_steps}x{langevin_snr:g}"
   name = f"{_SAMPLER.value}_step{trained.step}_{steps}_seed{_SEED.value}"
   if classes is not None:
     name += f"_w{_GUIDANCE.value:g}"

@@ -56,6 +56,19 @@ def test_samples_depend_only_on_key_and_index(workdir):
   assert latents.shape == (2, 28, 28, 1) and latents.dtype == np.float32
 
 
+def test_the_corrector_defaults_to_the_checkpoint_config(workdir):
+  trained = vdm.load(workdir)
+  key = jax.random.key(3)
+  assert trained.langevin("ancestral") == (0, 0.1)  # base config: no corrector
+  plain = trained.sample(key, 2, num_steps=4)
+  corrected = trained.sample(key, 2, num_steps=4, langevin_steps=2, langevin_snr=0.2)
+  assert not np.array_equal(corrected, plain)
+  trained.config.eval.langevin_steps, trained.config.eval.langevin_snr = 2, 0.2  # as configs/mnist_samples.py sets
+  assert trained.langevin("ancestral") == (2, 0.2) and trained.langevin("ode") == (0, 0.2)
+  assert trained.langevin("ddim", 0, 0.3) == (0, 0.3)  # given values win
+  np.testing.assert_array_equal(trained.sample(key, 2, num_steps=4), corrected)
+
+
 def test_evaluate_bpd_of_user_images(workdir):
   trained = vdm.load(workdir)
   images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)

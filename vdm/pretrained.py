@@ -37,7 +37,8 @@ class TrainedVDM:
              sampler: str = "ancestral", eta: float = 1.0, clip_denoised: bool = False,
              batch_size: Optional[int] = None, return_latents: bool = False, decode_draw: bool = False,
              progress: bool = True, labels=None, guidance: float = 0.0, rtol: float = 1e-5, atol: float = 1e-5,
-             stats: Optional[dict] = None, langevin_steps: int = 0, langevin_snr: float = 0.1):
+             stats: Optional[dict] = None, langevin_steps: Optional[int] = None,
+             langevin_snr: Optional[float] = None):
     """Draws uint8 images ``[N, H, W, C]`` (and z_0 if ``return_latents``).
 
     ``sampler="ode"``: the probability-flow ODE (:mod:`vdm.ode`), solved
@@ -57,10 +58,12 @@ class TrainedVDM:
     ancestral sampler ignores it. ``progress``: a bar over sampler steps (on stderr).
     ``langevin_steps``: Langevin corrector steps after each sampler step
     (step size set by ``langevin_snr``; :func:`vdm.sampling.langevin_step`),
-    one network evaluation each; README, Sample.
+    one network evaluation each; None: the config's ``eval.langevin_steps``
+    and ``eval.langevin_snr`` (none for ``sampler="ode"``); README, Sample.
     The network runs as in training (``config.execution.dtype`` and
     ``matmul_precision``).
     """
+    langevin_steps, langevin_snr = self.langevin(sampler, langevin_steps, langevin_snr)
     _check_sampling_args(num_samples, num_steps, sampler, eta, batch_size, langevin_steps, langevin_snr)
     if not (rtol > 0 and atol > 0):
       raise ConfigError(f"rtol, atol: expected tolerances > 0, got {rtol}, {atol}")
@@ -72,6 +75,12 @@ class TrainedVDM:
         rtol=rtol, atol=atol, stats=stats, langevin_steps=langevin_steps, langevin_snr=langevin_snr)
     images = images.astype(np.uint8)
     return (images, latents) if return_latents else images
+
+  def langevin(self, sampler: str, steps: Optional[int] = None, snr: Optional[float] = None) -> tuple:
+    """The corrector :meth:`sample` runs: (steps, snr), each the config's ``eval`` value where None."""
+    if steps is None:
+      steps = 0 if sampler == "ode" else int(self.config.eval.langevin_steps)
+    return steps, float(self.config.eval.langevin_snr if snr is None else snr)
 
   def encode(self, images, num_steps: int = 1000, *, batch_size: Optional[int] = None, labels=None,
              guidance: float = 0.0) -> np.ndarray:

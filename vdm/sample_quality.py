@@ -154,9 +154,10 @@ def main(argv=None):
   parser.add_argument("--sampler", default="ancestral")
   parser.add_argument("--eta", type=float, default=1.0)
   parser.add_argument("--clip_denoised", action="store_true", help="clip x̂ to [-1, 1] inside every sampler step")
-  parser.add_argument("--langevin_steps", type=int, default=0, help="Langevin corrector steps after each "
-                      "sampler step (configs/mnist_samples.py: 1)")
-  parser.add_argument("--langevin_snr", type=float, default=0.1, help="the corrector's step size (r)")
+  parser.add_argument("--langevin_steps", type=int, default=None, help="Langevin corrector steps after each "
+                      "sampler step (default: the checkpoint config's eval.langevin_steps)")
+  parser.add_argument("--langevin_snr", type=float, default=None, help="the corrector's step size r (default: "
+                      "the config's eval.langevin_snr)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--classifier_steps", type=int, default=600)
   parser.add_argument("--guidance", default="0", help="a conditional model: guidance weights, e.g. 0,1,3 "
@@ -171,12 +172,13 @@ def main(argv=None):
     trained = vdm.load(args.workdir)
     data = input_pipeline.load_dataset(trained.config.data.dataset, trained.config.data.data_dir)
     labels = np.arange(args.num_samples) % trained.num_classes if trained.num_classes else None
+    langevin_steps, langevin_snr = trained.langevin(args.sampler, args.langevin_steps, args.langevin_snr)
     classifier = None
     for w in weights if labels is not None else [0.0]:
       samples = trained.sample(jax.random.key(args.seed), args.num_samples, num_steps=args.num_steps,
                                sampler=args.sampler, eta=args.eta, clip_denoised=args.clip_denoised,
-                               labels=labels, guidance=w, langevin_steps=args.langevin_steps,
-                               langevin_snr=args.langevin_snr)
+                               labels=labels, guidance=w, langevin_steps=langevin_steps,
+                               langevin_snr=langevin_snr)
       if classifier is None:
         train = data["train"]
         classifier = train_classifier(np.asarray(train.images), np.asarray(train.labels), steps=args.classifier_steps,
@@ -184,9 +186,9 @@ def main(argv=None):
       record = evaluate_samples(samples, data["train"], data["test"], classifier_steps=args.classifier_steps,
                                 seed=args.seed, classifier=classifier, sample_labels=labels)
       record.update(step=trained.step, num_steps=args.num_steps, sampler=args.sampler, eta=args.eta,
-                    clip_denoised=args.clip_denoised, langevin_steps=args.langevin_steps)
-      if args.langevin_steps:
-        record["langevin_snr"] = args.langevin_snr
+                    clip_denoised=args.clip_denoised, langevin_steps=langevin_steps)
+      if langevin_steps:
+        record["langevin_snr"] = langevin_snr
       if labels is not None:
         record["guidance"] = w
       print(json.dumps(record), flush=True)
