@@ -26,6 +26,17 @@ def test_frechet_distance_of_gaussians_matches_the_closed_form():
     sample_quality.frechet_distance(f1, f2[:, :3])
 
 
+def test_the_bootstrap_std_is_the_spread_of_the_fd_over_independent_draws():
+  rng = np.random.default_rng(0)
+  d, n = 16, 300
+  reference = rng.normal(size=(20_000, d))
+  draw = lambda: 0.3 + 1.2 * rng.normal(size=(n, d))  # noqa: E731  samples off the reference: FD ≈ 2.4 ± 0.2
+  spread = np.std([sample_quality.frechet_distance(draw(), reference) for _ in range(200)])
+  estimates = [sample_quality.bootstrap_std(draw(), reference, seed=k) for k in range(5)]
+  assert 0.6 * spread < np.mean(estimates) < 1.5 * spread
+  assert sample_quality.bootstrap_std(reference[:n], reference) < 0.5 * spread  # from the reference itself
+
+
 def test_the_classifier_tells_digits_apart_and_real_digits_are_closer_than_noise():
   data = input_pipeline.load_dataset("mnist5k")
   train, test = data["train"], data["test"]
@@ -36,6 +47,8 @@ def test_the_classifier_tells_digits_apart_and_real_digits_are_closer_than_noise
   record = sample_quality.evaluate_samples(noise, train, test, classifier=classifier)
   assert record["classifier_test_accuracy"] > 0.9
   assert record["fd_samples"] > 20 * record["fd_test"]  # noise is far; held-out digits are close
+  assert 0 < record["fd_samples_std"] < 0.1 * record["fd_samples"]
+  assert record["fd_ratio_std"] == pytest.approx(record["fd_samples_std"] / record["fd_test"])
   coarse = sample_quality.evaluate_samples(blurred, train, test, classifier=classifier)
   assert record["fd_test"] < coarse["fd_samples"] < record["fd_samples"]
   # Samples drawn "for" classes: the share the classifier assigns to them (here: the test digits' own labels).
