@@ -14,6 +14,8 @@ samples stray from the data. Report it beside the same figure for held-out
 real images (the test split against the training split): that is what
 "as close as real data" means for this feature extractor. Figures from
 different classifiers (other seeds, steps or data) are not comparable.
+``fd_samples_std`` is the bootstrap spread of the samples' FD (over
+resamples of them): differences below about twice it are noise.
 
     python -m vdm.sample_quality --workdir=runs/mnist     # one JSON line
     python -m vdm.sample_quality --workdir=runs/mnist_cond --guidance=0,1,3   # one line per weight
