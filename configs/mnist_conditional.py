@@ -30,7 +30,6 @@ def get_config():
   config.training.checkpoint_every = 600
   config.optimizer.decay = "constant"
   config.model.loss_weighting = "eps_mse"
-  config.eval.langevin_steps = 0  # its figures were measured without the corrector
   config.model.num_classes = 10
   config.model.label_dropout = 0.1
   config.eval.num_samples = 80  # 10 rows (one per digit) of 8

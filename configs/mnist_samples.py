@@ -61,5 +61,4 @@ def get_config():
   config.training.batch_size = 16
   config.training.num_steps = 8000
   config.training.checkpoint_every = 2000
-  config.eval.langevin_steps = 1  # sample.py, vdm.sample_quality and the training grids: a corrector per step
   return config
