@@ -116,7 +116,9 @@ def bootstrap_std(features: np.ndarray, reference: np.ndarray, resamples: int = 
 
   How much the FD of N samples moves from one draw of N to the next (the
   reference set held fixed): two settings whose FDs differ by less than
-  about twice this are not told apart by one draw each.
+  about twice this are not told apart by one draw each. With few samples
+  per feature it overstates the spread: for 500 Gaussian samples of 128
+  features, 0.78 against the 0.51 of 100 independent draws (README).
   """
   rng = np.random.default_rng(seed)
   n = len(features)
