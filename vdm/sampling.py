@@ -80,11 +80,13 @@ def ddim_step(z_t: ArrayLike, eps_hat: ArrayLike, gamma_t: ArrayLike, gamma_s: A
 
 def langevin_step(z_t: ArrayLike, eps_hat: ArrayLike, gamma_t: ArrayLike, snr: float,
                   noise: ArrayLike) -> jax.Array:
-  """One Langevin corrector step at time t (Song et al. 2021, Algorithm 5, "predictor–corrector").
+  """One Langevin corrector step at time t (Song et al. 2021, App. G: the predictor–corrector sampler).
 
   A step of Langevin dynamics on the marginal q(z_t), which leaves it
   invariant as the step size → 0: z ← z + δ s + √(2δ) ξ with the score
-  s = −ε̂/σ_t and, per example, δ = 2 (r ‖ξ‖ / ‖s‖)², r = ``snr``.
+  s = −ε̂/σ_t and δ = 2 (r ‖ξ‖ / ‖s‖)², r = ``snr``. Song et al. average
+  the two norms over the batch; here they are each example's, so a sample
+  does not depend on the others in its batch.
 
   Args:
     z_t, eps_hat: ``[B, …]``; ε̂ taken at z_t.
