@@ -1,5 +1,6 @@
 """vdm.load and sample.py on a smoke checkpoint."""
 
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,29 @@ def test_with_execution_changes_how_the_network_computes_not_what(workdir, tmp_p
   proc = _sample_cli(f"--workdir={workdir}", "--num_samples=2", "--num_steps=2", "--dtype=float16",
                      f"--output={tmp_path}")
   assert proc.returncode == 2 and "execution.dtype" in proc.stderr
+
+
+def test_sample_quality_scores_several_seeds_and_their_mean(workdir, capsys):
+  from vdm import sample_quality
+  sample_quality.main([f"--workdir={workdir}", "--num_samples=12", "--num_steps=2", "--classifier_steps=3",
+                       "--seed=0,1,2"])
+  lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+  assert len(lines) == 4 and [r["seed"] for r in lines[:3]] == [0, 1, 2]
+  ratios = np.array([r["fd_ratio"] for r in lines[:3]])
+  assert len(set(ratios.tolist())) == 3  # other samples and another classifier per seed
+  summary = lines[3]
+  assert summary["seeds"] == [0, 1, 2] and summary["fd_ratios"] == ratios.tolist()
+  assert summary["fd_ratio_mean"] == pytest.approx(ratios.mean())
+  assert summary["fd_ratio_sem"] == pytest.approx(np.std(ratios, ddof=1) / np.sqrt(3))
+  assert summary["step"] == 4 and summary["num_steps"] == 2 and "label_accuracy_mean" not in summary
+  # One seed: its line alone, the same as that seed's line among several.
+  sample_quality.main([f"--workdir={workdir}", "--num_samples=12", "--num_steps=2", "--classifier_steps=3",
+                       "--seed=1"])
+  assert [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()] == [lines[1]]
+  for bad in ("1,x", "0,0", ""):
+    with pytest.raises(SystemExit) as stop:
+      sample_quality.main([f"--workdir={workdir}", f"--seed={bad}"])
+    assert stop.value.code == 2
+    assert "--seed: expected distinct integers" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="two or more seeds"):
+    sample_quality.summarize(lines[:1])

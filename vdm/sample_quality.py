@@ -15,9 +15,13 @@ real images (the test split against the training split): that is what
 "as close as real data" means for this feature extractor. Figures from
 different classifiers (other seeds, steps or data) are not comparable.
 ``fd_samples_std`` is the bootstrap spread of the samples' FD (over
-resamples of them): differences below about twice it are noise.
+resamples of them): differences below about twice it are noise. To compare
+two models, score each with several seeds (``--seed=0,1,2``: each draws
+other samples and trains its own classifier): a last line gives the mean
+FD ratio over the seeds and its standard error.
 
     python -m vdm.sample_quality --workdir=runs/mnist     # one JSON line
+    python -m vdm.sample_quality --workdir=runs/mnist --seed=0,1,2   # one line per seed, and their mean
     python -m vdm.sample_quality --workdir=runs/mnist_cond --guidance=0,1,3   # one line per weight
 
 For a class-conditional model the samples are drawn for the classes in
@@ -157,6 +161,24 @@ def evaluate_samples(samples: np.ndarray, train, test, *, classifier_steps: int 
   return record
 
 
+def summarize(records: list[dict]) -> dict:
+  """The mean over seeds of per-seed records of :func:`evaluate_samples`, with standard errors.
+
+  ``fd_ratio_mean`` ± ``fd_ratio_sem``: each seed has its own samples and
+  classifier, so the spread between seeds holds both sources of noise.
+  """
+  if len(records) < 2:
+    raise ValueError(f"summarize: expected records of two or more seeds, got {len(records)}")
+  summary = {"seeds": [r.get("seed") for r in records]}
+  for key in ("fd_ratio", "fd_samples", "fd_test", "label_accuracy"):
+    if all(key in r for r in records):
+      values = np.array([r[key] for r in records], np.float64)
+      summary[f"{key}_mean"] = float(values.mean())
+      summary[f"{key}_sem"] = float(values.std(ddof=1) / np.sqrt(len(values)))
+  summary["fd_ratios"] = [r["fd_ratio"] for r in records]
+  return summary
+
+
 def main(argv=None):
   import argparse  # noqa: PLC0415
   import json  # noqa: PLC0415
@@ -176,7 +198,7 @@ def main(argv=None):
                       "sampler step (default: the checkpoint config's eval.langevin_steps)")
   parser.add_argument("--langevin_snr", type=float, default=None, help="the corrector's step size r (default: "
                       "the config's eval.langevin_snr)")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", default="0", help="one seed, or several (0,1,2): one line each, then their mean")
   parser.add_argument("--classifier_steps", type=int, default=600)
   parser.add_argument("--guidance", default="0", help="a conditional model: guidance weights, e.g. 0,1,3 "
                       "(one JSON line each; samples cycle through the classes)")
@@ -187,29 +209,46 @@ def main(argv=None):
     print(f"error: --guidance: expected numbers separated by commas, got {args.guidance!r}", file=sys.stderr)
     sys.exit(2)
   try:
+    seeds = [int(s) for s in args.seed.split(",")]
+  except ValueError:
+    seeds = []
+  if not seeds or len(set(seeds)) != len(seeds):
+    print(f"error: --seed: expected distinct integers separated by commas, got {args.seed!r}", file=sys.stderr)
+    sys.exit(2)
+  try:
     trained = vdm.load(args.workdir)
     data = input_pipeline.load_dataset(trained.config.data.dataset, trained.config.data.data_dir)
     labels = np.arange(args.num_samples) % trained.num_classes if trained.num_classes else None
     langevin_steps, langevin_snr = trained.langevin(args.sampler, args.langevin_steps, args.langevin_snr)
-    classifier = None
-    for w in weights if labels is not None else [0.0]:
-      samples = trained.sample(jax.random.key(args.seed), args.num_samples, num_steps=args.num_steps,
-                               sampler=args.sampler, eta=args.eta, clip_denoised=args.clip_denoised,
-                               labels=labels, guidance=w, langevin_steps=langevin_steps,
-                               langevin_snr=langevin_snr)
-      if classifier is None:
-        train = data["train"]
-        classifier = train_classifier(np.asarray(train.images), np.asarray(train.labels), steps=args.classifier_steps,
-                                      seed=args.seed) if train.labels is not None else None
-      record = evaluate_samples(samples, data["train"], data["test"], classifier_steps=args.classifier_steps,
-                                seed=args.seed, classifier=classifier, sample_labels=labels)
-      record.update(step=trained.step, num_steps=args.num_steps, sampler=args.sampler, eta=args.eta,
+    settings = dict(step=trained.step, num_steps=args.num_steps, sampler=args.sampler, eta=args.eta,
                     clip_denoised=args.clip_denoised, langevin_steps=langevin_steps)
-      if langevin_steps:
-        record["langevin_snr"] = langevin_snr
-      if labels is not None:
-        record["guidance"] = w
-      print(json.dumps(record), flush=True)
+    if langevin_steps:
+      settings["langevin_snr"] = langevin_snr
+    records = {}  # guidance weight: one record per seed
+    for seed in seeds:
+      classifier = None
+      for w in weights if labels is not None else [0.0]:
+        samples = trained.sample(jax.random.key(seed), args.num_samples, num_steps=args.num_steps,
+                                 sampler=args.sampler, eta=args.eta, clip_denoised=args.clip_denoised,
+                                 labels=labels, guidance=w, langevin_steps=langevin_steps,
+                                 langevin_snr=langevin_snr)
+        if classifier is None:
+          train = data["train"]
+          classifier = train_classifier(np.asarray(train.images), np.asarray(train.labels),
+                                        steps=args.classifier_steps, seed=seed) if train.labels is not None else None
+        record = evaluate_samples(samples, data["train"], data["test"], classifier_steps=args.classifier_steps,
+                                  seed=seed, classifier=classifier, sample_labels=labels)
+        record.update(seed=seed, **settings)
+        if labels is not None:
+          record["guidance"] = w
+        records.setdefault(w, []).append(record)
+        print(json.dumps(record), flush=True)
+    for w, group in records.items():
+      if len(group) > 1:
+        summary = {**summarize(group), **settings}
+        if labels is not None:
+          summary["guidance"] = w
+        print(json.dumps(summary), flush=True)
   except (ConfigError, FileNotFoundError, input_pipeline.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
