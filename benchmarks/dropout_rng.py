@@ -3,10 +3,13 @@
     python benchmarks/dropout_rng.py                       # the CIFAR-10 block's activations at batch 128
     python benchmarks/dropout_rng.py --shape=8,32,32,128 --repeats=5
 
-One jitted ``jax.random.bernoulli`` of ``shape`` per generator (keep rate
-0.9, as dropout 0.1), seeded as the train step seeds it
-(``vdm.train_step.make_dropout_key``); the median of ``repeats`` timed
-calls after one warm call. A block of the paper's network draws one such
+One jitted mask of ``shape`` per generator (keep rate 0.9, as dropout 0.1),
+seeded as the train step seeds it (``vdm.train_step.make_dropout_key``) and
+drawn as the network draws it (``vdm.dropout.draw_keep``: for "philox",
+one Philox call per eight activations), and, for comparison, the same
+Philox key through ``jax.random.bernoulli`` (32 bits of a whole call per
+activation; "philox_bernoulli"); the median of ``repeats`` timed calls
+after one warm call. A block of the paper's network draws one such
 mask per training step (and again when remat recomputes it).
 """
 
@@ -18,7 +21,7 @@ from absl import app, flags
 
 import jax
 from vdm import config as config_lib
-from vdm import train_step
+from vdm import dropout, train_step
 
 _SHAPE = flags.DEFINE_list("shape", ["128", "32", "32", "128"], "mask shape, e.g. 128,32,32,128")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls per generator")
@@ -27,8 +30,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls per generator")
 def main(_):
   shape = tuple(int(v) for v in _SHAPE.value)
   rows = []
-  for impl in config_lib.DROPOUT_RNGS:
-    draw = jax.jit(lambda key, impl=impl: jax.random.bernoulli(train_step.make_dropout_key(key, impl), 0.9, shape))
+  for impl in list(config_lib.DROPOUT_RNGS) + ["philox_bernoulli"]:
+    if impl == "philox_bernoulli":
+      draw = jax.jit(lambda key: jax.random.bernoulli(train_step.make_dropout_key(key, "philox"), 0.9, shape))
+    else:
+      draw = jax.jit(lambda key, impl=impl: dropout.draw_keep(train_step.make_dropout_key(key, impl), 0.9, shape)[0])
     key = jax.random.key(0)
     mask = draw(key).block_until_ready()  # warm: compile
     keys = [jax.random.fold_in(key, i) for i in range(_REPEATS.value)]  # a new mask each call

@@ -31,6 +31,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from vdm import convolution
+from vdm import dropout as dropout_lib
 
 Dtype = Any
 
@@ -178,7 +179,7 @@ class ResnetBlock(nn.Module):
     h = h + nn.Dense(self.channels, use_bias=False, kernel_init=nn.initializers.zeros,
                      dtype=self.dtype, name="Dense_0")(cond)[:, None, None, :]
     h = nn.swish(_group_norm(self.channels, self.dtype, self.norm_groups, name="GroupNorm_1")(h))
-    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = dropout_lib.Dropout(self.dropout)(h, deterministic)
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True, name="Conv_1")(h), "conv")
     if width != self.channels:
       x = (_PartsDense(self.channels, self.dtype, name="skip")(parts) if split

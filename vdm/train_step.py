@@ -75,9 +75,11 @@ def make_dropout_key(key: jax.Array, impl: str) -> jax.Array:
   """The key the dropout masks of a step are drawn from, seeded from ``key`` (a threefry key).
 
   Threefry's 20 rounds cost several ms a step on a GPU (README,
-  Performance). "philox": JAX's Philox4x32 (10 rounds; on this project's
-  CPU a mask takes 0.06–0.23× threefry's time, benchmarks/dropout_rng.py),
-  like threefry the same bits on every backend and sharding. "rbg": XLA's RngBitGenerator, the
+  Performance). "philox": a Philox4x32 key, from which :mod:`vdm.dropout`
+  draws each mask with one Philox4x32-10 call per eight activations (on
+  this project's CPU a mask takes ≈0.02× threefry's time,
+  benchmarks/dropout_rng.py), like threefry the same bits on every backend
+  and sharding. "rbg": XLA's RngBitGenerator, the
   accelerator's own generator; its bits differ between CPU, GPU and TPU
   and it is not efficiently shardable (with the batch over several
   devices, each may draw the masks of the whole batch). Either way the
