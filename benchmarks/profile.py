@@ -53,24 +53,27 @@ def _key(name: str) -> str:
   return re.sub(r"[.\-]", "_", name)
 
 
-def hlo_sources(hlo_text: str) -> dict:
-  """Instruction name (as kernels are named) → its JAX source: module path and primitive, transforms unwrapped.
+def source(op_name: str) -> str:
+  """An instruction's JAX source from its ``op_name``: module path and primitive, transforms unwrapped.
 
   ``jit(steps)/transpose(jvp(ScoreUNet))/down/resnet/GroupNorm_0/reduce_sum`` →
   ``ScoreUNet/down/resnet/GroupNorm_0/reduce_sum [bwd]``.
   """
-  sources = {}
-  for match in re.finditer(r'^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]*)"', hlo_text, re.M):
-    segments = match.group(2).split("/")[1:]  # without jit(<step>)
-    backward = any(s.startswith("transpose(") for s in segments)
-    plain = []
-    for segment in segments:
-      while re.match(r"^(jvp|transpose|vmap|remat|checkpoint)\((.*)\)$", segment):
-        segment = re.match(r"^\w+\((.*)\)$", segment).group(1)
-      if segment and not _NOISE.match(segment):
-        plain.append(segment)
-    sources[_key(match.group(1))] = "/".join(plain) + (" [bwd]" if backward else "")
-  return sources
+  segments = op_name.split("/")[1:]  # without jit(<step>)
+  backward = any(s.startswith("transpose(") for s in segments)
+  plain = []
+  for segment in segments:
+    while re.match(r"^(jvp|transpose|vmap|remat|checkpoint)\((.*)\)$", segment):
+      segment = re.match(r"^\w+\((.*)\)$", segment).group(1)
+    if segment and not _NOISE.match(segment):
+      plain.append(segment)
+  return "/".join(plain) + (" [bwd]" if backward else "")
+
+
+def hlo_sources(hlo_text: str) -> dict:
+  """Instruction name (as kernels are named) → its :func:`source`."""
+  return {_key(match.group(1)): source(match.group(2)) for match in re.finditer(
+      r'^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]*)"', hlo_text, re.M)}
 
 
 def summarize(path: str, steps: int, top: int = 30, hlo_text: str = "") -> dict:

@@ -21,7 +21,6 @@ line gives each variant's figures as ratios to the first. Prints one JSON
 object per line and appends them to benchmarks/results.jsonl.
 """
 
-import ast
 import copy
 import os
 import platform
@@ -127,59 +126,17 @@ def model_flops(config, batch) -> float:
   return flops.count(train_step.make_train_fn(plain, model, optimizer, mesh), jax.eval_shape(init), batch)
 
 
-def _value(text: str):
-  literal = text[:1].isdigit() or text[:1] == "(" or text in ("True", "False", "None")
-  return ast.literal_eval(text) if literal else text
-
-
-def _split(text: str) -> list[str]:
-  """Splits at the commas outside parentheses: "a=(1,2),b=3" → ["a=(1,2)", "b=3"]."""
-  parts, depth, start = [], 0, 0
-  for i, char in enumerate(text):
-    depth += {"(": 1, ")": -1}.get(char, 0)
-    if char == "," and depth == 0:
-      parts.append(text[start:i])
-      start = i + 1
-  return parts + [text[start:]]
-
-
-def _variants() -> list[dict]:
-  """Each variant as {field: value}; [{}] (the config as given) without --sweep/--variant."""
-  if _SWEEP.value:
-    field, _, values = _SWEEP.value.partition("=")
-    if not field or not values:
-      raise app.UsageError(f"--sweep: expected FIELD=V1,V2,… (tuples in parentheses), got {_SWEEP.value!r}")
-    return [{field: _value(v)} for v in _split(values)]
-  variants = []
-  for spec in _VARIANT.value:
-    pairs = [p.partition("=") for p in _split(spec)]
-    if any(not f or not v for f, _, v in pairs):
-      raise app.UsageError(f"--variant: expected FIELD=V[,FIELD=V…], got {spec!r}")
-    variants.append({f: _value(v) for f, _, v in pairs})
-  return variants or [{}]
-
-
-def _set(config, field: str, value) -> None:
-  *parents, leaf = field.split(".")
-  node = config
-  for name in parents:
-    node = node[name]
-  if leaf not in node:
-    raise app.UsageError(f"--sweep: the config has no field {field!r}")
-  node[leaf] = value
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
   shape = tuple(int(s) for s in _SHAPE.value.split(","))
   batch = _BATCH.value or config.training.batch_size
-  variants = _variants()
+  variants = common.variants(_SWEEP.value, _VARIANT.value)
   results = []
   for index, fields in enumerate(variants):
     variant = copy.deepcopy(config)
     for field, value in fields.items():
-      _set(variant, field, value)
+      common.set_field(variant, field, value)
     profile_to = os.path.join(_PROFILE.value, f"train_step_{index}.xplane.pb.gz") if _PROFILE.value else ""
     try:
       result = measure(variant, batch, shape, _REPEATS.value, _COMPILE_ONLY.value, profile_to)

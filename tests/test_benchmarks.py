@@ -200,3 +200,27 @@ def test_plot_gamma_draws_each_curve_where_it_lies(tmp_path):
   assert plot_gamma.COLOURS[1] in colour_near(0.5, -8.0)
   assert plot_gamma.COLOURS[0] not in colour_near(0.5, -8.0)
   assert plot_gamma._split("a = 1=runs/x", "run") == ("a = 1", "runs/x")
+
+
+def test_gpu_compile_counts_each_launch_and_the_bytes_of_a_loops_slice():
+  from benchmarks import gpu_compile
+
+  def scanned(xs, h):
+    def body(h, x):
+      h = jnp.tanh(h * 2.0 + x)
+      return h, jnp.sin(h)
+    return jax.lax.scan(body, h, xs)
+
+  xs, h = jnp.ones((7, 64, 32)), jnp.ones((64, 32))
+  found = gpu_compile.kernels(jax.jit(scanned).lower(xs, h).compile().as_text())
+  in_loop = [k for k in found if k["launches"] == 7]
+  assert in_loop and all(k["launches"] in (1, 7) for k in found)  # the body's kernels, once per iteration
+  tanh = next(k for k in in_loop if "tanh" in k["name"])
+  assert tanh["out_bytes"] == 64 * 32 * 4 and max(tanh["operand_bytes"]) == 64 * 32 * 4  # x: one slice of xs
+  update = next(k for k in in_loop if "update" in k["name"])
+  assert update["out_bytes"] == 64 * 32 * 4  # the stacked output, written one slice at a time
+  summary = gpu_compile.summarize(found, top=3)
+  assert summary["kernels_per_step"] == sum(k["launches"] for k in found)
+  assert summary["gb_per_step"] == pytest.approx(sum(k["launches"] * gpu_compile.traffic(k) for k in found) / 1e9,
+                                                 abs=0.01)
+  assert gpu_compile.nbytes("(bf16[2,3]{1,0}, f32[4]{0}, pred[])") == 12 + 16 + 1

@@ -10,11 +10,13 @@ import os
 import signal
 import sys
 import time
+from typing import Optional
 
 import jax
 import ml_collections
 import numpy as np
 import tqdm
+from jax.sharding import Mesh
 
 from vdm import checkpoints, evaluation, files, images, input_pipeline, preemption, reference, sampling, sharding
 from vdm import config as config_lib
@@ -97,15 +99,16 @@ def save_schedule(workdir: str, model, params, step: int) -> str:
   return path
 
 
-def setup(config: ml_collections.ConfigDict, image_shape):
+def setup(config: ml_collections.ConfigDict, image_shape, mesh: Optional[Mesh] = None):
   """Validates, builds the model and optimiser, and the mesh; checks the batch split.
 
   Returns (model, optimizer, mesh, init): ``init()`` makes the TrainState,
-  replicated over the mesh.
+  replicated over the mesh (default: every device; benchmarks/gpu_compile.py
+  passes one of devices that are not here).
   """
   config_lib.validate(config)
   config_lib.check_image_shape(config, image_shape)
-  mesh = sharding.make_mesh()
+  mesh = mesh or sharding.make_mesh()
   sharding.check_batch(config.training.batch_size // config.training.grad_accum_steps,
                        "training.batch_size (per micro-batch: batch_size / grad_accum_steps)")
   model = config_lib.build_model(config)

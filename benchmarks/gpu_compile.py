@@ -1,0 +1,241 @@
+"""The train step as a GPU would run it, compiled on a machine without one: its kernels, counted.
+
+    pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # the CUDA plugin; no GPU needed
+    python benchmarks/gpu_compile.py --config=configs/cifar10.py
+    python benchmarks/gpu_compile.py --config=configs/cifar10.py --target=h100 \
+        --variant=execution.dropout_rng=threefry --variant=execution.dropout_rng=philox --save_hlo=out/
+
+XLA compiles for a GPU it is only told about (deviceless ahead-of-time
+compilation: ``jax.experimental.topologies`` with a target description of
+an H200 or H100), so the program's structure can be studied where no GPU
+is lent: how many kernels one step launches, of which kinds, moving how
+many bytes. These are the figures a step's memory-bound time follows (on
+an H200 a small kernel costs about 2 µs however little it does, and moving
+a byte costs 1/4.8 TB/s); compute-bound kernels (convolutions, random
+bits) and the device's own copies of loop carries are not timed by it.
+Measured on an H200 (README, Performance), JAX 0.11.2 launched the same
+kernel families in the same numbers as this script finds with JAX 0.10.2
+(``input_reduce_fusion``: 2,074 there, 2,110 here; 1,072 and 1,072 of
+``loop_multiply_fusion``). Autotuning needs the device, so gemm and
+convolution algorithms are XLA's defaults. Configs' ``"auto"`` fields
+resolve as on a GPU (bf16 blocks, XLA's convolution gradient).
+
+One JSON record per variant (kernels per step, bytes, by kind and by
+family, the largest by source); with several, a last line of ratios.
+"""
+
+import collections
+import copy
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs JAX; the GPU is only a compilation target
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the CUDA plugin loads without a driver
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common, profile  # noqa: E402
+from vdm import sharding, train_step, training  # noqa: E402
+
+# XLA's GpuTargetConfig for the devices compiled for (their published figures; dnn/runtime versions of CUDA 12).
+_DEVICE = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {memory} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{name}"
+"""
+TARGETS = {"h200": dict(name="NVIDIA H200", bandwidth=4_800_000_000_000, memory=150_000_000_000),
+           "h100": dict(name="NVIDIA H100 80GB HBM3", bandwidth=3_352_320_000_000, memory=84_929_347_584)}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
+_TARGET = flags.DEFINE_enum("target", "h200", sorted(TARGETS), "The GPU compiled for.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch.")
+_SHAPE = flags.DEFINE_string("image_shape", "32,32,3", "H,W,C of the images.")
+_SWEEP = flags.DEFINE_string("sweep", "", "FIELD=V1,V2,…: each value of one config field, side by side.")
+_VARIANT = flags.DEFINE_multi_string("variant", [], "FIELD=V[,FIELD=V…]: one variant (repeat the flag); "
+                                     "the first is the baseline of the ratios.")
+_TOP = flags.DEFINE_integer("top", 12, "Kernel families and sources listed per variant.")
+_SAVE = flags.DEFINE_string("save_hlo", "", "DIR: write each variant's compiled HLO text there.")
+flags.mark_flag_as_required("config")
+
+_SHAPES = re.compile(r"\b(pred|[su](?:8|16|32|64)|bf16|f16|f32|f64)\[([0-9,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+) .*\{\s*$")
+# Instructions that launch nothing: bookkeeping, control flow (its bodies are walked), in-place views.
+_NO_KERNEL = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call", "conditional",
+              "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "copy-start",
+              "copy-done", "async-start", "async-done", "get-dimension-size"}
+
+
+def nbytes(type_text: str) -> int:
+  """Bytes of every array in an HLO type (a tuple's summed): ``bf16[2,3]{1,0}`` → 12."""
+  return sum(_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d])) for dtype, dims
+             in _SHAPES.findall(type_text))
+
+
+def kernels(hlo_text: str) -> list[dict]:
+  """Every kernel of a compiled, scheduled HLO module, once per launch in one execution.
+
+  Each: ``name``, ``family`` (the name without its number), ``launches``
+  (loop bodies times their known trip count), ``out_bytes`` and
+  ``operand_bytes`` (each operand's array; in a loop, a stacked array's
+  slice, :func:`_per_iteration`, and so is the stacked output of an update
+  in place), ``target`` (a
+  custom call's, e.g. ``__cudnn$convForward``) and the instruction's
+  ``op_name``.
+  """
+  computations, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match:
+      current = match.group(2)
+      computations[current] = []
+      entry = current if match.group(1) else entry
+    elif line.startswith("}"):
+      current = None
+    elif current and (match := _INSTRUCTION.match(line)):
+      computations[current].append(match.groups())
+  types = {name: text for body in computations.values() for name, text, _, _ in body}
+  found = []
+
+  def walk(computation: str, launches: int, trips: int) -> None:
+    for name, type_text, op, rest in computations[computation]:
+      if op == "while":
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+        n = int(known.group(1)) if known else 1
+        walk(re.search(r"body=%([\w.\-]+)", rest).group(1), launches * n, n)
+      elif op in ("call", "conditional"):
+        for called in re.findall(r"(?:to_apply=|computations=\{|computation=)%([\w.\-]+)", rest):
+          walk(called, launches, trips)
+      elif op not in _NO_KERNEL:
+        operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        source = re.search(r'op_name="([^"]+)"', rest)
+        found.append({"name": name, "family": re.sub(r"[._]\d+$", "", name), "launches": launches,
+                      "out_bytes": (_per_iteration(type_text, trips) if re.search("update.slice", name)
+                                    else nbytes(type_text)),
+                      "operand_bytes": [_per_iteration(types.get(o, ""), trips) for o in operands],
+                      "target": target.group(1) if target else "", "op_name": source.group(1) if source else ""})
+
+  walk(entry, 1, 1)
+  return found
+
+
+def _per_iteration(type_text: str, trips: int) -> int:
+  """An operand's bytes; inside a loop of ``trips`` iterations, a stacked one (leading dimension ``trips``
+  or one more: the scanned blocks' parameters, activations and skips) counts as the one slice read."""
+  shape = _SHAPES.search(type_text)
+  leading = shape and shape.group(2).split(",")[0]
+  if trips > 1 and leading and int(leading) in (trips, trips + 1) and type_text.lstrip()[:1] != "(":
+    return nbytes(type_text) // int(leading)
+  return nbytes(type_text)
+
+
+def traffic(kernel: dict) -> int:
+  """Bytes one launch reads and writes (operands and output as :func:`kernels` counts them)."""
+  return sum(kernel["operand_bytes"]) + kernel["out_bytes"]
+
+
+def kind(kernel: dict) -> str:
+  """profile.py's kinds of work, with custom calls (cuDNN, cuBLAS) as matmul/conv."""
+  return "matmul/conv" if kernel["target"] else profile._kind(kernel["family"])
+
+
+def summarize(found: list[dict], top: int) -> dict:
+  """Kernels per step and gigabytes moved: in all, by kind, the ``top`` families and sources."""
+  by = {"kind": collections.defaultdict(lambda: [0, 0.0]), "family": collections.defaultdict(lambda: [0, 0.0]),
+        "source": collections.defaultdict(lambda: [0, 0.0])}
+  for k in found:
+    moved = k["launches"] * traffic(k) / 1e9
+    for key, value in (("kind", kind(k)), ("family", k["target"] or k["family"]),
+                       ("source", profile.source(k["op_name"]) if k["op_name"] else k["name"])):
+      by[key][value][0] += k["launches"]
+      by[key][value][1] += moved
+  table = lambda d, n=None: {name: {"kernels": c, "gb": round(g, 2)} for name, (c, g)  # noqa: E731
+                             in sorted(d.items(), key=lambda kv: -kv[1][1])[:n]}
+  return {"kernels_per_step": sum(k["launches"] for k in found),
+          "gb_per_step": round(sum(k["launches"] * traffic(k) for k in found) / 1e9, 2),
+          "by_kind": table(by["kind"]), "top_families": table(by["family"], top),
+          "top_sources": table(by["source"], top)}
+
+
+def _as_on_gpu(config) -> None:
+  """The ``"auto"`` execution fields as a GPU resolves them (vdm.config.resolve_dtype / resolve_conv_grad)."""
+  if config.execution.dtype == "auto":
+    config.execution.dtype = "bfloat16"
+  if config.execution.conv_grad == "auto":
+    config.execution.conv_grad = "xla"
+
+
+def compile_step(config, mesh, batch_size: int, image_shape) -> tuple[str, float]:
+  """The compiled train step's HLO text for the devices of ``mesh``, and the seconds it took."""
+  config.training.batch_size = batch_size
+  model, optimizer, mesh, init = training.setup(config, image_shape, mesh=mesh)
+  rep = sharding.replicated(mesh)
+  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), jax.eval_shape(init))
+  batch = jax.ShapeDtypeStruct((1, batch_size) + tuple(image_shape), np.uint8,
+                               sharding=sharding.batch_sharding(mesh, 1))
+  start = time.perf_counter()
+  compiled = train_step.make_train_fn(config, model, optimizer, mesh).lower(state, batch).compile()
+  return compiled.as_text(), time.perf_counter() - start
+
+
+def target_mesh(target: str) -> jax.sharding.Mesh:
+  """A one-device mesh of a GPU that need not be here."""
+  from jax.experimental import topologies  # noqa: PLC0415
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", target_config=_DEVICE.format(**TARGETS[target]),
+                                            topology="1x1x1")
+  except (NotImplementedError, RuntimeError) as error:
+    raise app.UsageError(f"compiling for a GPU needs JAX's CUDA plugin (no GPU): pip install "
+                         f"\"jax[cuda12]=={jax.__version__}\" ({str(error).splitlines()[0]})") from error
+  return jax.sharding.Mesh(np.asarray(topology.devices), ("data",))
+
+
+def main(argv):
+  del argv
+  mesh = target_mesh(_TARGET.value)
+  shape = tuple(int(s) for s in _SHAPE.value.split(","))
+  variants, results = common.variants(_SWEEP.value, _VARIANT.value), []
+  for index, fields in enumerate(variants):
+    config = copy.deepcopy(_CONFIG.value)
+    for field, value in fields.items():
+      common.set_field(config, field, value)
+    _as_on_gpu(config)
+    hlo, seconds = compile_step(config, mesh, _BATCH.value, shape)
+    if _SAVE.value:
+      os.makedirs(_SAVE.value, exist_ok=True)
+      with open(os.path.join(_SAVE.value, f"gpu_compile_{index}.hlo.txt"), "w") as f:
+        f.write(hlo)
+    result = {"benchmark": "gpu_compile", "target": TARGETS[_TARGET.value]["name"], "variant": fields,
+              "batch_size": _BATCH.value, "image_shape": list(shape), "jax": jax.__version__, "compile_s": seconds,
+              **summarize(kernels(hlo), _TOP.value)}
+    results.append(result)
+    common.emit(result)
+  if len(results) > 1:
+    name = lambda fields: ",".join(f"{k}={v}" for k, v in fields.items())  # noqa: E731
+    common.emit({"benchmark": "gpu_compile_ratios", "baseline": name(variants[0]),
+                 "ratios": {name(f): {key: r[key] / results[0][key] for key in ("kernels_per_step", "gb_per_step")}
+                            for f, r in zip(variants, results)}})
+
+
+if __name__ == "__main__":
+  app.run(main)
