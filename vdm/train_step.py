@@ -77,7 +77,7 @@ def make_dropout_key(key: jax.Array, impl: str) -> jax.Array:
   Threefry's 20 rounds cost several ms a step on a GPU (README,
   Performance). "philox": a Philox4x32 key, from which :mod:`vdm.dropout`
   draws each mask with one Philox4x32-10 call per eight activations (on
-  this project's CPU a mask takes ≈0.02× threefry's time,
+  this project's CPU a mask takes 0.13× threefry's time,
   benchmarks/dropout_rng.py), like threefry the same bits on every backend
   and sharding. "rbg": XLA's RngBitGenerator, the
   accelerator's own generator; its bits differ between CPU, GPU and TPU
