@@ -57,11 +57,12 @@ print(json.dumps({"backend": jax.default_backend(), "device": d[0].device_kind, 
 EOF
 cat "$OUT/env.json" | tee -a "$LOG"
 
-# As shipped (bf16 blocks on accelerators, Philox masks, skips after the norm), then the variants that matter.
+# As shipped (bf16 blocks on accelerators, "packed" masks, skips after the norm), then the variants that matter:
+# the Philox masks it shipped with until 2026-11-28 first.
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
 # VARIANTS="A B …" (each a comma-separated list of config overrides) replaces the list below.
-read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto execution.dtype=float32 \
-execution.dtype=float32,execution.dropout_rng=threefry,execution.skip_concat=before_norm \
+read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto execution.dtype=auto,execution.dropout_rng=philox \
+execution.dtype=float32 execution.dtype=float32,execution.dropout_rng=threefry,execution.skip_concat=before_norm \
 execution.dtype=auto,execution.dropout_rng=rbg execution.dtype=auto,execution.remat=False}"
 step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
   --results="$OUT/train_step.jsonl" --profile="$TRACES" "${VARIANTS[@]/#/--variant=}"

@@ -5,11 +5,10 @@
 
 One jitted mask of ``shape`` per generator (keep rate 0.9, as dropout 0.1),
 seeded as the train step seeds it (``vdm.train_step.make_dropout_key``) and
-drawn as the network draws it (``vdm.dropout.draw_keep``: for "philox",
-one Philox call per eight activations), and, for comparison, the same
-Philox key through ``jax.random.bernoulli`` (32 bits of a whole call per
-activation; "philox_bernoulli"); the median of ``repeats`` timed calls
-after one warm call. A block of the paper's network draws one such
+drawn as the network draws it (``vdm.dropout.draw_keep``: for "packed",
+one Threefry call per four activations; for the others
+``jax.random.bernoulli``, one call per activation); the median of
+``repeats`` timed calls after one warm call. A block of the paper's network draws one such
 mask per training step (and again when remat recomputes it).
 """
 
@@ -30,11 +29,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls per generator")
 def main(_):
   shape = tuple(int(v) for v in _SHAPE.value)
   rows = []
-  for impl in list(config_lib.DROPOUT_RNGS) + ["philox_bernoulli"]:
-    if impl == "philox_bernoulli":
-      draw = jax.jit(lambda key: jax.random.bernoulli(train_step.make_dropout_key(key, "philox"), 0.9, shape))
-    else:
-      draw = jax.jit(lambda key, impl=impl: dropout.draw_keep(train_step.make_dropout_key(key, impl), 0.9, shape)[0])
+  for impl in config_lib.DROPOUT_RNGS:
+    draw = jax.jit(lambda key, impl=impl: dropout.draw_keep(train_step.make_dropout_key(key, impl), 0.9, shape)[0])
     key = jax.random.key(0)
     mask = draw(key).block_until_ready()  # warm: compile
     keys = [jax.random.fold_in(key, i) for i in range(_REPEATS.value)]  # a new mask each call

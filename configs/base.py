@@ -76,9 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Convolution backward pass: "dot" (as matmuls; fast inside nn.scan on CPU), "xla" (XLA's own;
   # faster unrolled) or "auto" ("dot" for scanned blocks on CPU, else "xla").
   config.execution.conv_grad = "auto"
-  # The PRNG of the dropout masks: "threefry" (JAX's default), "philox" (fewer rounds, and one call per
-  # eight activations, vdm.dropout: cheaper; the same bits everywhere, like threefry) or "rbg" (the
-  # accelerator's own generator; its bits differ by backend).
+  # The PRNG of the dropout masks: "threefry" (JAX's default), "packed" (threefry keys, one call per four
+  # activations, vdm.dropout: cheaper; the same bits everywhere), "philox" (fewer rounds; with JAX 0.10.2
+  # not with the batch over several devices) or "rbg" (the accelerator's own; its bits differ by backend).
   config.execution.dropout_rng = "threefry"
   # Identical blocks per loop iteration of a scanned stack (nn.scan's unroll): fewer, larger
   # iterations; 1 compiles fastest.

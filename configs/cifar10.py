@@ -33,7 +33,7 @@ def get_config():
   config.data.dataset = "cifar10"
   config.execution.remat = True  # remat_policy "convs" (base): same FLOPs, 0.29× the activation memory
   config.execution.dtype = "auto"  # bf16 blocks on GPUs/TPUs, float32 on CPUs
-  config.execution.dropout_rng = "philox"
+  config.execution.dropout_rng = "packed"
   config.execution.skip_concat = "after_norm"
   config.training.log_every = 1000
   config.training.eval_every = 50_000

@@ -9,7 +9,7 @@ import optax
 from configs import smoke
 from perturbation import perturbed
 from vdm import config as config_lib
-from vdm import checkpoints, evaluation, input_pipeline, losses, train_step
+from vdm import checkpoints, dropout, evaluation, input_pipeline, losses, train_step
 from vdm import model as model_lib
 
 
@@ -241,7 +241,7 @@ def test_validation_names_the_field():
   config.model.schedule.name = "wobbly"
   with pytest.raises(config_lib.ConfigError, match="config.model.schedule.name: expected one of"):
     config_lib.validate(config)
-  for field, value, expected in [("dropout_rng", "xorshift", r"one of \('threefry', 'philox', 'rbg'\), got 'xorshift'"),
+  for field, value, expected in [("dropout_rng", "xorshift", r"one of \('threefry', 'philox', 'rbg', 'packed'\), got 'xorshift'"),
                                  ("scan_unroll", 0, "a positive integer"),
                                  ("skip_concat", "after", r"one of \('before_norm', 'after_norm'\)")]:
     config = smoke.get_config()
@@ -311,9 +311,10 @@ def test_bfloat16_runs_only_the_network_in_bfloat16():
 
 
 def test_dropout_prngs_repeat_with_the_seed_and_draw_other_masks_than_threefry():
-  """execution.dropout_rng="philox": masks from another generator seeded by the step's key, so the same state
-  and batch give the same step (runs repeat and resume exactly), with other masks than threefry's. ("rbg"
-  takes the same path: its key is checked below, its masks in the network by the device check.)"""
+  """execution.dropout_rng="packed" (and "philox"): masks from another generator seeded by the step's key, so
+  the same state and batch give the same step (runs repeat and resume exactly), with other masks than
+  threefry's. ("rbg" takes the same path: its key is checked below, its masks in the network by the device
+  check.)"""
   config = smoke.get_config()
   config.model.network.dropout = 0.5
   model, optimizer = config_lib.build_model(config), config_lib.build_optimizer(config)
@@ -321,24 +322,27 @@ def test_dropout_prngs_repeat_with_the_seed_and_draw_other_masks_than_threefry()
   state = state.replace(params=perturbed(state.params))  # every block gets a gradient
   raw = lambda s: s.replace(key=jax.random.key_data(s.key))  # noqa: E731
   stepped = {}
-  for impl, times in (("philox", 2), ("threefry", 1)):
+  for impl, times in (("packed", 2), ("philox", 1), ("threefry", 1)):
     config.execution.dropout_rng = impl
     fn = train_step.make_train_fn(config, model, optimizer)
     stepped[impl] = [jax.device_get(raw(fn(jax.tree.map(jnp.copy, state), _batch())[0])) for _ in range(times)]
-  for x, y in zip(jax.tree.leaves(stepped["philox"][0]), jax.tree.leaves(stepped["philox"][1])):
+  for x, y in zip(jax.tree.leaves(stepped["packed"][0]), jax.tree.leaves(stepped["packed"][1])):
     np.testing.assert_array_equal(x, y)
   # Other masks, other gradients (seen in Adam's first moment: the warm-up's first learning rate is 0).
   kernels = {impl: {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(s[0].opt_state[0].mu)
                     if "kernel" in jax.tree_util.keystr(p)} for impl, s in stepped.items()}
   assert len(kernels["threefry"]) > 10
-  assert all(not np.allclose(x, kernels["threefry"][k]) for k, x in kernels["philox"].items())
+  for other in ("packed", "philox"):
+    assert all(not np.allclose(x, kernels["threefry"][k]) for k, x in kernels[other].items())
+  assert all(not np.allclose(x, kernels["philox"][k]) for k, x in kernels["packed"].items())
 
 
-@pytest.mark.parametrize("impl", ["philox", "rbg"])
+@pytest.mark.parametrize("impl", ["philox", "rbg", "packed"])
 def test_dropout_key_keeps_the_rate_and_changes_with_the_step(impl):
   keys = [train_step.make_dropout_key(jax.random.fold_in(jax.random.key(0), n), impl) for n in range(2)]
-  assert jax.random.key_impl(keys[0]) == jax.random.key_impl(jax.random.key(0, impl=config_lib.DROPOUT_RNGS[impl]))
-  masks = [np.asarray(jax.random.bernoulli(k, 0.9, (200_000,))) for k in keys]
+  spec = dropout.PACKED if impl == "packed" else config_lib.DROPOUT_RNGS[impl]
+  assert jax.random.key_impl(keys[0]) == jax.random.key_impl(jax.random.key(0, impl=spec))
+  masks = [np.asarray(dropout.draw_keep(k, 0.9, (200_000,))[0]) for k in keys]
   for m in masks:
     assert abs(m.mean() - 0.9) < 5 * np.sqrt(0.9 * 0.1 / m.size)
   assert 0.75 < (masks[0] == masks[1]).mean() < 0.9  # independent masks agree on 0.9² + 0.1² = 82 %

@@ -20,8 +20,9 @@ from vdm import input_pipeline, networks, objectives, schedules
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LR_DECAYS = ("constant", "cosine", "linear")
 CONV_GRADS = ("auto", "dot", "xla")
-# execution.dropout_rng → JAX's PRNG implementation (see vdm.train_step.make_dropout_key).
-DROPOUT_RNGS = {"threefry": "threefry2x32", "philox": "philox4x32", "rbg": "rbg"}
+# execution.dropout_rng → JAX's PRNG implementation (see vdm.train_step.make_dropout_key); "packed" is
+# vdm.dropout.PACKED: Threefry keys whose masks take 16 bits per activation.
+DROPOUT_RNGS = {"threefry": "threefry2x32", "philox": "philox4x32", "rbg": "rbg", "packed": "threefry2x32_packed"}
 MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 GAMMA_PATHS = ("auto",) + model_lib.GAMMA_PATHS  # eval.gamma_path, see resolve_gamma_path
 

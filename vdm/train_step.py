@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vdm import guidance, losses, objectives, sharding
+from vdm import dropout, guidance, losses, objectives, sharding
 from vdm import config as config_lib
 from vdm import model as model_lib
 
@@ -75,24 +75,27 @@ def make_dropout_key(key: jax.Array, impl: str) -> jax.Array:
   """The key the dropout masks of a step are drawn from, seeded from ``key`` (a threefry key).
 
   Threefry's 20 rounds cost several ms a step on a GPU (README,
-  Performance). "philox": a Philox4x32 key, from which :mod:`vdm.dropout`
-  draws each mask with one Philox4x32-10 call per eight activations (on
+  Performance), drawn as ``jax.random.bernoulli`` draws them: one call per
+  activation. "packed": a :data:`vdm.dropout.PACKED` key, whose masks
+  :mod:`vdm.dropout` draws with one Threefry call per four activations (on
   this project's CPU a mask takes 0.13× threefry's time,
-  benchmarks/dropout_rng.py), like threefry the same bits on every backend
-  and sharding. "rbg": XLA's RngBitGenerator, the
-  accelerator's own generator; its bits differ between CPU, GPU and TPU
-  and it is not efficiently shardable (with the batch over several
-  devices, each may draw the masks of the whole batch). Either way the
-  masks are a function of the seed and the step: runs repeat and resume
-  exactly.
+  benchmarks/dropout_rng.py); like threefry the same bits on every backend
+  and sharding. "philox": a Philox4x32 key (10 rounds to threefry's 20,
+  one call per activation; with JAX 0.10.2 it does not compile with the
+  batch sharded over several devices, vdm.dropout). "rbg": XLA's
+  RngBitGenerator, the accelerator's own generator; its bits differ
+  between CPU, GPU and TPU and it is not efficiently shardable (with the
+  batch over several devices, each may draw the masks of the whole batch).
+  Either way the masks are a function of the seed and the step: runs
+  repeat and resume exactly.
   """
   if impl not in config_lib.DROPOUT_RNGS:  # jax.random's module docstring compares them
     raise ValueError(f"dropout_rng: expected one of {tuple(config_lib.DROPOUT_RNGS)}, got {impl!r}")
   if impl == "threefry":
     return key
-  name = config_lib.DROPOUT_RNGS[impl]
-  shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=name))).shape
-  return jax.random.wrap_key_data(jax.random.bits(key, shape, jnp.uint32), impl=name)
+  spec = dropout.PACKED if impl == "packed" else config_lib.DROPOUT_RNGS[impl]
+  shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=spec))).shape
+  return jax.random.wrap_key_data(jax.random.bits(key, shape, jnp.uint32), impl=spec)
 
 
 def _loss_and_grads(model, params, batch, conditioning, labels, noise, dropout_key, num_dims):
