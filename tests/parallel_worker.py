@@ -1,7 +1,8 @@
 """Trains the smoke model a few steps on however many devices JAX sees; saves params.
 
 Run by tests/test_parallel.py in subprocesses (device count and processes set
-from outside). Usage: python tests/parallel_worker.py OUT.npz NUM_STEPS [GRAD_ACCUM]
+from outside). Usage: python tests/parallel_worker.py OUT.npz NUM_STEPS [GRAD_ACCUM [DROPOUT_RNG]]
+(with DROPOUT_RNG, the blocks drop 10 % of their activations with those masks)
 or, to score images with ``vdm.load(WORKDIR).evaluate_bpd`` as one process of
 several: python tests/parallel_worker.py evaluate WORKDIR OUT.npz IMAGES.npy
 COORDINATOR NUM_PROCESSES PROCESS_ID
@@ -19,9 +20,10 @@ from configs import smoke  # noqa: E402
 from vdm import input_pipeline, sharding, train_step, training  # noqa: E402
 
 
-def main(out: str, num_steps: str, grad_accum: str = "1") -> None:
+def main(out: str, num_steps: str, grad_accum: str = "1", dropout_rng: str = "") -> None:
   config = smoke.get_config()
-  config.model.network.dropout = 0.0
+  config.model.network.dropout = 0.1 if dropout_rng else 0.0
+  config.execution.dropout_rng = dropout_rng or config.execution.dropout_rng
   config.training.grad_accum_steps = int(grad_accum)
   split = input_pipeline.load_dataset("mnist5k")["train"]
   model, optimizer, mesh, init = training.setup(config, split.image_shape)

@@ -22,10 +22,11 @@ def _env(devices: int) -> dict:
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def _worker(tmp_path, devices, name, grad_accum=1):
+def _worker(tmp_path, devices, name, grad_accum=1, dropout_rng=""):
   out = tmp_path / f"{name}.npz"
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_worker.py"), str(out), "3",
-                         str(grad_accum)], env=_env(devices), capture_output=True, text=True, timeout=600)
+                         str(grad_accum), dropout_rng], env=_env(devices), capture_output=True, text=True,
+                        timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return dict(np.load(out))
 
@@ -44,6 +45,28 @@ def test_eight_devices_equal_one(tmp_path):
   assert int(one["num_devices"]) == 1 and int(eight["num_devices"]) == 8
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
   _assert_params_close(one, eight)
+
+
+def test_with_packed_dropout_masks_four_devices_equal_one(tmp_path):
+  # The masks are a function of each activation's index in the whole batch, wherever it is computed.
+  one = _worker(tmp_path, 1, "one", dropout_rng="packed")
+  four = _worker(tmp_path, 4, "four", dropout_rng="packed")
+  np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5)
+  _assert_params_close(one, four)
+  without = _worker(tmp_path, 1, "without")  # the masks did act: other gradients, other parameters
+  assert max(float(np.abs(one[k] - without[k]).max()) for k in one if k.startswith("[")) > 1e-6
+
+
+def test_philox_masks_over_several_devices_are_refused_with_the_alternative(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/smoke.py",
+                         f"--workdir={tmp_path / 'w'}", "--config.model.network.dropout=0.1",
+                         "--config.execution.dropout_rng=philox"],
+                        cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600)
+  if proc.returncode == 0:  # a JAX that partitions lax.mulhi: nothing to refuse
+    return
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "execution.dropout_rng: 'philox' masks do not compile" in proc.stderr and "use 'packed'" in proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 def test_gradient_accumulation_equals_one_big_step(tmp_path):

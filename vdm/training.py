@@ -111,11 +111,24 @@ def setup(config: ml_collections.ConfigDict, image_shape, mesh: Optional[Mesh] =
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch(config.training.batch_size // config.training.grad_accum_steps,
                        "training.batch_size (per micro-batch: batch_size / grad_accum_steps)")
+  if config.execution.dropout_rng == "philox" and config.model.network.dropout > 0 and mesh.size > 1:
+    _check_philox_partitions(mesh)
   model = config_lib.build_model(config)
   optimizer = config_lib.build_optimizer(config)
   rep = sharding.replicated(mesh)
   init = jax.jit(lambda: create_train_state(config, model, optimizer, image_shape), out_shardings=rep)
   return model, optimizer, mesh, init
+
+
+def _check_philox_partitions(mesh: Mesh) -> None:
+  """Philox masks over a sharded batch need ``lax.mulhi`` partitioned, which JAX 0.10.2 cannot do."""
+  draw = lambda: jax.random.bernoulli(jax.random.key(0, impl="philox4x32"), 0.9, (mesh.size, 8))  # noqa: E731
+  try:
+    jax.jit(draw, out_shardings=sharding.batch_sharding(mesh)).lower().compile()
+  except Exception as error:  # noqa: BLE001  (its type differs between JAX versions)
+    raise config_lib.ConfigError(
+        f"execution.dropout_rng: 'philox' masks do not compile with the batch over {mesh.size} devices in JAX "
+        f"{jax.__version__} ({str(error).splitlines()[0][:120]}); use 'packed' (as cheap, and shardable)") from error
 
 
 def _check_checkpoint(mngr, step, config, image_shape, like, allow_config_mismatch: bool) -> None:
