@@ -98,9 +98,8 @@ def kernels(hlo_text: str) -> list[dict]:
   (loop bodies times their known trip count), ``out_bytes`` and
   ``operand_bytes`` (each operand's array; in a loop, a stacked array's
   slice, :func:`_per_iteration`, and so is the stacked output of an update
-  in place), ``target`` (a
-  custom call's, e.g. ``__cudnn$convForward``) and the instruction's
-  ``op_name``.
+  in place), ``target`` (a custom call's, e.g. ``__cudnn$convForward``)
+  and the instruction's ``op_name``.
   """
   computations, entry, current = {}, None, None
   for line in hlo_text.splitlines():
