@@ -15,14 +15,14 @@ import ml_collections
 import optax
 
 from vdm import model as model_lib
-from vdm import input_pipeline, networks, objectives, schedules
+from vdm import dropout, input_pipeline, networks, objectives, schedules
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LR_DECAYS = ("constant", "cosine", "linear")
 CONV_GRADS = ("auto", "dot", "xla")
 # execution.dropout_rng → JAX's PRNG implementation (see vdm.train_step.make_dropout_key); "packed" is
 # vdm.dropout.PACKED: Threefry keys whose masks take 16 bits per activation.
-DROPOUT_RNGS = {"threefry": "threefry2x32", "philox": "philox4x32", "rbg": "rbg", "packed": "threefry2x32_packed"}
+DROPOUT_RNGS = {"threefry": "threefry2x32", "philox": "philox4x32", "rbg": "rbg", "packed": dropout.PACKED}
 MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 GAMMA_PATHS = ("auto",) + model_lib.GAMMA_PATHS  # eval.gamma_path, see resolve_gamma_path
 

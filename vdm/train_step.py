@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vdm import dropout, guidance, losses, objectives, sharding
+from vdm import guidance, losses, objectives, sharding
 from vdm import config as config_lib
 from vdm import model as model_lib
 
@@ -93,7 +93,7 @@ def make_dropout_key(key: jax.Array, impl: str) -> jax.Array:
     raise ValueError(f"dropout_rng: expected one of {tuple(config_lib.DROPOUT_RNGS)}, got {impl!r}")
   if impl == "threefry":
     return key
-  spec = dropout.PACKED if impl == "packed" else config_lib.DROPOUT_RNGS[impl]
+  spec = config_lib.DROPOUT_RNGS[impl]
   shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=spec))).shape
   return jax.random.wrap_key_data(jax.random.bits(key, shape, jnp.uint32), impl=spec)
 
