@@ -107,7 +107,7 @@ def test_a_mask_is_the_same_when_the_batch_is_sharded_over_devices():
       "assert len(sharded.sharding.device_set) == 4\n"
       "np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jax.jit(draw)(key)))\n"
       "print('same')\n")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", NPROC="16", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4", NPROC="16", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _env(devices: int) -> dict:
   # NPROC=16 keeps CPU collectives on 2 cores from deadlocking.
   return dict(os.environ, JAX_PLATFORMS="cpu", NPROC="16",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
 
 
 def _worker(tmp_path, devices, name, grad_accum=1, dropout_rng=""):

@@ -52,9 +52,10 @@ def test_ema_update_is_exact(setup, ema_rate):
     want = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_sequence[n], params_sequence[n])
     for a, b in zip(jax.tree.leaves(ema_sequence[n + 1]), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  if ema_rate == 0.0:
+  if ema_rate == 0.0:  # the EMA is the parameters, to float32 rounding, not bit for bit: XLA may compute the
+    # AdamW update once more inside the EMA's fusion, and a CPU emitter rounds that copy apart (1e-10 here)
     for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)):
-      np.testing.assert_array_equal(a, b)
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("schedule", ["learned_linear", "monotone_net"])
