@@ -3,7 +3,14 @@
 #
 #   bash benchmarks/recipes_check.sh [OUT_DIR]           # default OUT_DIR: recipes_check/; ~2 minutes a recipe on an H200
 #   RECIPES="shipped longer" bash benchmarks/recipes_check.sh OUT   # only these, in this order
+#   SEEDS="0 1 2" SAMPLE_SEEDS=0,1,2,3 bash benchmarks/recipes_check.sh OUT   # training and sample seeds
 #   SMALL=1 bash benchmarks/recipes_check.sh /tmp/rc     # tiny runs: try the script on a CPU
+#
+# One draw of the sample metric is noisy (500 samples: FD ratios of one checkpoint range over ~0.9 between
+# sample seeds) and so is one training run (the training seed moves a recipe's mean by ~±0.2): each recipe
+# trains once per training seed in SEEDS (default "0 1") and is scored at every seed in SAMPLE_SEEDS
+# (default 0,1,2,3; each also trains the feature classifier anew), and the script ends with one summary
+# line per recipe: the mean FD ratio of each training seed, their mean and its standard error.
 #
 # On 2 CPU cores one recipe is ~25–30 minutes of training and ~5–9 of sampling; on an H200 the recipe as
 # it was until 2026-11-27 (1,800 steps at batch 32) took about 2 minutes in all (measured; today's 8,000
@@ -19,11 +26,15 @@
 #
 # Same needs as device_check.sh (JAX for the accelerator, flax, optax, orbax-checkpoint, absl-py, tqdm,
 # pillow; ml-collections from .whl/). Writes into OUT_DIR:
-#   recipes.jsonl   per recipe: its overrides, training wall seconds, the final eval JSON (ELBO bpd) and
-#                   one sample-quality record per sampler setting / guidance weight
+#   recipes.jsonl   per recipe and training seed: its overrides, training wall seconds, the final eval
+#                   JSON (ELBO bpd) and the sample-quality records (one per sample seed and sampler setting /
+#                   guidance weight, and sample_quality's summary over the seeds); then per recipe a
+#                   "recipe_summary" record over its training seeds
 #   log.txt         everything the steps printed
 OUT=${1:-recipes_check}
 BUDGET=${BUDGET:-540}
+SEEDS=${SEEDS:-0 1}
+SAMPLE_SEEDS=${SAMPLE_SEEDS:-0,1,2,3}
 source "$(dirname "$0")/device_common.sh"
 
 if [[ -n "${SMALL:-}" ]]; then  # tiny runs, to check the script itself on a CPU
@@ -37,22 +48,26 @@ else
   CONDITIONAL_LONGER=5400  # three times the conditional recipe's 1,800
 fi
 
-recipe() {  # recipe NAME CONFIG QUALITY_ARGS -- OVERRIDES…: train, then sample quality; one record in recipes.jsonl
-  # QUALITY_ARGS: extra sample_quality flags; several settings separated by '|' (one model, several samplers)
+recipe() {  # recipe NAME CONFIG QUALITY_ARGS -- OVERRIDES…: per training seed, train, then sample quality
+  # QUALITY_ARGS: extra sample_quality flags; several settings separated by '|' (one model, several samplers):
+  # the first is scored at every seed of SAMPLE_SEEDS, the others at its first seed only
   local name=$1 config=$2 qualities=$3; shift 4
-  local dir
-  dir=$(mktemp -d)
-  local t0=$SECONDS
-  step "train_$name" 240 bash -c "$PY train.py --config=$config --workdir='$dir' ${TRAIN[*]} $* | tail -n 1 > '$dir/eval.json'"
-  local train_s=$((SECONDS - t0))
-  local quality settings
+  local seed dir t0 train_s quality settings i
   IFS='|' read -ra settings <<<"$qualities"
-  for quality in "${settings[@]:-}"; do
-    step "quality_$name" 180 bash -c "$PY -m vdm.sample_quality --workdir='$dir' ${QUALITY[*]} $quality >> '$dir/quality.jsonl'"
-  done
-  $PY - "$name" "$config" "$train_s" "$dir" "$@" >>"$OUT/recipes.jsonl" <<'EOF'
+  ((${#settings[@]})) || settings=("")
+  for seed in $SEEDS; do
+    dir=$(mktemp -d)
+    t0=$SECONDS
+    step "train_${name}_seed$seed" 240 bash -c "$PY train.py --config=$config --workdir='$dir' --config.seed=$seed ${TRAIN[*]} $* | tail -n 1 > '$dir/eval.json'"
+    train_s=$((SECONDS - t0))
+    for i in "${!settings[@]}"; do
+      quality="--seed=$SAMPLE_SEEDS ${settings[$i]}"
+      ((i == 0)) || quality="--seed=${SAMPLE_SEEDS%%,*} ${settings[$i]}"
+      step "quality_${name}_seed$seed" 300 bash -c "$PY -m vdm.sample_quality --workdir='$dir' ${QUALITY[*]} $quality >> '$dir/quality.jsonl'"
+    done
+    $PY - "$name" "$config" "$seed" "$train_s" "$dir" "$@" >>"$OUT/recipes.jsonl" <<'EOF'
 import json, os, sys
-name, config, train_s, folder, *overrides = sys.argv[1:]
+name, config, seed, train_s, folder, *overrides = sys.argv[1:]
 def read(path):
   try:
     with open(os.path.join(folder, path)) as f:
@@ -60,9 +75,10 @@ def read(path):
   except (OSError, ValueError):
     return []
 print(json.dumps({"benchmark": "recipe", "recipe": name, "config": config, "overrides": overrides,
-                  "train_and_eval_wall_s": int(train_s), "eval": (read("eval.json") or [None])[-1],
-                  "sample_quality": read("quality.jsonl")}))
+                  "training_seed": int(seed), "train_and_eval_wall_s": int(train_s),
+                  "eval": (read("eval.json") or [None])[-1], "sample_quality": read("quality.jsonl")}))
 EOF
+  done
 }
 
 # RECIPES="a b …" runs only those, in that order (default: all but shipped_quick, in this order).
@@ -74,7 +90,7 @@ done
 M=configs/mnist_samples.py
 for name in $RECIPES; do
   case $name in
-    shipped) recipe shipped "$M" "|--num_steps=$LONG_STEPS|--sampler=ddim --eta=0" -- ;;
+    shipped) recipe shipped "$M" "|--num_steps=$LONG_STEPS" -- ;;
     shipped_quick) recipe shipped_quick "$M" "" -- ;;  # the shipped recipe, one sampler setting
     longer) recipe longer "$M" "" -- --config.training.num_steps=$LONGER_TRAINING ;;
     lr_4e-3) recipe lr_4e-3 "$M" "" -- --config.optimizer.learning_rate=4e-3 ;;
@@ -87,4 +103,4 @@ for name in $RECIPES; do
       --config.training.num_steps=$CONDITIONAL_LONGER ;;
   esac
 done
-cat "$OUT/recipes.jsonl" | tee -a "$LOG"
+$PY benchmarks/recipes_summary.py "$OUT/recipes.jsonl" | tee -a "$OUT/recipes.jsonl" "$LOG"

@@ -1,6 +1,6 @@
 """The benchmarks' FLOP counter (benchmarks/flops.py) against closed forms and XLA's own count, the profile
-summary (benchmarks/profile.py), the dropout generators' benchmark, and the variance-optimal schedule of
-benchmarks/estimator_variance.py."""
+summary (benchmarks/profile.py), the dropout generators' benchmark, the variance-optimal schedule of
+benchmarks/estimator_variance.py, and the recipes check's summary over training seeds."""
 
 import gzip
 import json
@@ -224,3 +224,33 @@ def test_gpu_compile_counts_each_launch_and_the_bytes_of_a_loops_slice():
   assert summary["gb_per_step"] == pytest.approx(sum(k["launches"] * gpu_compile.traffic(k) for k in found) / 1e9,
                                                  abs=0.01)
   assert gpu_compile.nbytes("(bf16[2,3]{1,0}, f32[4]{0}, pred[])") == 12 + 16 + 1
+
+
+def test_recipes_summary_averages_each_training_seeds_mean_over_sample_seeds(tmp_path):
+  def line(seed, ratio, num_steps=100):
+    return {"seed": seed, "fd_ratio": ratio, "num_steps": num_steps, "sampler": "ancestral", "eta": 1.0}
+
+  def run(training_seed, ratios, long_ratio, bpd):
+    quality = [line(s, r) for s, r in enumerate(ratios)]
+    quality.append({"seeds": list(range(len(ratios))), "fd_ratio_mean": float(np.mean(ratios)), "num_steps": 100,
+                    "sampler": "ancestral", "eta": 1.0})
+    quality.append(line(0, long_ratio, num_steps=1000))  # a second setting, one sample seed
+    return {"benchmark": "recipe", "recipe": "shipped", "training_seed": training_seed, "eval": {"bpd": bpd},
+            "sample_quality": quality}
+
+  records = [run(0, [2.0, 3.0], 2.5, 2.6), run(1, [1.0, 2.0], 1.9, 2.8),
+             {"benchmark": "recipe", "recipe": "wider", "training_seed": 0, "eval": None,
+              "sample_quality": [line(0, 4.0)]},
+             {"benchmark": "recipe_summary", "recipe": "shipped", "fd_ratio_mean": 99.0}]  # an earlier summary
+  path = tmp_path / "recipes.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  out = subprocess.run([sys.executable, "benchmarks/recipes_summary.py", str(path)], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True).stdout
+  got = [json.loads(x) for x in out.splitlines()]
+  assert [(g["recipe"], g["num_steps"]) for g in got] == [("shipped", 100), ("shipped", 1000), ("wider", 100)]
+  first = got[0]
+  assert first["training_seeds"] == [0, 1] and first["fd_ratios"] == [2.5, 1.5]  # each seed's mean over samples
+  assert first["fd_ratio_mean"] == pytest.approx(2.0) and first["fd_ratio_sem"] == pytest.approx(0.5)
+  assert first["bpd_mean"] == pytest.approx(2.7) and first["sampler"] == "ancestral" and "guidance" not in first
+  assert got[1]["fd_ratios"] == [2.5, 1.9]
+  assert got[2]["fd_ratios"] == [4.0] and got[2]["fd_ratio_sem"] is None and "bpd_mean" not in got[2]

@@ -1,0 +1,70 @@
+"""One line per recipe and sampler setting from recipes_check.sh's records: the FD ratio over training seeds.
+
+    python benchmarks/recipes_summary.py recipes.jsonl
+
+Each "recipe" record holds one training seed's sample-quality lines: one per
+sample seed, and with several sample seeds ``vdm.sample_quality``'s summary
+of them. A training seed's value for a setting (sampler steps, sampler, η,
+guidance weight) is that summary's ``fd_ratio_mean``, or the single seed's
+``fd_ratio``. The summary gives each training seed's value, their mean and
+its standard error (the spread between training seeds: it holds the sample
+noise too), and the mean test bpd.
+"""
+
+import json
+import math
+import sys
+
+SETTING = ("num_steps", "sampler", "eta", "clip_denoised", "langevin_steps", "guidance")
+
+
+def per_seed_values(quality: list[dict]) -> dict[tuple, float]:
+  """{setting: FD ratio} of one training seed's sample-quality lines (a summary line wins over single lines)."""
+  values, summarised = {}, set()
+  for line in quality:
+    key = tuple(line.get(k) for k in SETTING)
+    if "fd_ratio_mean" in line:
+      values[key] = line["fd_ratio_mean"]
+      summarised.add(key)
+    elif "fd_ratio" in line and key not in values and key not in summarised:
+      values[key] = line["fd_ratio"]
+  return values
+
+
+def summarize(records: list[dict]) -> list[dict]:
+  by_recipe: dict[str, list[dict]] = {}
+  for r in records:
+    if r.get("benchmark") == "recipe":
+      by_recipe.setdefault(r["recipe"], []).append(r)
+  out = []
+  for name, runs in by_recipe.items():
+    values = [per_seed_values(r.get("sample_quality") or []) for r in runs]
+    bpds = [r["eval"]["bpd"] for r in runs if isinstance(r.get("eval"), dict) and "bpd" in r["eval"]]
+    settings = []
+    for v in values:
+      settings += [k for k in v if k not in settings]
+    for key in settings:
+      seeds = [r.get("training_seed") for r, v in zip(runs, values) if key in v]
+      ratios = [v[key] for v in values if key in v]
+      mean = sum(ratios) / len(ratios)
+      sem = (math.sqrt(sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1) / len(ratios))
+             if len(ratios) > 1 else None)
+      record = {"benchmark": "recipe_summary", "recipe": name, **dict(zip(SETTING, key)),
+                "training_seeds": seeds, "fd_ratios": ratios, "fd_ratio_mean": mean, "fd_ratio_sem": sem}
+      if bpds:
+        record["bpd_mean"] = sum(bpds) / len(bpds)
+      out.append({k: v for k, v in record.items() if v is not None or k == "fd_ratio_sem"})
+  return out
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 1:
+    sys.exit("usage: python benchmarks/recipes_summary.py recipes.jsonl")
+  with open(argv[0]) as f:
+    records = [json.loads(line) for line in f if line.strip().startswith("{")]
+  for record in summarize(records):
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
