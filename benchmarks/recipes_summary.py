@@ -8,7 +8,8 @@ of them. A training seed's value for a setting (sampler steps, sampler, η,
 guidance weight) is that summary's ``fd_ratio_mean``, or the single seed's
 ``fd_ratio``. The summary gives each training seed's value, their mean and
 its standard error (the spread between training seeds: it holds the sample
-noise too), and the mean test bpd.
+noise too), the mean test bpd, and for a conditional model the label
+accuracy the same way.
 """
 
 import json
@@ -18,17 +19,24 @@ import sys
 SETTING = ("num_steps", "sampler", "eta", "clip_denoised", "langevin_steps", "guidance")
 
 
-def per_seed_values(quality: list[dict]) -> dict[tuple, float]:
-  """{setting: FD ratio} of one training seed's sample-quality lines (a summary line wins over single lines)."""
+def per_seed_values(quality: list[dict], metric: str = "fd_ratio") -> dict[tuple, float]:
+  """{setting: value} of one training seed's sample-quality lines (a summary line wins over single lines)."""
   values, summarised = {}, set()
   for line in quality:
     key = tuple(line.get(k) for k in SETTING)
-    if "fd_ratio_mean" in line:
-      values[key] = line["fd_ratio_mean"]
+    if f"{metric}_mean" in line:
+      values[key] = line[f"{metric}_mean"]
       summarised.add(key)
-    elif "fd_ratio" in line and key not in values and key not in summarised:
-      values[key] = line["fd_ratio"]
+    elif metric in line and key not in values and key not in summarised:
+      values[key] = line[metric]
   return values
+
+
+def _mean_sem(values: list[float]) -> tuple[float, float | None]:
+  mean = sum(values) / len(values)
+  if len(values) < 2:
+    return mean, None
+  return mean, math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1) / len(values))
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -39,21 +47,24 @@ def summarize(records: list[dict]) -> list[dict]:
   out = []
   for name, runs in by_recipe.items():
     values = [per_seed_values(r.get("sample_quality") or []) for r in runs]
+    accuracies = [per_seed_values(r.get("sample_quality") or [], "label_accuracy") for r in runs]
     bpds = [r["eval"]["bpd"] for r in runs if isinstance(r.get("eval"), dict) and "bpd" in r["eval"]]
     settings = []
     for v in values:
       settings += [k for k in v if k not in settings]
     for key in settings:
-      seeds = [r.get("training_seed") for r, v in zip(runs, values) if key in v]
       ratios = [v[key] for v in values if key in v]
-      mean = sum(ratios) / len(ratios)
-      sem = (math.sqrt(sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1) / len(ratios))
-             if len(ratios) > 1 else None)
-      record = {"benchmark": "recipe_summary", "recipe": name, **dict(zip(SETTING, key)),
-                "training_seeds": seeds, "fd_ratios": ratios, "fd_ratio_mean": mean, "fd_ratio_sem": sem}
+      mean, sem = _mean_sem(ratios)
+      record = {"benchmark": "recipe_summary", "recipe": name,
+                **{k: v for k, v in zip(SETTING, key) if v is not None},
+                "training_seeds": [r.get("training_seed") for r, v in zip(runs, values) if key in v],
+                "fd_ratios": ratios, "fd_ratio_mean": mean, "fd_ratio_sem": sem}
+      accuracy = [a[key] for a in accuracies if key in a]
+      if accuracy:
+        record["label_accuracy_mean"], record["label_accuracy_sem"] = _mean_sem(accuracy)
       if bpds:
         record["bpd_mean"] = sum(bpds) / len(bpds)
-      out.append({k: v for k, v in record.items() if v is not None or k == "fd_ratio_sem"})
+      out.append(record)
   return out
 
 

@@ -241,16 +241,23 @@ def test_recipes_summary_averages_each_training_seeds_mean_over_sample_seeds(tmp
   records = [run(0, [2.0, 3.0], 2.5, 2.6), run(1, [1.0, 2.0], 1.9, 2.8),
              {"benchmark": "recipe", "recipe": "wider", "training_seed": 0, "eval": None,
               "sample_quality": [line(0, 4.0)]},
+             {"benchmark": "recipe", "recipe": "conditional", "training_seed": 3, "eval": {"bpd": 2.4},
+              "sample_quality": [{**line(0, 3.0), "guidance": 2.0, "label_accuracy": 0.8},
+                                 {**line(0, 3.5), "guidance": 5.0, "label_accuracy": 0.9}]},
              {"benchmark": "recipe_summary", "recipe": "shipped", "fd_ratio_mean": 99.0}]  # an earlier summary
   path = tmp_path / "recipes.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
   out = subprocess.run([sys.executable, "benchmarks/recipes_summary.py", str(path)], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True).stdout
   got = [json.loads(x) for x in out.splitlines()]
-  assert [(g["recipe"], g["num_steps"]) for g in got] == [("shipped", 100), ("shipped", 1000), ("wider", 100)]
+  assert [(g["recipe"], g["num_steps"], g.get("guidance")) for g in got] == [
+      ("shipped", 100, None), ("shipped", 1000, None), ("wider", 100, None), ("conditional", 100, 2.0),
+      ("conditional", 100, 5.0)]
   first = got[0]
   assert first["training_seeds"] == [0, 1] and first["fd_ratios"] == [2.5, 1.5]  # each seed's mean over samples
   assert first["fd_ratio_mean"] == pytest.approx(2.0) and first["fd_ratio_sem"] == pytest.approx(0.5)
   assert first["bpd_mean"] == pytest.approx(2.7) and first["sampler"] == "ancestral" and "guidance" not in first
   assert got[1]["fd_ratios"] == [2.5, 1.9]
   assert got[2]["fd_ratios"] == [4.0] and got[2]["fd_ratio_sem"] is None and "bpd_mean" not in got[2]
+  assert "label_accuracy_mean" not in first
+  assert [(g["fd_ratio_mean"], g["label_accuracy_mean"]) for g in got[3:]] == [(3.0, 0.8), (3.5, 0.9)]
