@@ -20,8 +20,8 @@ recipe changes what the samples need and nothing the evaluation reports:
   b = 2 (Kingma & Gao 2023). Per unit of λ = log SNR it weighs high and
   mid noise, where shapes form, far above the imperceptible low-noise
   detail the ELBO weighs evenly, and the sampler's steps (uniform in t) go
-  there too. FD ratio 2.4 (mean over two training seeds, 2.60 and 2.20,
-  each scored at four sample seeds; b = 0 gave 2.38 over three training
+  there too. FD ratio 2.5 (mean over three training seeds, 2.60, 2.20 and
+  2.75, each scored at four sample seeds; b = 0 gave 2.38 over three training
   seeds at 0.6–0.8 bpd worse ELBO: no difference); single draws: 2.5
   against 2.7 for ``eps_mse`` (Ho et al.'s simple
   ε-MSE, which on the cosine schedule peaks at λ = 0 and falls off at high
