@@ -21,15 +21,14 @@ SETTING = ("num_steps", "sampler", "eta", "clip_denoised", "langevin_steps", "gu
 
 def per_seed_values(quality: list[dict], metric: str = "fd_ratio") -> dict[tuple, float]:
   """{setting: value} of one training seed's sample-quality lines (a summary line wins over single lines)."""
-  values, summarised = {}, set()
+  singles, summaries = {}, {}
   for line in quality:
     key = tuple(line.get(k) for k in SETTING)
     if f"{metric}_mean" in line:
-      values[key] = line[f"{metric}_mean"]
-      summarised.add(key)
-    elif metric in line and key not in values and key not in summarised:
-      values[key] = line[metric]
-  return values
+      summaries[key] = line[f"{metric}_mean"]
+    elif metric in line:
+      singles.setdefault(key, line[metric])
+  return {**singles, **summaries}
 
 
 def _mean_sem(values: list[float]) -> tuple[float, float | None]:
