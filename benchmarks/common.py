@@ -11,7 +11,9 @@ RESULTS = flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__),
 
 
 def emit(record: dict) -> None:
-  """Prints ``record`` as one JSON line and appends it to ``--results``."""
+  """Prints ``record`` as one JSON line and appends it to ``--results``; notes ``XLA_FLAGS`` if set."""
+  if os.environ.get("XLA_FLAGS"):
+    record = {**record, "xla_flags": os.environ["XLA_FLAGS"]}
   line = json.dumps(record)
   print(line, flush=True)
   with open(RESULTS.value, "a") as f:

@@ -19,11 +19,14 @@
 #                     variants that matter (TF32; TF32 with threefry masks and skips joined before the
 #                     norm, as shipped until 2026-11-27; masks from the device's own generator; no remat),
 #                     each with a 3-step profile (device time by XLA op, kernel, kind of work, JAX source)
+#                     and as shipped under other XLA flags (XLA_VARIANTS="FLAGS;FLAGS…"; default: CUDA graphs
+#                     over the scanned blocks' loops too, --xla_gpu_enable_command_buffer=+WHILE; "" for none)
 #   reference.jsonl   the reference's train step at batch 128 (if REF_BENCH)
 #   quickstart.jsonl  the MNIST Quick start end to end: train + eval (its JSON), sample.py, wall times;
 #                     its checkpoint's bpd under fp32 / TF32 / bf16 / bf16 with float32 residuals
 #                     (benchmarks/precision.py); the same training in bf16, and in bf16 with float32 residuals
-#   throughput.jsonl  configs/cifar10.py: the sampler (128 images, as shipped and in float32) and the
+#   throughput.jsonl  one dropout mask of a CIFAR-10 block per generator (benchmarks/dropout_rng.py);
+#                     configs/cifar10.py: the sampler (128 images, as shipped and in float32) and the
 #                     evaluation step (at full precision, as evaluation runs)
 #   summary.json      the figures against the targets of the accelerator issue
 #   traces.tar        the raw profiler traces (*.xplane.pb.gz; XProf/TensorBoard read them)
@@ -40,13 +43,15 @@ if [[ -n "${SMALL:-}" ]]; then  # tiny shapes, to check the script itself on a C
   QS=(--config.training.num_steps=20 --config.training.log_every=10 --config.training.checkpoint_every=10
       --config.eval.num_samples=4 --config.eval.sample_steps=5 --config.eval.draws=1)
   QS_SAMPLE_STEPS=10; EVAL_BATCH=8; REF_ARGS=(4 32 3 2); PRECISION=(--limit=50 --draws=1)
+  DROPOUT_SHAPE=(--shape=4,32,32,8 --repeats=2)
 else
   # The sampler runs its N-step loop four times (warm and timed, whole and in ~50 calls): N = 50 gives
   # seconds per step; 1,000 steps take 20 times the loop's time.
   BATCH=128; NET=(); SAMPLE_STEPS=50; REPEATS=10
-  QS=(); QS_SAMPLE_STEPS=1000; EVAL_BATCH=256; REF_ARGS=(128 32 3 10); PRECISION=()
+  QS=(); QS_SAMPLE_STEPS=1000; EVAL_BATCH=256; REF_ARGS=(128 32 3 10); PRECISION=(); DROPOUT_SHAPE=()
 fi
 TRACES=$(mktemp -d)
+COMMAND_BUFFERS_WITH_WHILE="--xla_gpu_enable_command_buffer=+WHILE"  # "+": added to XLA's default command types
 
 $PY - >"$OUT/env.json" <<'EOF'
 import json, platform, jax, flax, optax
@@ -70,6 +75,18 @@ step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH
 if [[ -n "${REF_BENCH:-}" ]]; then
   step reference 150 bash -c "$PY '$REF_BENCH/ref_bench.py' ${REF_ARGS[*]} > '$OUT/reference.jsonl'"
 fi
+
+# The shipped step again under other XLA flags, one process each (XLA reads its flags when it starts):
+# XLA_VARIANTS="FLAGS;FLAGS…" (each record notes its xla_flags). Default: CUDA graphs (command buffers) also
+# over the scanned blocks' while loops, whose ~7,500 small kernels a step each cost a launch.
+IFS=';' read -ra XLA_VARIANTS <<<"${XLA_VARIANTS-$COMMAND_BUFFERS_WITH_WHILE}"
+for i in "${!XLA_VARIANTS[@]}"; do
+  step "train_step_xla_$i" 120 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }${XLA_VARIANTS[$i]}" \
+    $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
+    --results="$OUT/train_step.jsonl" --variant=execution.dtype=auto
+done
+# What one dropout mask of a CIFAR-10 block costs with each generator ("packed" as shipped, "philox" before).
+step dropout_rng 40 bash -c "$PY benchmarks/dropout_rng.py ${DROPOUT_SHAPE[*]} >> '$OUT/throughput.jsonl'"
 
 QS_DIR=$(mktemp -d)
 t0=$SECONDS

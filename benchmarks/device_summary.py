@@ -40,6 +40,8 @@ def summarize(out: str) -> dict:
            "images_per_s": r["images_per_s"], "first_call_s": r["first_call_s"], "mfu": r.get("mfu"),
            "xla_temp_gb": (r.get("temp_bytes") or 0) / 1e9 or None,
            "process_peak_device_gb": (r.get("peak_device_bytes") or 0) / 1e9 or None}
+    if r.get("xla_flags"):
+      row["xla_flags"] = r["xla_flags"]
     profile = r.get("profile") or {}
     if profile.get("by_kind_ms_per_step"):
       row["device_ms_by_kind"] = profile["by_kind_ms_per_step"]

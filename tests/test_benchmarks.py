@@ -1,6 +1,7 @@
 """The benchmarks' FLOP counter (benchmarks/flops.py) against closed forms and XLA's own count, the profile
 summary (benchmarks/profile.py), the dropout generators' benchmark, the variance-optimal schedule of
-benchmarks/estimator_variance.py, and the recipes check's summary over training seeds."""
+benchmarks/estimator_variance.py, the recipes check's summary over training seeds, and the device check's
+summary of records made under other XLA flags."""
 
 import gzip
 import json
@@ -14,7 +15,7 @@ import pytest
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from benchmarks import estimator_variance, flops, profile
+from benchmarks import device_summary, estimator_variance, flops, profile
 from configs import cifar10
 from vdm import config as config_lib
 from vdm import train_step, training
@@ -261,3 +262,25 @@ def test_recipes_summary_averages_each_training_seeds_mean_over_sample_seeds(tmp
   assert got[2]["fd_ratios"] == [4.0] and got[2]["fd_ratio_sem"] is None and "bpd_mean" not in got[2]
   assert "label_accuracy_mean" not in first
   assert [(g["fd_ratio_mean"], g["label_accuracy_mean"]) for g in got[3:]] == [(3.0, 0.8), (3.5, 0.9)]
+
+
+def test_records_note_their_xla_flags_and_the_device_summary_keeps_them(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  results = tmp_path / "train_step.jsonl"
+  emit = ("from absl import app; from benchmarks import common; "
+          "app.run(lambda _: common.emit({'benchmark': 'train_step', 'batch_size': 8, 'step_ms_median': 50.0, "
+          "'images_per_s': 160.0, 'first_call_s': 5.0, 'variant': {'execution.dtype': 'auto'}}))")
+  for flags_value in ("", "--xla_gpu_enable_command_buffer=+WHILE"):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if flags_value:
+      env["XLA_FLAGS"] = flags_value
+    subprocess.run([sys.executable, "-c", emit, f"--results={results}"], cwd=root, env=env, check=True,
+                   capture_output=True)
+  plain, flagged = [json.loads(x) for x in results.read_text().splitlines()]
+  assert "xla_flags" not in plain and flagged["xla_flags"] == "--xla_gpu_enable_command_buffer=+WHILE"
+  (tmp_path / "reference.jsonl").write_text(json.dumps({"benchmark": "reference_train_step", "step_ms_median": 100.0,
+                                                        "images_per_s": 80.0, "first_call_s": 20.0}) + "\n")
+  rows = device_summary.summarize(str(tmp_path))["train_step"]
+  assert [r.get("xla_flags") for r in rows] == [None, "--xla_gpu_enable_command_buffer=+WHILE"]
+  assert [r["images_per_s_vs_reference"] for r in rows] == [2.0, 2.0]
+  assert rows[0]["first_call_vs_reference"] == pytest.approx(0.25)
