@@ -80,7 +80,7 @@ def test_sample_recipes_weigh_noise_levels_unlike_the_elbo(name):
   With a linear schedule eps_mse's w is 1 (the ELBO: what mnist_samples
   trained until 2026-11-27); on the cosine schedule it falls 5.9×
   from mid noise (t = 0.5, λ ≈ 0.1) to low noise (t = 0.05, λ ≈ 4.9)
-  (mnist_conditional), sigmoid(2 − λ) 17× (mnist_samples).
+  (mnist_conditional), edm_monotone 4.8× (mnist_samples).
   """
   from vdm import objectives
   config = importlib.import_module(f"configs.{name}").get_config()
@@ -89,7 +89,7 @@ def test_sample_recipes_weigh_noise_levels_unlike_the_elbo(name):
   variables = model.schedule.init(jax.random.key(0), t)
   gamma, slope = jax.jvp(lambda u: model.schedule.apply(variables, u), (t,), (jnp.ones_like(t),))
   w = objectives.loss_weight(model.loss_weighting, gamma[:2], slope[:2], gamma[2], gamma[3], model.sigmoid_bias)
-  assert float(w[1]) > 5 * float(w[0]), w
+  assert float(w[1]) > 4 * float(w[0]), w
   assert config_lib.build_model(config, for_eval=True).gamma_path == "linear"  # an honest bound for cosine
 
 
