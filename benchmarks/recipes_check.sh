@@ -17,9 +17,9 @@
 # steps at batch 16 not yet), so a short GPU slot can compare what the CPU cannot (issues "objectives" and
 # "conditional"). Each recipe trains configs/mnist_samples.py (or mnist_conditional.py) as shipped or with
 # some overrides (the sigmoid weighting, b = 2, the recipe's until 2026-11-28, morning: on a CPU 0.4 bpd
-# worse ELBO than edm_monotone and samples no better; twice the steps; EMA decay 0.995; learning rate 4e-3; the eps_mse weighting, the
-# recipe's until 2026-11-27, late evening; ε-prediction; 32 channels; the conditional model, also three
-# times as long), then
+# worse ELBO than edm_monotone and samples no better; twice the steps; EMA decay 0.995; learning rate
+# 4e-3; the eps_mse weighting, the recipe's until 2026-11-27, late evening; ε-prediction; 32 channels;
+# the conditional model, also three times as long), then
 # `python -m vdm.sample_quality` draws 500 samples and gives their Fréchet distance in the features of a
 # classifier trained on the training digits, beside held-out real digits' (`fd_ratio`: samples' FD over
 # held-out digits'; the objectives issue asks for ≤ 2), and for the conditional model the label accuracy
