@@ -56,6 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Groups of every GroupNorm; 0 = 32, fewer in narrow layers (≥ 4 channels a group). The 2022
   # reference code always used 32 (set 32 to load its checkpoints of other widths).
   config.model.network.norm_groups = 0
+  # > 1: the U-Net runs on p×p patches as channels (space to depth), without the full-resolution level.
+  config.model.network.patch_size = 1
+  # Output z + F(z), as the paper's code (for ε-prediction, ε ≈ z at high noise); False: F(z) alone,
+  # for model.prediction="v" (v = α ε − σ x is close to z at no noise level).
+  config.model.network.input_skip = True
   # Compile identical blocks once (nn.scan). Their parameters are then stacked, so a checkpoint
   # keeps the value it was trained with.
   config.model.network.scan_blocks = True

@@ -72,6 +72,16 @@ def test_channel_mult_must_be_positive_integers(mult):
     config_lib.validate(config)
 
 
+def test_input_skip_must_be_a_bool():
+  import ml_collections
+  saved = importlib.import_module("configs.mnist").get_config().to_dict()
+  saved["model"]["network"]["input_skip"] = 1  # as a hand-written JSON config might have it
+  config = ml_collections.ConfigDict(saved)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.network\.input_skip: expected True or False, "
+                                                   r"got 1"):
+    config_lib.validate(config)
+
+
 @pytest.mark.parametrize("name", ["mnist_samples", "mnist_conditional"])
 def test_sample_recipes_weigh_noise_levels_unlike_the_elbo(name):
   """The sample recipes' training weighs λ = −γ unlike the ELBO, and evaluation estimates the ELBO.
@@ -101,6 +111,16 @@ def test_channel_mult_levels_must_halve_the_images():
                                                    r"of the images' 28×28 \(4 levels need height and width "
                                                    r"divisible by 8\), got \(1, 2, 2, 2\)"):
     config_lib.check_image_shape(config, (28, 28, 1))
+  config.model.network.channel_mult, config.model.network.patch_size = (1, 2), 2
+  config_lib.check_image_shape(config, (28, 28, 1))  # 2×2 patches: 14 → 7
+  config.model.network.channel_mult = (1, 2, 2)
+  with pytest.raises(config_lib.ConfigError, match=r"\(3 levels on 2×2 patches need height and width divisible by "
+                                                   r"8\), got \(1, 2, 2\)"):
+    config_lib.check_image_shape(config, (28, 28, 1))
+  config.model.network.patch_size = 0
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.network\.patch_size: expected a positive "
+                                                   r"integer \(1 = no patches\), got 0"):
+    config_lib.validate(config)
 
 
 @pytest.mark.parametrize("scale", [0.0, -2.0])

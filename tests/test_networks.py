@@ -25,6 +25,44 @@ def test_output_shape_and_identity_at_init(shape):
   np.testing.assert_array_equal(eps_hat, z)  # zero-initialised output convolutions
 
 
+def test_patches_are_channels_and_back():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
+  y = networks.space_to_depth(x, 2)
+  assert y.shape == (2, 4, 3, 12)
+  # Patch (r, c) holds pixels (2r + i, 2c + j) as channels (2i + j)·C …: row-major within the patch.
+  np.testing.assert_array_equal(y[1, 2, 1].reshape(2, 2, 3), x[1, 4:6, 2:4])
+  np.testing.assert_array_equal(networks.depth_to_space(y, 2), x)
+  assert networks.space_to_depth(x, 1) is x
+
+
+def test_a_network_on_patches_has_no_full_resolution_level_and_is_the_identity_at_init():
+  z = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  net = _tiny(channel_mult=(1, 2), patch_size=2)
+  params = jax.jit(net.init)(jax.random.key(1), z, jnp.zeros(2))
+  np.testing.assert_array_equal(jax.jit(net.apply)(params, z, jnp.full(2, -3.0)), z)
+  shapes = jax.tree.map(lambda p: p.shape, params["params"])
+  assert shapes["conv_in"]["kernel"] == (3, 3, 4 * 5, 16)  # 2×2 patches of z and its 4 Fourier features
+  assert shapes["conv_out"]["kernel"] == (3, 3, 16, 4)
+  params = {"params": perturbed(params["params"], scale=0.2)}
+  eps_hat = jax.jit(net.apply)(params, z, jnp.full(2, -3.0))
+  assert eps_hat.shape == z.shape and float(jnp.abs(eps_hat - z).max()) > 1e-2
+  with pytest.raises(ValueError, match="channel_mult: 2 resolution levels on 2×2 patches need height and width "
+                                       "divisible by 4, got 6×6"):
+    net.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)), jnp.zeros(1))
+
+
+def test_without_the_input_skip_the_output_is_the_network_alone():
+  z = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  gamma = jnp.array([-3.0, 4.0])
+  net, bare = _tiny(channel_mult=(1, 2)), _tiny(channel_mult=(1, 2), input_skip=False)
+  params = jax.jit(net.init)(jax.random.key(1), z, jnp.zeros(2))
+  np.testing.assert_array_equal(jax.jit(bare.apply)(params, z, gamma), 0.0)  # F = 0 at init: v̂ = 0, not z
+  params = {"params": perturbed(params["params"], scale=0.2)}
+  with_skip, without = jax.jit(net.apply)(params, z, gamma), jax.jit(bare.apply)(params, z, gamma)
+  assert float(jnp.abs(without).max()) > 1e-2
+  np.testing.assert_allclose(with_skip - without, z, atol=1e-5)  # the same F, the same parameters
+
+
 @pytest.mark.parametrize("attention,mult", [(False, (1,)), (True, (1,)), (False, (1, 2))])
 def test_scanned_and_unrolled_forms_are_the_same_function(attention, mult):
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))

@@ -181,6 +181,8 @@ LATER_FIELDS = {
     "eval.full_precision": True,
     "model.network.norm_groups": 0,
     "model.network.channel_mult": (1,),
+    "model.network.input_skip": True,
+    "model.network.patch_size": 1,
     "training.minimize_variance": False,
     "model.prediction": "eps",
     "model.loss_weighting": "elbo",

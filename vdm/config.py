@@ -104,6 +104,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
          and all(isinstance(v, int) and v >= 1 for v in net.channel_mult), "model.network.channel_mult",
          "a non-empty tuple of positive integers, e.g. (1,) or (1, 2, 2)", net.channel_mult)
   _check(0.0 <= net.dropout < 1.0, "model.network.dropout", "a rate in [0, 1)", net.dropout)
+  _check(isinstance(net.patch_size, int) and net.patch_size >= 1, "model.network.patch_size",
+         "a positive integer (1 = no patches)", net.patch_size)
+  _check(isinstance(net.input_skip, bool), "model.network.input_skip", "True or False", net.input_skip)
   _check(net.norm_groups >= 0, "model.network.norm_groups", "≥ 0 (0 = automatic)", net.norm_groups)
   _check(not net.norm_groups or net.channels % net.norm_groups == 0, "model.network.norm_groups",
          f"a divisor of model.network.channels ({net.channels})", net.norm_groups)
@@ -169,11 +172,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def check_image_shape(config: ml_collections.ConfigDict, image_shape) -> None:
   """Raises ConfigError if the network cannot take images of ``image_shape`` (H, W, C)."""
-  mult = tuple(config.model.network.channel_mult)
-  levels, factor = len(mult), networks.size_divisor(mult)
+  mult, patch = tuple(config.model.network.channel_mult), config.model.network.patch_size
+  levels, factor = len(mult), networks.size_divisor(mult, patch)
+  on_patches = f" on {patch}×{patch} patches" if patch > 1 else ""
   _check(image_shape[0] % factor == 0 and image_shape[1] % factor == 0, "model.network.channel_mult",
          f"at most as many levels as halvings of the images' {image_shape[0]}×{image_shape[1]} "
-         f"({levels} levels need height and width divisible by {factor})", mult)
+         f"({levels} levels{on_patches} need height and width divisible by {factor})", mult)
 
 
 def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,

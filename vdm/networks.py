@@ -271,6 +271,15 @@ class ScoreUNet(nn.Module):
     num_classes: K > 0 for a class-conditional network: ``labels`` ``[B]`` in
       {0, …, K} (K is the null class of classifier-free guidance, also what
       no labels mean) add a learned embedding to the time embedding.
+    patch_size: p > 1 runs the U-Net on p×p patches (space to depth: an
+      H×W×C image becomes H/p × W/p × p²C, Fourier features included, and
+      back at the output; Hoogeboom et al. 2023): the full-resolution
+      level, the dearest, is gone. H and W must be divisible by
+      p · 2^(levels − 1).
+    input_skip: the output is z + F(z), as in the paper's code (for ε-prediction
+      the skip is ε̂ ≈ z at high noise, where z ≈ ε); False: F(z) alone, for
+      a network that predicts v = α ε − σ x, which is close to z at no noise
+      level (so F would have to cancel z).
     matmul_precision: ``jax.default_matmul_precision`` for the network's
       matmuls and convolutions; "highest" is true float32 (GPUs otherwise
       may use TF32), None leaves JAX's default.
@@ -295,6 +304,8 @@ class ScoreUNet(nn.Module):
   conv_grad: str = "dot"
   num_augmentations: int = 0
   num_classes: int = 0
+  patch_size: int = 1
+  input_skip: bool = True
   matmul_precision: Optional[str] = "highest"
 
   @nn.compact
@@ -333,10 +344,12 @@ class ScoreUNet(nn.Module):
       h = jnp.concatenate([h, fourier_features(h, self.fourier_exponents)], axis=-1)
     if self.skip_concat not in SKIP_CONCATS:
       raise ValueError(f"skip_concat: expected one of {SKIP_CONCATS}, got {self.skip_concat!r}")
-    levels, factor = len(self.channel_mult), size_divisor(self.channel_mult)
+    levels, factor = len(self.channel_mult), size_divisor(self.channel_mult, self.patch_size)
     if z.shape[1] % factor or z.shape[2] % factor:
-      raise ValueError(f"model.network.channel_mult: {levels} resolution levels need height and width divisible "
-                       f"by {factor}, got {z.shape[1]}×{z.shape[2]}")
+      raise ValueError(f"model.network.channel_mult: {levels} resolution levels on {self.patch_size}×"
+                       f"{self.patch_size} patches need height and width divisible by {factor}, "
+                       f"got {z.shape[1]}×{z.shape[2]}")
+    h = space_to_depth(h, self.patch_size)
     widths = [self.channels * m for m in self.channel_mult]
     stream = jnp.float32 if self.float32_residuals else self.dtype  # the residual stream's dtype
 
@@ -366,8 +379,10 @@ class ScoreUNet(nn.Module):
       h, _ = self._stack(_stack_name("up", level), widths[level], h, skips[level][::-1], cond, deterministic)
 
     h = nn.swish(_group_norm(widths[0], self.dtype, self.norm_groups, "norm_out")(h))
-    out = _conv(z.shape[-1], jnp.float32, self.conv_grad, zero_init=True, name="conv_out")(h)  # float32, as conv_in
-    return z.astype(jnp.float32) + out
+    out = _conv(z.shape[-1] * self.patch_size**2, jnp.float32, self.conv_grad, zero_init=True,
+                name="conv_out")(h)  # float32, as conv_in
+    out = depth_to_space(out, self.patch_size)
+    return z.astype(jnp.float32) + out if self.input_skip else out
 
   def _stack(self, name: str, channels: int, h: jax.Array, skips: Optional[jax.Array], cond: jax.Array,
              deterministic: bool):
@@ -388,9 +403,27 @@ class ScoreUNet(nn.Module):
     return h, (jnp.stack(outs) if skips is None else None)
 
 
-def size_divisor(channel_mult: Sequence[int]) -> int:
-  """What image height and width must be divisible by: 2 for each halving between levels."""
-  return 2 ** (len(channel_mult) - 1)
+def size_divisor(channel_mult: Sequence[int], patch_size: int = 1) -> int:
+  """What image height and width must be divisible by: the patch size, and 2 for each halving between levels."""
+  return patch_size * 2 ** (len(channel_mult) - 1)
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+  """``[B, H, W, C]`` → ``[B, H/p, W/p, p·p·C]``: each p×p patch's pixels as channels (row, column, channel)."""
+  if p == 1:
+    return x
+  b, height, width, c = x.shape
+  x = x.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, height // p, width // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+  """The inverse of :func:`space_to_depth`."""
+  if p == 1:
+    return x
+  b, height, width, c = x.shape
+  x = x.reshape(b, height, width, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, height * p, width * p, c // (p * p))
 
 
 def _stack_name(direction: str, level: int) -> str:
