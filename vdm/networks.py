@@ -346,9 +346,9 @@ class ScoreUNet(nn.Module):
       raise ValueError(f"skip_concat: expected one of {SKIP_CONCATS}, got {self.skip_concat!r}")
     levels, factor = len(self.channel_mult), size_divisor(self.channel_mult, self.patch_size)
     if z.shape[1] % factor or z.shape[2] % factor:
-      raise ValueError(f"model.network.channel_mult: {levels} resolution levels on {self.patch_size}×"
-                       f"{self.patch_size} patches need height and width divisible by {factor}, "
-                       f"got {z.shape[1]}×{z.shape[2]}")
+      on_patches = f" on {self.patch_size}×{self.patch_size} patches" if self.patch_size > 1 else ""
+      raise ValueError(f"model.network.channel_mult: {levels} resolution levels{on_patches} need height and width "
+                       f"divisible by {factor}, got {z.shape[1]}×{z.shape[2]}")
     h = space_to_depth(h, self.patch_size)
     widths = [self.channels * m for m in self.channel_mult]
     stream = jnp.float32 if self.float32_residuals else self.dtype  # the residual stream's dtype
