@@ -20,8 +20,8 @@ recipe changes what the samples need and nothing the evaluation reports:
   weighting in λ = log SNR, held at its peak for λ below −3.3; Kingma & Gao
   2023). Per unit of λ it weighs high and mid noise, where shapes form,
   above the imperceptible low-noise detail the ELBO weighs evenly, and the
-  sampler's steps (uniform in t) go there too. FD ratio 2.37 ± 0.06 (two
-  training seeds, each scored at four sample seeds) at 2.24–2.27 bpd, since
+  sampler's steps (uniform in t) go there too. FD ratio 2.47 ± 0.10 (three
+  training seeds, each scored at four sample seeds) at 2.24–2.26 bpd, since
   2026-11-28; before it ``sigmoid`` w(λ) = sigmoid(b − λ), b = 2: 2.55 ±
   0.12 over four training seeds at 2.66–2.70 bpd (it weighs low noise less:
   17× between t = 0.5 and 0.05 against edm_monotone's 4.8×). b = 0 gave
