@@ -46,6 +46,13 @@ def test_a_network_on_patches_has_no_full_resolution_level_and_is_the_identity_a
   params = {"params": perturbed(params["params"], scale=0.2)}
   eps_hat = jax.jit(net.apply)(params, z, jnp.full(2, -3.0))
   assert eps_hat.shape == z.shape and float(jnp.abs(eps_hat - z).max()) > 1e-2
+  # Without Fourier features (made per pixel, before the patches) the same parameters are a network on the
+  # 4×4×4 patched image: the output goes back to the pixels it came from.
+  bare = dict(channel_mult=(1, 2), fourier_exponents=(), input_skip=False)
+  on_patches, on_pixels = _tiny(patch_size=2, **bare), _tiny(**bare)
+  params = {"params": perturbed(jax.jit(on_patches.init)(jax.random.key(1), z, jnp.zeros(2))["params"], scale=0.2)}
+  np.testing.assert_allclose(jax.jit(on_patches.apply)(params, z, jnp.full(2, -3.0)), networks.depth_to_space(
+      jax.jit(on_pixels.apply)(params, networks.space_to_depth(z, 2), jnp.full(2, -3.0)), 2), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="channel_mult: 2 resolution levels on 2×2 patches need height and width "
                                        "divisible by 4, got 6×6"):
     net.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)), jnp.zeros(1))
