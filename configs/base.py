@@ -95,6 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
   # With dtype bfloat16: carry the blocks' residual stream (and the skips) in float32, the blocks'
   # insides in bf16 (more memory traffic; a smaller likelihood cost of bf16).
   config.execution.float32_residuals = False
+  # GroupNorm (and the swish after it): "xla" (flax's nn.GroupNorm, fused by XLA) or "pallas" (one kernel
+  # each way, vdm.group_norm: Triton on GPUs, its interpreter elsewhere, slow; norms whose group count or
+  # size is not a power of two stay XLA's). The same function and parameters.
+  config.execution.group_norm = "xla"
 
   config.training = ml_collections.ConfigDict()
   config.training.num_steps = 10_000_000  # optimiser steps in total

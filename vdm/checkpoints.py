@@ -177,6 +177,7 @@ LATER_FIELDS = {
     "execution.scan_unroll": 1,
     "execution.skip_concat": "before_norm",
     "execution.float32_residuals": False,
+    "execution.group_norm": "xla",
     "data.augment": False,
     "eval.full_precision": True,
     "model.network.norm_groups": 0,

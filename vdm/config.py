@@ -15,7 +15,7 @@ import ml_collections
 import optax
 
 from vdm import model as model_lib
-from vdm import dropout, input_pipeline, networks, objectives, schedules
+from vdm import dropout, group_norm, input_pipeline, networks, objectives, schedules
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LR_DECAYS = ("constant", "cosine", "linear")
@@ -121,6 +121,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          ex.skip_concat)
   _check(isinstance(ex.float32_residuals, bool), "execution.float32_residuals", "True or False",
          ex.float32_residuals)
+  _check(ex.group_norm in group_norm.KERNELS, "execution.group_norm", f"one of {group_norm.KERNELS}",
+         ex.group_norm)
   _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 1, "execution.scan_unroll",
          "a positive integer (1 = one block per loop iteration)", ex.scan_unroll)
   _check(ex.matmul_precision in MATMUL_PRECISIONS, "execution.matmul_precision", f"one of {MATMUL_PRECISIONS}",
@@ -202,6 +204,7 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
   network = networks.ScoreUNet(
       **network, gamma_min=sched.gamma_min, gamma_max=sched.gamma_max,
       remat=ex.remat, remat_policy=ex.remat_policy, scan_unroll=ex.scan_unroll, skip_concat=ex.skip_concat,
+      group_norm=ex.group_norm,
       dtype=DTYPES[resolve_dtype(dtype)], float32_residuals=ex.float32_residuals,
       conv_grad="xla" if forward_mode else resolve_conv_grad(ex.conv_grad, m.network.scan_blocks),
       matmul_precision=precision,

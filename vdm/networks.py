@@ -32,6 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vdm import convolution
 from vdm import dropout as dropout_lib
+from vdm import group_norm as group_norm_lib
 
 Dtype = Any
 
@@ -55,8 +56,18 @@ def _num_groups(channels: int, groups: int = 0) -> int:
   return groups or math.gcd(32, max(channels // 4, 1))
 
 
-def _group_norm(channels: int, dtype: Dtype, groups: int = 0, name: Optional[str] = None) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=_num_groups(channels, groups), dtype=dtype, name=name)
+def _norm(x: jax.Array, dtype: Dtype, groups: int, kernel: str, name: str, swish: bool = True) -> jax.Array:
+  """``swish(GroupNorm(x))`` (``swish=False``: the norm alone), the same parameters for every ``kernel``.
+
+  "xla": ``nn.GroupNorm``, fused by XLA; "pallas": one kernel each way
+  (:mod:`vdm.group_norm`) where it takes the shape (group count and size
+  powers of two), else XLA's.
+  """
+  groups = _num_groups(x.shape[-1], groups)
+  if kernel == "pallas" and group_norm_lib.supported(x.shape[-1], groups):
+    return group_norm_lib.GroupNormSwish(groups, dtype, swish, name=name)(x)
+  h = nn.GroupNorm(num_groups=groups, dtype=dtype, name=name)(x)
+  return nn.swish(h) if swish else h
 
 
 def _conv(features: int, dtype: Dtype, conv_grad: str, zero_init: bool = False,
@@ -91,7 +102,7 @@ def fourier_features(z: jax.Array, exponents: Sequence[int]) -> jax.Array:
 
 
 class _PartsGroupNorm(nn.Module):
-  """GroupNorm of ``concatenate(parts, -1)`` computed part by part, the normalised parts concatenated.
+  """swish(GroupNorm of ``concatenate(parts, -1)``) computed part by part, the results concatenated.
 
   The same function as ``nn.GroupNorm`` of the concatenation (the same
   parameters: ``scale`` and ``bias`` over all channels) when no group
@@ -100,6 +111,7 @@ class _PartsGroupNorm(nn.Module):
   """
   num_groups: int
   dtype: Dtype = jnp.float32
+  kernel: str = "xla"  # or "pallas": vdm.group_norm's kernel per part, where it takes the part's shape
   epsilon: float = 1e-6  # nn.GroupNorm's
 
   @nn.compact
@@ -111,13 +123,18 @@ class _PartsGroupNorm(nn.Module):
     outs, start = [], 0
     for part in parts:
       c = part.shape[-1]
+      if self.kernel == "pallas" and group_norm_lib.supported(c, c // size):
+        outs.append(group_norm_lib.group_norm(part, scale[start:start + c], bias[start:start + c], c // size,
+                                              True, self.epsilon, self.dtype))
+        start += c
+        continue
       x = part.reshape(part.shape[:-1] + (c // size, size))
       stats = x.astype(jnp.float32)  # float32 statistics, as nn.GroupNorm
       mean = stats.mean(axis=(1, 2, 4), keepdims=True)
       var = jnp.maximum(jnp.square(stats).mean(axis=(1, 2, 4), keepdims=True) - jnp.square(mean), 0.0)
       mul = lax.rsqrt(var + self.epsilon) * scale[start:start + c].reshape(c // size, size)
       y = (x - mean) * mul + bias[start:start + c].reshape(c // size, size)
-      outs.append(y.reshape(part.shape).astype(self.dtype))
+      outs.append(nn.swish(y.reshape(part.shape).astype(self.dtype)))
       start += c
     return jnp.concatenate(outs, axis=-1)
 
@@ -161,6 +178,7 @@ class ResnetBlock(nn.Module):
   conv_grad: str = "dot"
   norm_groups: int = 0
   skip_concat: str = "before_norm"
+  group_norm: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool,
@@ -171,14 +189,14 @@ class ResnetBlock(nn.Module):
     split = (len(parts) > 1 and self.skip_concat == "after_norm" and width != self.channels  # projected residual
              and all(part.shape[-1] % (width // groups) == 0 for part in parts))
     if split:
-      h = _PartsGroupNorm(groups, self.dtype, name="GroupNorm_0")(parts)
+      h = _PartsGroupNorm(groups, self.dtype, self.group_norm, name="GroupNorm_0")(parts)
     else:
       x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else x
-      h = _group_norm(width, self.dtype, self.norm_groups, name="GroupNorm_0")(x)
-    h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, name="Conv_0")(nn.swish(h)), "conv")
+      h = _norm(x, self.dtype, self.norm_groups, self.group_norm, "GroupNorm_0")
+    h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, name="Conv_0")(h), "conv")
     h = h + nn.Dense(self.channels, use_bias=False, kernel_init=nn.initializers.zeros,
                      dtype=self.dtype, name="Dense_0")(cond)[:, None, None, :]
-    h = nn.swish(_group_norm(self.channels, self.dtype, self.norm_groups, name="GroupNorm_1")(h))
+    h = _norm(h, self.dtype, self.norm_groups, self.group_norm, "GroupNorm_1")
     h = dropout_lib.Dropout(self.dropout)(h, deterministic)
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True, name="Conv_1")(h), "conv")
     if width != self.channels:
@@ -192,11 +210,13 @@ class AttnBlock(nn.Module):
   num_heads: int = 1
   dtype: Dtype = jnp.float32
   norm_groups: int = 0
+  group_norm: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, height, width, c = x.shape
-    h = _group_norm(c, self.dtype, self.norm_groups)(x).reshape(b, height * width, c)
+    h = _norm(x, self.dtype, self.norm_groups, self.group_norm, "GroupNorm_0", swish=False)
+    h = h.reshape(b, height * width, c)
     h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
                                         out_kernel_init=nn.initializers.zeros)(h, h)
     return x + h.reshape(x.shape)
@@ -216,13 +236,14 @@ class _Layer(nn.Module):
   conv_grad: str
   norm_groups: int = 0
   skip_concat: str = "before_norm"
+  group_norm: str = "xla"
 
   @nn.compact
   def __call__(self, h, skip, cond):
     h = ResnetBlock(self.channels, self.dropout, self.dtype, self.conv_grad, self.norm_groups, self.skip_concat,
-                    name="resnet")(h, cond, self.deterministic, skip)
+                    self.group_norm, name="resnet")(h, cond, self.deterministic, skip)
     if self.attention:
-      h = AttnBlock(dtype=self.dtype, norm_groups=self.norm_groups, name="attn")(h)
+      h = AttnBlock(dtype=self.dtype, norm_groups=self.norm_groups, group_norm=self.group_norm, name="attn")(h)
     return h, (h if skip is None else None)
 
 
@@ -299,6 +320,7 @@ class ScoreUNet(nn.Module):
   remat_policy: str = "convs"
   scan_unroll: int = 1
   skip_concat: str = "before_norm"
+  group_norm: str = "xla"
   dtype: Dtype = jnp.float32
   float32_residuals: bool = False
   conv_grad: str = "dot"
@@ -344,6 +366,8 @@ class ScoreUNet(nn.Module):
       h = jnp.concatenate([h, fourier_features(h, self.fourier_exponents)], axis=-1)
     if self.skip_concat not in SKIP_CONCATS:
       raise ValueError(f"skip_concat: expected one of {SKIP_CONCATS}, got {self.skip_concat!r}")
+    if self.group_norm not in group_norm_lib.KERNELS:
+      raise ValueError(f"group_norm: expected one of {group_norm_lib.KERNELS}, got {self.group_norm!r}")
     levels, factor = len(self.channel_mult), size_divisor(self.channel_mult, self.patch_size)
     if z.shape[1] % factor or z.shape[2] % factor:
       on_patches = f" on {self.patch_size}×{self.patch_size} patches" if self.patch_size > 1 else ""
@@ -367,7 +391,7 @@ class ScoreUNet(nn.Module):
 
     mid_layer = lambda name, attention: _Layer(  # noqa: E731
         widths[-1], self.dropout, attention, deterministic, self.dtype, self.conv_grad, self.norm_groups,
-        name=name)
+        group_norm=self.group_norm, name=name)
     h, _ = mid_layer("mid_0", self.mid_attention or self.attention_everywhere)(h, None, cond)
     h, _ = mid_layer("mid_1", False)(h, None, cond)
 
@@ -378,7 +402,7 @@ class ScoreUNet(nn.Module):
         h = _conv(widths[level], self.dtype, self.conv_grad, name=f"upsample_{level}")(h).astype(stream)
       h, _ = self._stack(_stack_name("up", level), widths[level], h, skips[level][::-1], cond, deterministic)
 
-    h = nn.swish(_group_norm(widths[0], self.dtype, self.norm_groups, "norm_out")(h))
+    h = _norm(h, self.dtype, self.norm_groups, self.group_norm, "norm_out")
     out = _conv(z.shape[-1] * self.patch_size**2, jnp.float32, self.conv_grad, zero_init=True,
                 name="conv_out")(h)  # float32, as conv_in
     out = depth_to_space(out, self.patch_size)
@@ -390,7 +414,7 @@ class ScoreUNet(nn.Module):
     length = self.num_blocks if skips is None else self.num_blocks + 1
     layer = nn.remat(_Layer, policy=REMAT_POLICIES[self.remat_policy]) if self.remat else _Layer
     args = (channels, self.dropout, self.attention_everywhere, deterministic, self.dtype,
-            self.conv_grad, self.norm_groups, self.skip_concat)
+            self.conv_grad, self.norm_groups, self.skip_concat, self.group_norm)
     if self.scan_blocks:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast if skips is None else 0, nn.broadcast), length=length,

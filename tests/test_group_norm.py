@@ -1,0 +1,112 @@
+"""vdm.group_norm: the Pallas GroupNorm–swish kernels (in Pallas's interpreter here) against flax, in float64."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import cifar10
+from vdm import config as config_lib
+from vdm import group_norm
+
+
+def _inputs(shape, dtype=jnp.float64, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  c = shape[-1]
+  x = jax.random.normal(keys[0], shape, dtype) * 3.0 + 1.5  # a mean far from 0: the variance must not cancel
+  scale = 1.0 + 0.3 * jax.random.normal(keys[1], (c,), dtype)
+  bias = 0.3 * jax.random.normal(keys[2], (c,), dtype)
+  return x, scale, bias, jax.random.normal(keys[3], shape, dtype)
+
+
+def _flax(groups, swish):
+  def f(x, scale, bias):
+    y = nn.GroupNorm(num_groups=groups, dtype=x.dtype, param_dtype=x.dtype).apply(
+        {"params": {"scale": scale, "bias": bias}}, x)
+    return nn.swish(y) if swish else y
+  return f
+
+
+@pytest.mark.parametrize("shape,groups,swish,chunk", [
+    ((2, 4, 4, 16), 4, True, 4096),   # one loop iteration
+    ((2, 6, 6, 8), 2, True, 32),      # 36 pixels in rows of 4: nine iterations
+    ((3, 7, 4, 4), 4, False, 8),      # the norm alone; 28 pixels in rows of 2, one channel per group
+])
+def test_value_and_gradient_equal_flax_groupnorm_and_swish_in_float64(monkeypatch, shape, groups, swish, chunk):
+  monkeypatch.setattr(group_norm, "_CHUNK", chunk)
+  with jax.enable_x64(True):
+    x, scale, bias, dy = _inputs(shape)
+    want, want_vjp = jax.vjp(_flax(groups, swish), x, scale, bias)
+    got, got_vjp = jax.vjp(lambda *a: group_norm.group_norm(*a, groups, swish), x, scale, bias)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    for g, w, name in zip(got_vjp(dy), want_vjp(dy), ("x", "scale", "bias")):
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-12, err_msg=name)
+
+
+def test_rows_per_iteration_are_the_largest_power_of_two_that_divides_the_pixels():
+  assert group_norm._rows(1024, 128) == 32  # 4,096 elements an iteration
+  assert group_norm._rows(784, 64) == 16    # 784 = 16 · 49
+  assert group_norm._rows(49, 8) == 1
+  assert group_norm._rows(4, 4096) == 1
+
+
+def test_bfloat16_activations_give_flax_float32_result_to_bfloat16_rounding():
+  x, scale, bias, _ = _inputs((2, 8, 8, 32), jnp.float32)
+  want = _flax(8, True)(x.astype(jnp.bfloat16).astype(jnp.float32), scale, bias)
+  got = group_norm.group_norm(x.astype(jnp.bfloat16), scale, bias, 8, True, 1e-6, jnp.bfloat16)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2 ** -8, atol=2 ** -8)
+
+
+def test_supported_shapes_and_the_error_for_others():
+  assert group_norm.supported(128, 32) and group_norm.supported(256, 16) and group_norm.supported(64, 16)
+  assert not group_norm.supported(96, 8)  # 12 a group
+  assert not group_norm.supported(48, 3)  # 3 groups
+  x = jnp.zeros((1, 2, 2, 12))
+  with pytest.raises(ValueError, match="execution.group_norm='pallas': .* got 12 channels in 1 groups"):
+    group_norm.group_norm(x, jnp.ones(12), jnp.zeros(12), 1)
+
+
+def _network(kernel, **overrides):
+  config = cifar10.get_config()
+  config.model.network.update(dict(dict(num_blocks=1, channels=16, channel_mult=(1, 2), dropout=0.0), **overrides))
+  config.execution.update(skip_concat="after_norm", group_norm=kernel)
+  return config_lib.build_model(config).network
+
+
+def test_the_network_with_the_kernel_is_the_same_function_of_the_same_parameters():
+  # Every norm through the kernel: 4 groups of 4 channels at 16, the up path's input and skip apart, the
+  # attention's norm without swish.
+  z = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  gamma = jnp.array([-3.0, 1.0])
+  xla, pallas = _network("xla"), _network("pallas")
+  params = xla.init(jax.random.key(1), z, gamma)
+  assert jax.tree.structure(params) == jax.tree.structure(pallas.init(jax.random.key(1), z, gamma))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
+  loss = lambda net: lambda p: jnp.sum(net.apply(p, z, gamma) ** 2)  # noqa: E731
+  (want, want_grad), (got, got_grad) = (jax.value_and_grad(loss(n))(params) for n in (xla, pallas))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])  # noqa: E731
+  assert np.linalg.norm(flat(got_grad) - flat(want_grad)) < 1e-5 * np.linalg.norm(flat(want_grad))
+  text = jax.make_jaxpr(loss(pallas))(params).pretty_print()
+  # Each scanned stack traced once: down 2 + 2, middle 3 + 2 (the attention's), up 3 + 3 (input and skip
+  # apart), norm_out 1 = 16 norms, each with a Triton and an interpreter branch.
+  assert text.count("pallas_call") == 2 * 16
+
+
+def test_norms_the_kernel_cannot_take_stay_xlas():
+  # 12 channels: one group of 12 (not a power of two), so no norm is the kernel's; the parameters are the same.
+  z, gamma = jnp.zeros((1, 4, 4, 3)), jnp.zeros(1)
+  nets = [_network(kernel, channels=12, channel_mult=(1, 1)) for kernel in ("xla", "pallas")]
+  params = nets[0].init(jax.random.key(1), z, gamma)
+  jaxprs = [jax.make_jaxpr(net.apply)(params, z, gamma).pretty_print() for net in nets]
+  assert "pallas_call" not in jaxprs[1] and jaxprs[0] == jaxprs[1]
+
+
+def test_config_refuses_an_unknown_kernel():
+  config = cifar10.get_config()
+  config.execution.group_norm = "triton"
+  with pytest.raises(config_lib.ConfigError, match=r"execution.group_norm: expected one of \('xla', 'pallas'\)"):
+    config_lib.validate(config)

@@ -1,0 +1,230 @@
+"""GroupNorm and swish as one GPU kernel each way: ``execution.group_norm="pallas"``.
+
+Where the paper's CIFAR-10 step spends its time on an H200 outside the
+convolutions (README, Performance): GroupNorm's statistics and their
+gradients, ~1,800 small reduction kernels a step, as XLA splits each
+reduction in two and differentiates the norm into several more. Here one
+program per example reads its ``[H·W, C]`` activations once to sum them
+per group, then again (from L2: 256 KB an example at 32×32×128 bf16) to
+write ``swish((x − μ) / σ · scale + bias)``; the backward pass likewise
+takes one kernel: sums of the incoming gradient per channel, then
+``∂/∂x``. ``scale`` and ``bias`` get per-example sums the caller adds up.
+
+Written in Pallas for Triton (GPUs). Elsewhere the same kernels run in
+Pallas's interpreter (``interpret=True``: correct and slow; the tests use
+it). The function is that of ``swish(nn.GroupNorm(...)(x))`` (float32
+statistics, E[x²] − E[x]² as flax computes the variance, its ε), tested
+against it in float64 with its gradient; the result is rounded to
+``dtype`` once, after the swish.
+
+Triton's arrays have power-of-two sizes: groups and channels per group
+must be powers of two (:func:`supported`; 128 channels in 32 groups is
+the paper's network). The loop runs over rows of ``rows`` pixels, a power
+of two that divides H·W.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pallas_triton
+
+KERNELS = ("xla", "pallas")  # execution.group_norm
+_CHUNK = 4096  # elements per loop iteration of a program (32 a thread at 4 warps)
+
+
+def _power_of_two(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def supported(channels: int, groups: int) -> bool:
+  """Whether the kernel takes ``channels`` in ``groups``: both the group count and size powers of two."""
+  return channels % groups == 0 and _power_of_two(groups) and _power_of_two(channels // groups)
+
+
+def _rows(pixels: int, channels: int) -> int:
+  """Pixels per loop iteration: the largest power of two ≤ _CHUNK / channels that divides ``pixels``."""
+  rows = 1
+  while rows * 2 * channels <= _CHUNK and pixels % (rows * 2) == 0:
+    rows *= 2
+  return rows
+
+
+def _chunk(ref, i: jax.Array, rows: int, dtype) -> jax.Array:
+  """Rows ``i·rows`` to ``(i + 1)·rows`` of an example's ``[P, G, S]`` block in ``dtype``: ``[rows, G, S]``."""
+  return ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :].astype(dtype)
+
+
+def _swish_and_grad(u: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """swish(u) = u·σ(u) and its derivative σ(u)(1 + u(1 − σ(u)))."""
+  s = 1.0 / (1.0 + jnp.exp(-u))
+  return u * s, s * (1.0 + u * (1.0 - s))
+
+
+def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, rows, steps, epsilon, swish):
+  # x_ref, y_ref: [P, G, S] of one example; scale_ref, bias_ref: [G, S]; mean_ref, rstd_ref: [G]. Arithmetic in
+  # scale's dtype (float32).
+  def accumulate(i, sums):
+    x = _chunk(x_ref, i, rows, scale_ref.dtype)
+    return sums[0] + jnp.sum(x, axis=0), sums[1] + jnp.sum(x * x, axis=0)
+
+  zeros = jnp.zeros(scale_ref.shape, scale_ref.dtype)
+  s1, s2 = lax.fori_loop(0, steps, accumulate, (zeros, zeros))
+  n = steps * rows * scale_ref.shape[1]
+  mean = jnp.sum(s1, axis=1) / n  # [G]
+  var = jnp.maximum(jnp.sum(s2, axis=1) / n - mean * mean, 0.0)  # as flax: E[x²] − E[x]², clipped at 0
+  rstd = lax.rsqrt(var + epsilon)
+  mul = scale_ref[...] * rstd[:, None]  # [G, S]
+  bias = bias_ref[...]
+
+  def write(i, carry):
+    u = (_chunk(x_ref, i, rows, scale_ref.dtype) - mean[None, :, None]) * mul[None] + bias[None]
+    y = _swish_and_grad(u)[0] if swish else u
+    y_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :] = y.astype(y_ref.dtype)
+    return carry
+
+  lax.fori_loop(0, steps, write, 0)
+  mean_ref[...] = mean
+  rstd_ref[...] = rstd
+
+
+def _backward_kernel(x_ref, scale_ref, bias_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dscale_ref, dbias_ref, *,
+                     rows, steps, swish):
+  # With x̂ = (x − μ)·r, u = x̂·scale + bias, y = swish(u): du = dy·swish'(u), ∂bias = Σ du, ∂scale = Σ du·x̂,
+  # and ∂x = r·(du·scale − mean_g(du·scale) − x̂·mean_g(du·scale·x̂)), means over the n values of a group.
+  mean = mean_ref[...][None, :, None]  # [1, G, 1]
+  rstd = rstd_ref[...][None, :, None]
+  scale, bias = scale_ref[...], bias_ref[...]  # [G, S]
+
+  def grads(i):
+    x_hat = (_chunk(x_ref, i, rows, scale_ref.dtype) - mean) * rstd
+    dy = _chunk(dy_ref, i, rows, scale_ref.dtype)
+    du = dy * _swish_and_grad(x_hat * scale[None] + bias[None])[1] if swish else dy
+    return x_hat, du
+
+  def accumulate(i, sums):
+    x_hat, du = grads(i)
+    return sums[0] + jnp.sum(du, axis=0), sums[1] + jnp.sum(du * x_hat, axis=0)
+
+  zeros = jnp.zeros(scale.shape, scale.dtype)
+  dbias, dscale = lax.fori_loop(0, steps, accumulate, (zeros, zeros))
+  n = steps * rows * scale.shape[1]
+  mean_d = (jnp.sum(dbias * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale)
+  mean_dx = (jnp.sum(dscale * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale·x̂)
+
+  def write(i, carry):
+    x_hat, du = grads(i)
+    dx = rstd * (du * scale[None] - mean_d - x_hat * mean_dx)
+    dx_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :] = dx.astype(dx_ref.dtype)
+    return carry
+
+  lax.fori_loop(0, steps, write, 0)
+  dscale_ref[...] = dscale
+  dbias_ref[...] = dbias
+
+
+def _call(kernel, grid_shape, ins, outs, interpret: bool):
+  """One program per example: ``[P, G, S]`` blocks of the per-example arrays, whole ``[G, S]`` parameters.
+
+  Triton where the program is lowered for a GPU; Pallas's interpreter on other platforms or if ``interpret``.
+  """
+  batch, pixels, groups, size = grid_shape
+
+  def spec(shape):
+    if shape == (batch, pixels, groups, size):
+      return pl.BlockSpec((None, pixels, groups, size), lambda b: (b, 0, 0, 0))
+    if shape == (batch, groups):
+      return pl.BlockSpec((None, groups), lambda b: (b, 0))
+    if shape == (batch, groups, size):
+      return pl.BlockSpec((None, groups, size), lambda b: (b, 0, 0))
+    return pl.BlockSpec((groups, size), lambda b: (0, 0))
+
+  call = functools.partial(pl.pallas_call, kernel, out_shape=outs, grid=(batch,),
+                           in_specs=[spec(x.shape) for x in ins], out_specs=[spec(o.shape) for o in outs])
+  interpreted = lambda *args: call(interpret=True)(*args)  # noqa: E731
+  if interpret:
+    return interpreted(*ins)
+  triton = lambda *args: call(compiler_params=pallas_triton.CompilerParams(num_warps=4))(*args)  # noqa: E731
+  return lax.platform_dependent(*ins, cuda=triton, rocm=triton, default=interpreted)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, swish: bool = True,
+               epsilon: float = 1e-6, dtype: Any = None, interpret: bool = False) -> jax.Array:
+  """``swish(GroupNorm(x))`` (or the norm alone, ``swish=False``) as one kernel.
+
+  Args:
+    x: ``[B, H, W, C]`` activations, any float dtype.
+    scale, bias: ``[C]`` float32 (float64 for a float64 reference): the
+      statistics and arithmetic are in their dtype.
+    groups: norm groups; :func:`supported` must hold.
+    dtype: the result's dtype (default ``x``'s).
+    interpret: run the kernels in Pallas's interpreter on every platform
+      (without it: Triton on GPUs, the interpreter elsewhere).
+
+  Returns: ``[B, H, W, C]`` in ``dtype``.
+  """
+  return _forward(x, scale, bias, groups, swish, epsilon, dtype, interpret)[0]
+
+
+def _grid_shape(x: jax.Array, groups: int) -> tuple[int, int, int, int]:
+  b, h, w, c = x.shape
+  if not supported(c, groups):
+    raise ValueError(f"execution.group_norm='pallas': expected groups and channels per group powers of two, "
+                     f"got {c} channels in {groups} groups")
+  return b, h * w, groups, c // groups
+
+
+def _forward(x, scale, bias, groups, swish, epsilon, dtype, interpret):
+  shape = _grid_shape(x, groups)
+  b, pixels, g, s = shape
+  rows = _rows(pixels, g * s)
+  kernel = functools.partial(_forward_kernel, rows=rows, steps=pixels // rows, epsilon=epsilon, swish=swish)
+  outs = (jax.ShapeDtypeStruct(shape, dtype or x.dtype), jax.ShapeDtypeStruct((b, g), scale.dtype),
+          jax.ShapeDtypeStruct((b, g), scale.dtype))
+  y, mean, rstd = _call(kernel, shape, (x.reshape(shape), scale.reshape(g, s), bias.reshape(g, s)), outs, interpret)
+  return y.reshape(x.shape), (x, scale, bias, mean, rstd)
+
+
+def _forward_vjp(x, scale, bias, groups, swish, epsilon, dtype, interpret):
+  return _forward(x, scale, bias, groups, swish, epsilon, dtype, interpret)
+
+
+def _backward(groups, swish, epsilon, dtype, interpret, residuals, dy):
+  x, scale, bias, mean, rstd = residuals
+  shape = _grid_shape(x, groups)
+  b, pixels, g, s = shape
+  rows = _rows(pixels, g * s)
+  kernel = functools.partial(_backward_kernel, rows=rows, steps=pixels // rows, swish=swish)
+  outs = (jax.ShapeDtypeStruct(shape, x.dtype), jax.ShapeDtypeStruct((b, g, s), scale.dtype),
+          jax.ShapeDtypeStruct((b, g, s), scale.dtype))
+  ins = (x.reshape(shape), scale.reshape(g, s), bias.reshape(g, s), mean, rstd, dy.reshape(shape))
+  dx, dscale, dbias = _call(kernel, shape, ins, outs, interpret)
+  return dx.reshape(x.shape), dscale.sum(0).reshape(scale.shape), dbias.sum(0).reshape(bias.shape)
+
+
+group_norm.defvjp(_forward_vjp, _backward)
+
+
+class GroupNormSwish(nn.Module):
+  """``swish(nn.GroupNorm(num_groups)(x))`` (``swish=False``: the norm alone) by :func:`group_norm`.
+
+  The parameters are ``nn.GroupNorm``'s (``scale``, ``bias``: ``[C]``
+  float32), so checkpoints move between the two. Off GPUs the kernels run
+  in Pallas's interpreter (for tests; slow).
+  """
+  num_groups: int
+  dtype: Any = jnp.float32
+  swish: bool = True
+  epsilon: float = 1e-6  # nn.GroupNorm's
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return group_norm(x, scale, bias, self.num_groups, self.swish, self.epsilon, self.dtype)
