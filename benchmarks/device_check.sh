@@ -16,7 +16,8 @@
 # ~9 minutes on one H100 (measured). What it writes into OUT_DIR (8 files, the most the device tool brings back):
 #   env.json          devices, versions
 #   train_step.jsonl  configs/cifar10.py at batch 128: as shipped (bf16 blocks on the accelerator) and the
-#                     variants that matter (TF32; TF32 with threefry masks and skips joined before the
+#                     variants that matter (GroupNorm–swish as Pallas kernels; Philox masks; TF32; TF32
+#                     with threefry masks and skips joined before the
 #                     norm, as shipped until 2026-11-27; masks from the device's own generator; no remat),
 #                     each with a 3-step profile (device time by XLA op, kernel, kind of work, JAX source)
 #                     and as shipped under other XLA flags (XLA_VARIANTS="FLAGS;FLAGS…"; default: CUDA graphs
@@ -63,10 +64,11 @@ EOF
 cat "$OUT/env.json" | tee -a "$LOG"
 
 # As shipped (bf16 blocks on accelerators, "packed" masks, skips after the norm), then the variants that matter:
-# the Philox masks it shipped with until 2026-11-28 first.
+# the Pallas GroupNorm–swish kernels (vdm/group_norm.py) first, then the Philox masks shipped until 2026-11-28.
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
 # VARIANTS="A B …" (each a comma-separated list of config overrides) replaces the list below.
-read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto execution.dtype=auto,execution.dropout_rng=philox \
+read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto execution.dtype=auto,execution.group_norm=pallas \
+execution.dtype=auto,execution.dropout_rng=philox \
 execution.dtype=float32 execution.dtype=float32,execution.dropout_rng=threefry,execution.skip_concat=before_norm \
 execution.dtype=auto,execution.dropout_rng=rbg execution.dtype=auto,execution.remat=False}"
 step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \

@@ -12,18 +12,19 @@ from vdm import group_norm
 
 
 def _inputs(shape, dtype=jnp.float64, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 4)
-  c = shape[-1]
+  keys = jax.random.split(jax.random.key(seed), 5)
+  b, c = shape[0], shape[-1]
   x = jax.random.normal(keys[0], shape, dtype) * 3.0 + 1.5  # a mean far from 0: the variance must not cancel
-  scale = 1.0 + 0.3 * jax.random.normal(keys[1], (c,), dtype)
-  bias = 0.3 * jax.random.normal(keys[2], (c,), dtype)
-  return x, scale, bias, jax.random.normal(keys[3], shape, dtype)
+  shift = jax.random.normal(keys[1], (b, c), dtype)
+  scale = 1.0 + 0.3 * jax.random.normal(keys[2], (c,), dtype)
+  bias = 0.3 * jax.random.normal(keys[3], (c,), dtype)
+  return x, shift, scale, bias, jax.random.normal(keys[4], shape, dtype)
 
 
 def _flax(groups, swish):
-  def f(x, scale, bias):
+  def f(x, shift, scale, bias):
     y = nn.GroupNorm(num_groups=groups, dtype=x.dtype, param_dtype=x.dtype).apply(
-        {"params": {"scale": scale, "bias": bias}}, x)
+        {"params": {"scale": scale, "bias": bias}}, x + shift[:, None, None, :])
     return nn.swish(y) if swish else y
   return f
 
@@ -36,13 +37,17 @@ def _flax(groups, swish):
 def test_value_and_gradient_equal_flax_groupnorm_and_swish_in_float64(monkeypatch, shape, groups, swish, chunk):
   monkeypatch.setattr(group_norm, "_CHUNK", chunk)
   with jax.enable_x64(True):
-    x, scale, bias, dy = _inputs(shape)
-    want, want_vjp = jax.vjp(_flax(groups, swish), x, scale, bias)
-    got, got_vjp = jax.vjp(lambda *a: group_norm.group_norm(*a, groups, swish), x, scale, bias)
+    x, shift, scale, bias, dy = _inputs(shape)
+    want, want_vjp = jax.vjp(_flax(groups, swish), x, shift, scale, bias)
+    got, got_vjp = jax.vjp(lambda x, shift, scale, bias: group_norm.group_norm(
+        x, scale, bias, groups, swish, shift=shift), x, shift, scale, bias)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
-    for g, w, name in zip(got_vjp(dy), want_vjp(dy), ("x", "scale", "bias")):
+    for g, w, name in zip(got_vjp(dy), want_vjp(dy), ("x", "shift", "scale", "bias")):
       np.testing.assert_allclose(g, w, rtol=0, atol=1e-12, err_msg=name)
+    no_shift = jnp.zeros_like(shift)
+    np.testing.assert_allclose(group_norm.group_norm(x, scale, bias, groups, swish),
+                               _flax(groups, swish)(x, no_shift, scale, bias), rtol=0, atol=1e-13)
 
 
 def test_rows_per_iteration_are_the_largest_power_of_two_that_divides_the_pixels():
@@ -52,10 +57,11 @@ def test_rows_per_iteration_are_the_largest_power_of_two_that_divides_the_pixels
   assert group_norm._rows(4, 4096) == 1
 
 
-def test_bfloat16_activations_give_flax_float32_result_to_bfloat16_rounding():
-  x, scale, bias, _ = _inputs((2, 8, 8, 32), jnp.float32)
-  want = _flax(8, True)(x.astype(jnp.bfloat16).astype(jnp.float32), scale, bias)
-  got = group_norm.group_norm(x.astype(jnp.bfloat16), scale, bias, 8, True, 1e-6, jnp.bfloat16)
+def test_bfloat16_activations_give_flaxs_float32_result_to_bfloat16_rounding():
+  x, shift, scale, bias, _ = _inputs((2, 8, 8, 32), jnp.float32)
+  x, shift = x.astype(jnp.bfloat16), shift.astype(jnp.bfloat16)
+  want = _flax(8, True)(x.astype(jnp.float32), shift.astype(jnp.float32), scale, bias)
+  got = group_norm.group_norm(x, scale, bias, 8, True, 1e-6, jnp.bfloat16, shift=shift)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2 ** -8, atol=2 ** -8)
 

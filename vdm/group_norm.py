@@ -24,7 +24,7 @@ of two that divides H·W.
 """
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -65,11 +65,14 @@ def _swish_and_grad(u: jax.Array) -> tuple[jax.Array, jax.Array]:
   return u * s, s * (1.0 + u * (1.0 - s))
 
 
-def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, rows, steps, epsilon, swish):
-  # x_ref, y_ref: [P, G, S] of one example; scale_ref, bias_ref: [G, S]; mean_ref, rstd_ref: [G]. Arithmetic in
-  # scale's dtype (float32).
+def _forward_kernel(x_ref, shift_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, rows, steps, epsilon,
+                    swish):
+  # x_ref, y_ref: [P, G, S] of one example; shift_ref (the example's), scale_ref, bias_ref: [G, S];
+  # mean_ref, rstd_ref: [G]. Arithmetic in scale's dtype (float32).
+  shift = shift_ref[...].astype(scale_ref.dtype)[None]
+
   def accumulate(i, sums):
-    x = _chunk(x_ref, i, rows, scale_ref.dtype)
+    x = _chunk(x_ref, i, rows, scale_ref.dtype) + shift
     return sums[0] + jnp.sum(x, axis=0), sums[1] + jnp.sum(x * x, axis=0)
 
   zeros = jnp.zeros(scale_ref.shape, scale_ref.dtype)
@@ -82,7 +85,7 @@ def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, ro
   bias = bias_ref[...]
 
   def write(i, carry):
-    u = (_chunk(x_ref, i, rows, scale_ref.dtype) - mean[None, :, None]) * mul[None] + bias[None]
+    u = (_chunk(x_ref, i, rows, scale_ref.dtype) + shift - mean[None, :, None]) * mul[None] + bias[None]
     y = _swish_and_grad(u)[0] if swish else u
     y_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :] = y.astype(y_ref.dtype)
     return carry
@@ -92,16 +95,18 @@ def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, ro
   rstd_ref[...] = rstd
 
 
-def _backward_kernel(x_ref, scale_ref, bias_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dscale_ref, dbias_ref, *,
-                     rows, steps, swish):
-  # With x̂ = (x − μ)·r, u = x̂·scale + bias, y = swish(u): du = dy·swish'(u), ∂bias = Σ du, ∂scale = Σ du·x̂,
-  # and ∂x = r·(du·scale − mean_g(du·scale) − x̂·mean_g(du·scale·x̂)), means over the n values of a group.
+def _backward_kernel(x_ref, shift_ref, scale_ref, bias_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dshift_ref,
+                     dscale_ref, dbias_ref, *, rows, steps, swish):
+  # With x̂ = (x + shift − μ)·r, u = x̂·scale + bias, y = swish(u): du = dy·swish'(u), ∂bias = Σ du,
+  # ∂scale = Σ du·x̂, ∂x = r·(du·scale − mean_g(du·scale) − x̂·mean_g(du·scale·x̂)) (means over the n values
+  # of a group) and ∂shift = Σ ∂x over the pixels.
   mean = mean_ref[...][None, :, None]  # [1, G, 1]
   rstd = rstd_ref[...][None, :, None]
   scale, bias = scale_ref[...], bias_ref[...]  # [G, S]
+  shift = shift_ref[...].astype(scale.dtype)[None]
 
   def grads(i):
-    x_hat = (_chunk(x_ref, i, rows, scale_ref.dtype) - mean) * rstd
+    x_hat = (_chunk(x_ref, i, rows, scale_ref.dtype) + shift - mean) * rstd
     dy = _chunk(dy_ref, i, rows, scale_ref.dtype)
     du = dy * _swish_and_grad(x_hat * scale[None] + bias[None])[1] if swish else dy
     return x_hat, du
@@ -116,35 +121,33 @@ def _backward_kernel(x_ref, scale_ref, bias_ref, mean_ref, rstd_ref, dy_ref, dx_
   mean_d = (jnp.sum(dbias * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale)
   mean_dx = (jnp.sum(dscale * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale·x̂)
 
-  def write(i, carry):
+  def write(i, dshift):
     x_hat, du = grads(i)
     dx = rstd * (du * scale[None] - mean_d - x_hat * mean_dx)
     dx_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :] = dx.astype(dx_ref.dtype)
-    return carry
+    return dshift + jnp.sum(dx, axis=0)
 
-  lax.fori_loop(0, steps, write, 0)
+  dshift_ref[...] = lax.fori_loop(0, steps, write, zeros).astype(dshift_ref.dtype)
   dscale_ref[...] = dscale
   dbias_ref[...] = dbias
 
 
-def _call(kernel, grid_shape, ins, outs, interpret: bool):
-  """One program per example: ``[P, G, S]`` blocks of the per-example arrays, whole ``[G, S]`` parameters.
+def _call(kernel, ins, outs, interpret: bool):
+  """One program per example. ``ins`` and ``outs`` are (array or ShapeDtypeStruct, kind) pairs: kind "param"
+  (``[G, S]``, whole to every program) or per example (``[B, …]``: each program gets its example's block).
 
   Triton where the program is lowered for a GPU; Pallas's interpreter on other platforms or if ``interpret``.
   """
-  batch, pixels, groups, size = grid_shape
+  def spec(shape, kind):
+    if kind == "param":
+      return pl.BlockSpec(shape, lambda b: (0,) * len(shape))
+    return pl.BlockSpec((None,) + shape[1:], lambda b: (b,) + (0,) * (len(shape) - 1))
 
-  def spec(shape):
-    if shape == (batch, pixels, groups, size):
-      return pl.BlockSpec((None, pixels, groups, size), lambda b: (b, 0, 0, 0))
-    if shape == (batch, groups):
-      return pl.BlockSpec((None, groups), lambda b: (b, 0))
-    if shape == (batch, groups, size):
-      return pl.BlockSpec((None, groups, size), lambda b: (b, 0, 0))
-    return pl.BlockSpec((groups, size), lambda b: (0, 0))
-
-  call = functools.partial(pl.pallas_call, kernel, out_shape=outs, grid=(batch,),
-                           in_specs=[spec(x.shape) for x in ins], out_specs=[spec(o.shape) for o in outs])
+  batch = outs[0][0].shape[0]
+  outs, out_specs = tuple(o for o, _ in outs), [spec(o.shape, kind) for o, kind in outs]
+  ins, in_specs = [x for x, _ in ins], [spec(x.shape, kind) for x, kind in ins]
+  call = functools.partial(pl.pallas_call, kernel, out_shape=outs, grid=(batch,), in_specs=in_specs,
+                           out_specs=out_specs)
   interpreted = lambda *args: call(interpret=True)(*args)  # noqa: E731
   if interpret:
     return interpreted(*ins)
@@ -152,10 +155,10 @@ def _call(kernel, grid_shape, ins, outs, interpret: bool):
   return lax.platform_dependent(*ins, cuda=triton, rocm=triton, default=interpreted)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, swish: bool = True,
-               epsilon: float = 1e-6, dtype: Any = None, interpret: bool = False) -> jax.Array:
-  """``swish(GroupNorm(x))`` (or the norm alone, ``swish=False``) as one kernel.
+               epsilon: float = 1e-6, dtype: Any = None, *, shift: Optional[jax.Array] = None,
+               interpret: bool = False) -> jax.Array:
+  """``swish(GroupNorm(x + shift))`` (or the norm alone, ``swish=False``) as one kernel.
 
   Args:
     x: ``[B, H, W, C]`` activations, any float dtype.
@@ -163,12 +166,21 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, swi
       statistics and arithmetic are in their dtype.
     groups: norm groups; :func:`supported` must hold.
     dtype: the result's dtype (default ``x``'s).
+    shift: ``[B, C]`` added to each example's pixels first (a block's
+      conditioning), in the kernel; None: 0.
     interpret: run the kernels in Pallas's interpreter on every platform
       (without it: Triton on GPUs, the interpreter elsewhere).
 
   Returns: ``[B, H, W, C]`` in ``dtype``.
   """
-  return _forward(x, scale, bias, groups, swish, epsilon, dtype, interpret)[0]
+  b, _, _, c = x.shape
+  shift = jnp.zeros((b, c), x.dtype) if shift is None else shift
+  return _group_norm(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _group_norm(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret):
+  return _forward(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret)[0]
 
 
 def _grid_shape(x: jax.Array, groups: int) -> tuple[int, int, int, int]:
@@ -179,35 +191,35 @@ def _grid_shape(x: jax.Array, groups: int) -> tuple[int, int, int, int]:
   return b, h * w, groups, c // groups
 
 
-def _forward(x, scale, bias, groups, swish, epsilon, dtype, interpret):
+def _forward(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret):
   shape = _grid_shape(x, groups)
   b, pixels, g, s = shape
   rows = _rows(pixels, g * s)
   kernel = functools.partial(_forward_kernel, rows=rows, steps=pixels // rows, epsilon=epsilon, swish=swish)
-  outs = (jax.ShapeDtypeStruct(shape, dtype or x.dtype), jax.ShapeDtypeStruct((b, g), scale.dtype),
-          jax.ShapeDtypeStruct((b, g), scale.dtype))
-  y, mean, rstd = _call(kernel, shape, (x.reshape(shape), scale.reshape(g, s), bias.reshape(g, s)), outs, interpret)
-  return y.reshape(x.shape), (x, scale, bias, mean, rstd)
-
-
-def _forward_vjp(x, scale, bias, groups, swish, epsilon, dtype, interpret):
-  return _forward(x, scale, bias, groups, swish, epsilon, dtype, interpret)
+  outs = ((jax.ShapeDtypeStruct(shape, dtype or x.dtype), "example"),
+          (jax.ShapeDtypeStruct((b, g), scale.dtype), "example"), (jax.ShapeDtypeStruct((b, g), scale.dtype), "example"))
+  ins = ((x.reshape(shape), "example"), (shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
+         (bias.reshape(g, s), "param"))
+  y, mean, rstd = _call(kernel, ins, outs, interpret)
+  return y.reshape(x.shape), (x, shift, scale, bias, mean, rstd)
 
 
 def _backward(groups, swish, epsilon, dtype, interpret, residuals, dy):
-  x, scale, bias, mean, rstd = residuals
+  x, shift, scale, bias, mean, rstd = residuals
   shape = _grid_shape(x, groups)
   b, pixels, g, s = shape
   rows = _rows(pixels, g * s)
   kernel = functools.partial(_backward_kernel, rows=rows, steps=pixels // rows, swish=swish)
-  outs = (jax.ShapeDtypeStruct(shape, x.dtype), jax.ShapeDtypeStruct((b, g, s), scale.dtype),
-          jax.ShapeDtypeStruct((b, g, s), scale.dtype))
-  ins = (x.reshape(shape), scale.reshape(g, s), bias.reshape(g, s), mean, rstd, dy.reshape(shape))
-  dx, dscale, dbias = _call(kernel, shape, ins, outs, interpret)
-  return dx.reshape(x.shape), dscale.sum(0).reshape(scale.shape), dbias.sum(0).reshape(bias.shape)
+  outs = tuple((jax.ShapeDtypeStruct(out_shape, dtype), "example") for out_shape, dtype in (
+      (shape, x.dtype), ((b, g, s), shift.dtype), ((b, g, s), scale.dtype), ((b, g, s), scale.dtype)))
+  ins = ((x.reshape(shape), "example"), (shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
+         (bias.reshape(g, s), "param"), (mean, "example"), (rstd, "example"), (dy.reshape(shape), "example"))
+  dx, dshift, dscale, dbias = _call(kernel, ins, outs, interpret)
+  return (dx.reshape(x.shape), dshift.reshape(shift.shape), dscale.sum(0).reshape(scale.shape),
+          dbias.sum(0).reshape(bias.shape))
 
 
-group_norm.defvjp(_forward_vjp, _backward)
+_group_norm.defvjp(_forward, _backward)
 
 
 class GroupNormSwish(nn.Module):
@@ -223,8 +235,9 @@ class GroupNormSwish(nn.Module):
   epsilon: float = 1e-6  # nn.GroupNorm's
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, shift: Optional[jax.Array] = None) -> jax.Array:
+    """x ``[B, H, W, C]``; shift ``[B, C]`` added to x first, in the kernel (None: 0)."""
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    return group_norm(x, scale, bias, self.num_groups, self.swish, self.epsilon, self.dtype)
+    return group_norm(x, scale, bias, self.num_groups, self.swish, self.epsilon, self.dtype, shift=shift)

@@ -56,16 +56,19 @@ def _num_groups(channels: int, groups: int = 0) -> int:
   return groups or math.gcd(32, max(channels // 4, 1))
 
 
-def _norm(x: jax.Array, dtype: Dtype, groups: int, kernel: str, name: str, swish: bool = True) -> jax.Array:
-  """``swish(GroupNorm(x))`` (``swish=False``: the norm alone), the same parameters for every ``kernel``.
+def _norm(x: jax.Array, dtype: Dtype, groups: int, kernel: str, name: str, swish: bool = True,
+          shift: Optional[jax.Array] = None) -> jax.Array:
+  """``swish(GroupNorm(x + shift))`` (``swish=False``: the norm alone), the same parameters for every ``kernel``.
 
-  "xla": ``nn.GroupNorm``, fused by XLA; "pallas": one kernel each way
-  (:mod:`vdm.group_norm`) where it takes the shape (group count and size
+  x ``[B, H, W, C]``; shift ``[B, C]`` or None. "xla": ``nn.GroupNorm``,
+  fused by XLA; "pallas": one kernel each way (:mod:`vdm.group_norm`; the
+  shift added inside it) where it takes the shape (group count and size
   powers of two), else XLA's.
   """
   groups = _num_groups(x.shape[-1], groups)
   if kernel == "pallas" and group_norm_lib.supported(x.shape[-1], groups):
-    return group_norm_lib.GroupNormSwish(groups, dtype, swish, name=name)(x)
+    return group_norm_lib.GroupNormSwish(groups, dtype, swish, name=name)(x, shift)
+  x = x if shift is None else x + shift[:, None, None, :]
   h = nn.GroupNorm(num_groups=groups, dtype=dtype, name=name)(x)
   return nn.swish(h) if swish else h
 
@@ -194,9 +197,9 @@ class ResnetBlock(nn.Module):
       x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else x
       h = _norm(x, self.dtype, self.norm_groups, self.group_norm, "GroupNorm_0")
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, name="Conv_0")(h), "conv")
-    h = h + nn.Dense(self.channels, use_bias=False, kernel_init=nn.initializers.zeros,
-                     dtype=self.dtype, name="Dense_0")(cond)[:, None, None, :]
-    h = _norm(h, self.dtype, self.norm_groups, self.group_norm, "GroupNorm_1")
+    shift = nn.Dense(self.channels, use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                     name="Dense_0")(cond)  # the conditioning, [B, C]
+    h = _norm(h, self.dtype, self.norm_groups, self.group_norm, "GroupNorm_1", shift=shift)
     h = dropout_lib.Dropout(self.dropout)(h, deterministic)
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True, name="Conv_1")(h), "conv")
     if width != self.channels:
