@@ -96,8 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
   # insides in bf16 (more memory traffic; a smaller likelihood cost of bf16).
   config.execution.float32_residuals = False
   # GroupNorm (and the swish after it): "xla" (flax's nn.GroupNorm, fused by XLA) or "pallas" (one kernel
-  # each way, vdm.group_norm: Triton on GPUs, its interpreter elsewhere, slow; norms whose group count or
-  # size is not a power of two stay XLA's). The same function and parameters.
+  # each way, vdm.group_norm: Triton on GPUs, Pallas's interpreter on CPUs, slow; not on TPUs; norms whose
+  # group count or size is not a power of two stay XLA's). The same function and parameters.
   config.execution.group_norm = "xla"
 
   config.training = ml_collections.ConfigDict()

@@ -111,8 +111,13 @@ def test_norms_the_kernel_cannot_take_stay_xlas():
   assert "pallas_call" not in jaxprs[1] and jaxprs[0] == jaxprs[1]
 
 
-def test_config_refuses_an_unknown_kernel():
+def test_config_refuses_an_unknown_kernel_and_the_kernel_on_tpus(monkeypatch):
   config = cifar10.get_config()
   config.execution.group_norm = "triton"
   with pytest.raises(config_lib.ConfigError, match=r"execution.group_norm: expected one of \('xla', 'pallas'\)"):
+    config_lib.validate(config)
+  config.execution.group_norm = "pallas"
+  config_lib.validate(config)
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with pytest.raises(config_lib.ConfigError, match="execution.group_norm: expected 'xla' on TPUs"):
     config_lib.validate(config)

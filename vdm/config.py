@@ -123,6 +123,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          ex.float32_residuals)
   _check(ex.group_norm in group_norm.KERNELS, "execution.group_norm", f"one of {group_norm.KERNELS}",
          ex.group_norm)
+  _check(ex.group_norm != "pallas" or jax.default_backend() != "tpu", "execution.group_norm",
+         "'xla' on TPUs (the 'pallas' kernels are written for GPUs' Triton)", ex.group_norm)
   _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 1, "execution.scan_unroll",
          "a positive integer (1 = one block per loop iteration)", ex.scan_unroll)
   _check(ex.matmul_precision in MATMUL_PRECISIONS, "execution.matmul_precision", f"one of {MATMUL_PRECISIONS}",
