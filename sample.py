@@ -11,6 +11,7 @@ A progress bar counts sampler steps; every device JAX sees is used.
 """
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -61,6 +62,10 @@ def _classes(num_classes: int):
   if not _LABELS.value:
     if _GUIDANCE.value != 0.0:
       raise ConfigError("--guidance: needs --labels (guidance contrasts a class with none)")
+    if num_classes:
+      print(f"note: this model is class-conditional ({num_classes} classes); without --labels it samples "
+            "p(x) through its null class, which trained on few examples (--labels=all draws each class)",
+            file=sys.stderr)
     return None
   if not num_classes:
     raise ConfigError("--labels: this model is unconditional (config.model.num_classes = 0)")

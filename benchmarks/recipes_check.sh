@@ -17,7 +17,7 @@
 # steps at batch 16 not yet), so a short GPU slot can compare what the CPU cannot (issues "objectives" and
 # "conditional"). Each recipe trains configs/mnist_samples.py (or mnist_conditional.py) as shipped or with
 # some overrides (without labels, the recipe until 2026-11-28, afternoon: FD ratio 2.47 on a CPU against
-# the labelled recipe's RATIO_ALL; the sigmoid weighting, b = 2, the recipe's until 2026-11-28, morning: on a CPU 0.4 bpd
+# the labelled recipe's 1.34 ± 0.01; the sigmoid weighting, b = 2, the recipe's until 2026-11-28, morning: on a CPU 0.4 bpd
 # worse ELBO than edm_monotone and samples no better; twice the steps; EMA decay 0.995; learning rate
 # 4e-3; the eps_mse weighting, the recipe's until 2026-11-27, late evening; ε-prediction; 32 channels;
 # the conditional model, also three times as long), then

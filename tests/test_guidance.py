@@ -130,6 +130,11 @@ def test_sample_py_draws_one_row_per_label_and_saves_the_labels(conditional, tmp
   assert rows.returncode == 0, rows.stderr[-2000:]
   with np.load(tmp_path / "interpolate_step4_n3_seed0.npz") as out:
     assert out["samples"].shape == (6, 28, 28, 1)  # 2 rows of 3
+  unlabelled = subprocess.run([sys.executable, "sample.py", f"--workdir={workdir}", "--num_samples=1",
+                               "--num_steps=1", f"--output={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+  assert unlabelled.returncode == 0, unlabelled.stderr[-2000:]
+  assert "without --labels it samples p(x) through its null class" in unlabelled.stderr
   bad = subprocess.run([sys.executable, "sample.py", f"--workdir={workdir}", "--labels=1,x"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "--labels: expected integers or 'all', got '1,x'" in bad.stderr
