@@ -21,8 +21,8 @@ ELBO:
   1.34 ± 0.01 at 8,000 (three seeds, 20 min), against 2.47 ± 0.10 for
   8,000 steps without labels (``--config.model.num_classes=0
   --config.training.num_steps=8000``, the recipe until 2026-11-28,
-  afternoon). Evaluation reports −log p(x│c) as ``bpd`` (R6_BPD) and −log
-  p(x) through the null class as ``bpd_unconditional`` (R6_BPDU; without
+  afternoon). Evaluation reports −log p(x│c) as ``bpd`` (2.32) and −log
+  p(x) through the null class as ``bpd_unconditional`` (2.33; without
   labels: 2.24–2.26);
 * a U-Net at three resolutions (28, 14, 7; ``channel_mult=(1, 2, 4)`` on 16
   channels: 16, 32, 64) with self-attention at 7×7, so every output pixel
@@ -60,7 +60,7 @@ Evaluation still reports the unweighted ELBO in bits/dim, along the linear
 γ path (``eval.gamma_path="auto"``): along the cosine's own path its rare
 steep-end draws make the estimate heavy-tailed (with ε-prediction: 0.99 ±
 0.12 bpd there against 2.42 ± 0.07). The recipe gives up likelihood for
-samples: R6_U bpd (−log p(x)) against the Quick start's 1.32 (eps_mse: 1.62).
+samples: 2.33 bpd (−log p(x)) against the Quick start's 1.32 (eps_mse: 1.62).
 Figures: README, Results.
 """
 
