@@ -15,7 +15,7 @@ ELBO:
   training. Samples are drawn for given digits (``sample_quality`` draws
   50 of each, as the 500 held-out digits it compares with hold; ``sample.py
   --labels=all``); without labels the model samples p(x) through the null
-  class, and draws poor digits (FD ratio 6.8–7.9). FD ratio R6_ALL at the
+  class, and draws poor digits (FD ratio 6.8–7.9). FD ratio 1.43 ± 0.02 at the
   shipped 6,000 steps (two training seeds, each scored at four sample
   seeds; 14 min 47 s on this project's 2-core CPU with the evaluation),
   1.34 ± 0.01 at 8,000 (three seeds, 20 min), against 2.47 ± 0.10 for
