@@ -137,8 +137,8 @@ def _backward_kernel(x_ref, shift_ref, scale_ref, bias_ref, mean_ref, rstd_ref, 
 
 
 def _call(kernel, ins, outs, interpret: bool):
-  """One program per example. ``ins`` and ``outs`` are (array or ShapeDtypeStruct, kind) pairs: kind "param"
-  (``[G, S]``, whole to every program) or per example (``[B, …]``: each program gets its example's block).
+  """One program per example. ``ins`` and ``outs`` are (array or ShapeDtypeStruct, kind) pairs: kind
+  "param" (``[G, S]``, whole to every program) or "example" (``[B, …]``: each program gets its example's).
 
   Triton where the program is lowered for a GPU; Pallas's interpreter on other platforms or if ``interpret``.
   """
@@ -187,21 +187,21 @@ def _group_norm(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret)
   return _forward(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret)[0]
 
 
-def _grid_shape(x: jax.Array, groups: int) -> tuple[int, int, int, int]:
+def _layout(x: jax.Array, groups: int) -> tuple[tuple[int, int, int, int], int]:
+  """``x`` ``[B, H, W, C]`` as the kernels see it: ``([B, P, G, S], rows)``, P = H·W pixels, S = C / G."""
   b, h, w, c = x.shape
   if not supported(c, groups):
     raise ValueError(f"execution.group_norm='pallas': expected groups and channels per group powers of two, "
                      f"got {c} channels in {groups} groups")
-  return b, h * w, groups, c // groups
+  return (b, h * w, groups, c // groups), _rows(h * w, c)
 
 
 def _forward(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret):
-  shape = _grid_shape(x, groups)
+  shape, rows = _layout(x, groups)
   b, pixels, g, s = shape
-  rows = _rows(pixels, g * s)
   kernel = functools.partial(_forward_kernel, rows=rows, steps=pixels // rows, epsilon=epsilon, swish=swish)
-  outs = ((jax.ShapeDtypeStruct(shape, dtype or x.dtype), "example"),
-          (jax.ShapeDtypeStruct((b, g), scale.dtype), "example"), (jax.ShapeDtypeStruct((b, g), scale.dtype), "example"))
+  stat = jax.ShapeDtypeStruct((b, g), scale.dtype)
+  outs = ((jax.ShapeDtypeStruct(shape, dtype or x.dtype), "example"), (stat, "example"), (stat, "example"))
   ins = ((x.reshape(shape), "example"), (shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
          (bias.reshape(g, s), "param"))
   y, mean, rstd = _call(kernel, ins, outs, interpret)
@@ -210,11 +210,10 @@ def _forward(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret):
 
 def _backward(groups, swish, epsilon, dtype, interpret, residuals, dy):
   x, shift, scale, bias, mean, rstd = residuals
-  shape = _grid_shape(x, groups)
+  shape, rows = _layout(x, groups)
   b, pixels, g, s = shape
-  rows = _rows(pixels, g * s)
   kernel = functools.partial(_backward_kernel, rows=rows, steps=pixels // rows, swish=swish)
-  outs = tuple((jax.ShapeDtypeStruct(out_shape, dtype), "example") for out_shape, dtype in (
+  outs = tuple((jax.ShapeDtypeStruct(out_shape, out_dtype), "example") for out_shape, out_dtype in (
       (shape, x.dtype), ((b, g, s), shift.dtype), ((b, g, s), scale.dtype), ((b, g, s), scale.dtype)))
   ins = ((x.reshape(shape), "example"), (shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
          (bias.reshape(g, s), "param"), (mean, "example"), (rstd, "example"), (dy.reshape(shape), "example"))

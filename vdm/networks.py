@@ -126,19 +126,19 @@ class _PartsGroupNorm(nn.Module):
     outs, start = [], 0
     for part in parts:
       c = part.shape[-1]
+      part_scale, part_bias = scale[start:start + c], bias[start:start + c]
+      start += c
       if self.kernel == "pallas" and group_norm_lib.supported(c, c // size):
-        outs.append(group_norm_lib.group_norm(part, scale[start:start + c], bias[start:start + c], c // size,
-                                              True, self.epsilon, self.dtype))
-        start += c
+        outs.append(group_norm_lib.group_norm(part, part_scale, part_bias, c // size, True, self.epsilon,
+                                              self.dtype))
         continue
       x = part.reshape(part.shape[:-1] + (c // size, size))
       stats = x.astype(jnp.float32)  # float32 statistics, as nn.GroupNorm
       mean = stats.mean(axis=(1, 2, 4), keepdims=True)
       var = jnp.maximum(jnp.square(stats).mean(axis=(1, 2, 4), keepdims=True) - jnp.square(mean), 0.0)
-      mul = lax.rsqrt(var + self.epsilon) * scale[start:start + c].reshape(c // size, size)
-      y = (x - mean) * mul + bias[start:start + c].reshape(c // size, size)
+      mul = lax.rsqrt(var + self.epsilon) * part_scale.reshape(c // size, size)
+      y = (x - mean) * mul + part_bias.reshape(c // size, size)
       outs.append(nn.swish(y.reshape(part.shape).astype(self.dtype)))
-      start += c
     return jnp.concatenate(outs, axis=-1)
 
 
