@@ -29,6 +29,7 @@ tests), through ``jax.extend.random.threefry2x32_p``.
 """
 
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -98,17 +99,30 @@ class Dropout(nn.Module):
   """``flax.linen.Dropout`` with the mask of :func:`draw_keep`.
 
   Named as flax's module would be, it gets the same key: with a threefry,
-  philox or rbg key (``execution.dropout_rng``) it computes what flax's
-  does, bit for bit; with a :data:`PACKED` key, :func:`keep_mask`'s mask,
-  the kept activations divided by its rounded keep probability.
+  philox or rbg key (``execution.dropout_rng``) and float32 activations it
+  computes what flax's does, bit for bit; with a :data:`PACKED` key,
+  :func:`keep_mask`'s mask, the kept activations divided by its rounded
+  keep probability. The division is in float32 whatever the activations'
+  dtype: flax divides bf16 activations by the keep probability rounded to
+  bf16 (0.9 becomes 0.8984375), which scales every kept activation up by
+  0.18 % on average (tested).
   """
   rate: float
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    if deterministic or self.rate == 0.0:
+    drawn = self.mask(x.shape, deterministic)
+    if drawn is None:
       return x
+    keep, keep_prob = drawn
+    return lax.select(keep, (x.astype(jnp.promote_types(x.dtype, jnp.float32)) / keep_prob).astype(x.dtype),
+                      jnp.zeros_like(x))
+
+  def mask(self, shape: tuple, deterministic: bool) -> Optional[tuple[jax.Array, float]]:
+    """The mask ``__call__`` would apply to activations of ``shape`` and its keep probability; None where it
+    applies none (deterministic, or rate 0). For a kernel that applies it itself (:mod:`vdm.group_norm`)."""
+    if deterministic or self.rate == 0.0:
+      return None
     if self.rate == 1.0:
-      return jnp.zeros_like(x)
-    keep, keep_prob = draw_keep(self.make_rng("dropout"), 1.0 - self.rate, x.shape)
-    return lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+      return jnp.zeros(shape, bool), 1.0
+    return draw_keep(self.make_rng("dropout"), 1.0 - self.rate, shape)
