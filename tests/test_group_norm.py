@@ -8,6 +8,7 @@ import pytest
 
 from configs import cifar10
 from vdm import config as config_lib
+from vdm import dropout
 from vdm import group_norm
 
 
@@ -50,6 +51,22 @@ def test_value_and_gradient_equal_flax_groupnorm_and_swish_in_float64(monkeypatc
                                _flax(groups, swish)(x, no_shift, scale, bias), rtol=0, atol=1e-13)
 
 
+def test_dropout_in_the_kernel_is_the_mask_applied_to_flaxs_result_with_its_gradient(monkeypatch):
+  monkeypatch.setattr(group_norm, "_CHUNK", 32)  # 36 pixels in rows of 4: nine iterations
+  with jax.enable_x64(True):
+    x, shift, scale, bias, dy = _inputs((2, 6, 6, 8))
+    keep = jax.random.bernoulli(jax.random.key(7), 0.7, x.shape)
+    want, want_vjp = jax.vjp(lambda *args: jnp.where(keep, _flax(2, True)(*args) / 0.7, 0.0), x, shift, scale, bias)
+    got, got_vjp = jax.vjp(lambda x, shift, scale, bias: group_norm.group_norm(
+        x, scale, bias, 2, True, shift=shift, keep=keep, keep_prob=0.7), x, shift, scale, bias)
+    assert np.all((np.asarray(got) == 0) >= ~np.asarray(keep))  # dropped: exactly 0
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    for g, w, name in zip(got_vjp(dy), want_vjp(dy), ("x", "shift", "scale", "bias")):
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-12, err_msg=name)
+    with pytest.raises(ValueError, match=r"expected keep of the activations' shape \(2, 6, 6, 8\), got \(2, 6, 6, 4\)"):
+      group_norm.group_norm(x, scale, bias, 2, keep=keep[..., :4], keep_prob=0.7)
+
+
 def test_rows_per_iteration_are_the_largest_power_of_two_that_divides_the_pixels():
   assert group_norm._rows(1024, 128) == 64  # 8,192 elements an iteration
   assert group_norm._rows(784, 64) == 16    # 784 = 16 · 49
@@ -85,13 +102,19 @@ def _network(kernel, **overrides):
 def test_the_network_with_the_kernel_is_the_same_function_of_the_same_parameters():
   # Every norm through the kernel: 4 groups of 4 channels at 16, the up path's input and skip apart, the
   # attention's norm without swish.
+  # With dropout in training, applied inside the kernel: the same masks (packed keys, as the CIFAR-10
+  # configs draw them).
   z = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
   gamma = jnp.array([-3.0, 1.0])
-  xla, pallas = _network("xla"), _network("pallas")
+  xla, pallas = _network("xla", dropout=0.3), _network("pallas", dropout=0.3)
   params = xla.init(jax.random.key(1), z, gamma)
   assert jax.tree.structure(params) == jax.tree.structure(pallas.init(jax.random.key(1), z, gamma))
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
-  loss = lambda net: lambda p: jnp.sum(net.apply(p, z, gamma) ** 2)  # noqa: E731
+  rngs = {"dropout": dropout.packed_key(jax.random.key(3))}
+  loss = lambda net: lambda p: jnp.sum(net.apply(p, z, gamma, train=True, rngs=rngs) ** 2)  # noqa: E731
+  deterministic = [net.apply(params, z, gamma) for net in (xla, pallas)]
+  np.testing.assert_allclose(deterministic[1], deterministic[0], rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(xla.apply(params, z, gamma, train=True, rngs=rngs) - deterministic[0])).max() > 1e-3
   (want, want_grad), (got, got_grad) = (jax.value_and_grad(loss(n))(params) for n in (xla, pallas))
   np.testing.assert_allclose(got, want, rtol=1e-5)
   flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])  # noqa: E731

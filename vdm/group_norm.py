@@ -69,10 +69,19 @@ def _swish_and_grad(u: jax.Array) -> tuple[jax.Array, jax.Array]:
   return u * s, s * (1.0 + u * (1.0 - s))
 
 
-def _forward_kernel(x_ref, shift_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, rows, steps, epsilon,
-                    swish):
+def _dropout(value: jax.Array, keep_ref, i: jax.Array, rows: int, keep_prob: Optional[float]) -> jax.Array:
+  """``value`` (rows ``i·rows`` … of an example) where the example's mask keeps it, divided by ``keep_prob``,
+  else 0; untouched without a mask (``keep_prob`` None)."""
+  if keep_prob is None:
+    return value
+  return jnp.where(_chunk(keep_ref, i, rows, jnp.int32) != 0, value / keep_prob, 0.0)
+
+
+def _forward_kernel(x_ref, shift_ref, scale_ref, bias_ref, *refs, rows, steps, epsilon, swish, keep_prob):
   # x_ref, y_ref: [P, G, S] of one example; shift_ref (the example's), scale_ref, bias_ref: [G, S];
-  # mean_ref, rstd_ref: [G]. Arithmetic in scale's dtype (float32).
+  # mean_ref, rstd_ref: [G]; with dropout (keep_prob not None) first keep_ref, the example's mask as int8
+  # [P, G, S]. Arithmetic in scale's dtype (float32).
+  keep_ref, (y_ref, mean_ref, rstd_ref) = (refs[0], refs[1:]) if keep_prob is not None else (None, refs)
   shift = shift_ref[...].astype(scale_ref.dtype)[None]
 
   def accumulate(i, sums):
@@ -90,7 +99,7 @@ def _forward_kernel(x_ref, shift_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd
 
   def write(i, carry):
     u = (_chunk(x_ref, i, rows, scale_ref.dtype) + shift - mean[None, :, None]) * mul[None] + bias[None]
-    y = _swish_and_grad(u)[0] if swish else u
+    y = _dropout(_swish_and_grad(u)[0] if swish else u, keep_ref, i, rows, keep_prob)
     y_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :] = y.astype(y_ref.dtype)
     return carry
 
@@ -99,11 +108,13 @@ def _forward_kernel(x_ref, shift_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd
   rstd_ref[...] = rstd
 
 
-def _backward_kernel(x_ref, shift_ref, scale_ref, bias_ref, mean_ref, rstd_ref, dy_ref, dx_ref, dshift_ref,
-                     dscale_ref, dbias_ref, *, rows, steps, swish):
+def _backward_kernel(x_ref, shift_ref, scale_ref, bias_ref, mean_ref, rstd_ref, *refs, rows, steps, swish,
+                     keep_prob):
   # With x̂ = (x + shift − μ)·r, u = x̂·scale + bias, y = swish(u): du = dy·swish'(u), ∂bias = Σ du,
   # ∂scale = Σ du·x̂, ∂x = r·(du·scale − mean_g(du·scale) − x̂·mean_g(du·scale·x̂)) (means over the n values
-  # of a group) and ∂shift = Σ ∂x over the pixels.
+  # of a group) and ∂shift = Σ ∂x over the pixels. With dropout, dy is first masked and divided as y was.
+  keep_ref, (dy_ref, dx_ref, dshift_ref, dscale_ref, dbias_ref) = (
+      (refs[0], refs[1:]) if keep_prob is not None else (None, refs))
   mean = mean_ref[...][None, :, None]  # [1, G, 1]
   rstd = rstd_ref[...][None, :, None]
   scale, bias = scale_ref[...], bias_ref[...]  # [G, S]
@@ -111,7 +122,7 @@ def _backward_kernel(x_ref, shift_ref, scale_ref, bias_ref, mean_ref, rstd_ref, 
 
   def grads(i):
     x_hat = (_chunk(x_ref, i, rows, scale_ref.dtype) + shift - mean) * rstd
-    dy = _chunk(dy_ref, i, rows, scale_ref.dtype)
+    dy = _dropout(_chunk(dy_ref, i, rows, scale_ref.dtype), keep_ref, i, rows, keep_prob)
     du = dy * _swish_and_grad(x_hat * scale[None] + bias[None])[1] if swish else dy
     return x_hat, du
 
@@ -161,8 +172,8 @@ def _call(kernel, ins, outs, interpret: bool):
 
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, swish: bool = True,
                epsilon: float = 1e-6, dtype: Any = None, *, shift: Optional[jax.Array] = None,
-               interpret: bool = False) -> jax.Array:
-  """``swish(GroupNorm(x + shift))`` (or the norm alone, ``swish=False``) as one kernel.
+               keep: Optional[jax.Array] = None, keep_prob: float = 1.0, interpret: bool = False) -> jax.Array:
+  """``swish(GroupNorm(x + shift))`` (or the norm alone, ``swish=False``), then dropout, as one kernel.
 
   Args:
     x: ``[B, H, W, C]`` activations, any float dtype.
@@ -172,6 +183,10 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, swi
     dtype: the result's dtype (default ``x``'s).
     shift: ``[B, C]`` added to each example's pixels first (a block's
       conditioning), in the kernel; None: 0.
+    keep, keep_prob: dropout applied to the result in the kernel: where
+      ``keep`` (``[B, H, W, C]`` bool, e.g. :meth:`vdm.dropout.Dropout.mask`)
+      the result divided by ``keep_prob`` (in float32), elsewhere 0; the
+      backward kernel masks the incoming gradient alike. None: no dropout.
     interpret: run the kernels in Pallas's interpreter on every platform
       (without it: Triton on GPUs, the interpreter elsewhere).
 
@@ -179,12 +194,15 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, swi
   """
   b, _, _, c = x.shape
   shift = jnp.zeros((b, c), x.dtype) if shift is None else shift
-  return _group_norm(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret)
+  if keep is not None and keep.shape != x.shape:
+    raise ValueError(f"group_norm: expected keep of the activations' shape {x.shape}, got {keep.shape}")
+  keep, keep_prob = (None, None) if keep is None else (keep.astype(jnp.int8), float(keep_prob))
+  return _group_norm(x, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _group_norm(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret):
-  return _forward(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _group_norm(x, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret):
+  return _forward(x, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret)[0]
 
 
 def _layout(x: jax.Array, groups: int) -> tuple[tuple[int, int, int, int], int]:
@@ -196,30 +214,37 @@ def _layout(x: jax.Array, groups: int) -> tuple[tuple[int, int, int, int], int]:
   return (b, h * w, groups, c // groups), _rows(h * w, c)
 
 
-def _forward(x, shift, scale, bias, groups, swish, epsilon, dtype, interpret):
+def _forward(x, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret):
   shape, rows = _layout(x, groups)
   b, pixels, g, s = shape
-  kernel = functools.partial(_forward_kernel, rows=rows, steps=pixels // rows, epsilon=epsilon, swish=swish)
+  kernel = functools.partial(_forward_kernel, rows=rows, steps=pixels // rows, epsilon=epsilon, swish=swish,
+                             keep_prob=keep_prob)
   stat = jax.ShapeDtypeStruct((b, g), scale.dtype)
   outs = ((jax.ShapeDtypeStruct(shape, dtype or x.dtype), "example"), (stat, "example"), (stat, "example"))
   ins = ((x.reshape(shape), "example"), (shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
-         (bias.reshape(g, s), "param"))
+         (bias.reshape(g, s), "param")) + _mask(keep, shape)
   y, mean, rstd = _call(kernel, ins, outs, interpret)
-  return y.reshape(x.shape), (x, shift, scale, bias, mean, rstd)
+  return y.reshape(x.shape), (x, shift, scale, bias, keep, mean, rstd)
 
 
-def _backward(groups, swish, epsilon, dtype, interpret, residuals, dy):
-  x, shift, scale, bias, mean, rstd = residuals
+def _mask(keep: Optional[jax.Array], shape) -> tuple:
+  """The kernels' dropout mask input, ``[B, P, G, S]`` int8, if there is one."""
+  return () if keep is None else ((keep.reshape(shape), "example"),)
+
+
+def _backward(groups, swish, epsilon, dtype, keep_prob, interpret, residuals, dy):
+  x, shift, scale, bias, keep, mean, rstd = residuals
   shape, rows = _layout(x, groups)
   b, pixels, g, s = shape
-  kernel = functools.partial(_backward_kernel, rows=rows, steps=pixels // rows, swish=swish)
+  kernel = functools.partial(_backward_kernel, rows=rows, steps=pixels // rows, swish=swish, keep_prob=keep_prob)
   outs = tuple((jax.ShapeDtypeStruct(out_shape, out_dtype), "example") for out_shape, out_dtype in (
       (shape, x.dtype), ((b, g, s), shift.dtype), ((b, g, s), scale.dtype), ((b, g, s), scale.dtype)))
   ins = ((x.reshape(shape), "example"), (shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
-         (bias.reshape(g, s), "param"), (mean, "example"), (rstd, "example"), (dy.reshape(shape), "example"))
+         (bias.reshape(g, s), "param"), (mean, "example"), (rstd, "example")) + _mask(keep, shape) + (
+      (dy.reshape(shape), "example"),)
   dx, dshift, dscale, dbias = _call(kernel, ins, outs, interpret)
   return (dx.reshape(x.shape), dshift.reshape(shift.shape), dscale.sum(0).reshape(scale.shape),
-          dbias.sum(0).reshape(bias.shape))
+          dbias.sum(0).reshape(bias.shape), None)
 
 
 _group_norm.defvjp(_forward, _backward)
@@ -238,9 +263,13 @@ class GroupNormSwish(nn.Module):
   epsilon: float = 1e-6  # nn.GroupNorm's
 
   @nn.compact
-  def __call__(self, x: jax.Array, shift: Optional[jax.Array] = None) -> jax.Array:
-    """x ``[B, H, W, C]``; shift ``[B, C]`` added to x first, in the kernel (None: 0)."""
+  def __call__(self, x: jax.Array, shift: Optional[jax.Array] = None,
+               dropout: Optional[tuple[jax.Array, float]] = None) -> jax.Array:
+    """x ``[B, H, W, C]``; shift ``[B, C]`` added to x first, in the kernel (None: 0); dropout: a mask of
+    x's shape and its keep probability (:meth:`vdm.dropout.Dropout.mask`), applied in the kernel."""
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    return group_norm(x, scale, bias, self.num_groups, self.swish, self.epsilon, self.dtype, shift=shift)
+    keep, keep_prob = dropout if dropout is not None else (None, 1.0)
+    return group_norm(x, scale, bias, self.num_groups, self.swish, self.epsilon, self.dtype, shift=shift,
+                      keep=keep, keep_prob=keep_prob)

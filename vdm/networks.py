@@ -57,20 +57,25 @@ def _num_groups(channels: int, groups: int = 0) -> int:
 
 
 def _norm(x: jax.Array, dtype: Dtype, groups: int, kernel: str, name: str, swish: bool = True,
-          shift: Optional[jax.Array] = None) -> jax.Array:
-  """``swish(GroupNorm(x + shift))`` (``swish=False``: the norm alone), the same parameters for every ``kernel``.
+          shift: Optional[jax.Array] = None, dropout: Optional[tuple[nn.Module, bool]] = None) -> jax.Array:
+  """``dropout(swish(GroupNorm(x + shift)))`` (``swish=False``: without the swish), the same parameters and
+  dropout masks for every ``kernel``.
 
-  x ``[B, H, W, C]``; shift ``[B, C]`` or None. "xla": ``nn.GroupNorm``,
-  fused by XLA; "pallas": one kernel each way (:mod:`vdm.group_norm`; the
-  shift added inside it) where it takes the shape (group count and size
-  powers of two), else XLA's.
+  x ``[B, H, W, C]``; shift ``[B, C]`` or None; dropout: a
+  :class:`vdm.dropout.Dropout` and whether the pass is deterministic, or
+  None. "xla": ``nn.GroupNorm``, fused by XLA; "pallas": one kernel each
+  way (:mod:`vdm.group_norm`; the shift added and the dropout mask applied
+  inside it) where it takes the shape (group count and size powers of
+  two), else XLA's.
   """
   groups = _num_groups(x.shape[-1], groups)
   if kernel == "pallas" and group_norm_lib.supported(x.shape[-1], groups):
-    return group_norm_lib.GroupNormSwish(groups, dtype, swish, name=name)(x, shift)
+    mask = dropout[0].mask(x.shape, dropout[1]) if dropout else None
+    return group_norm_lib.GroupNormSwish(groups, dtype, swish, name=name)(x, shift, mask)
   x = x if shift is None else x + shift[:, None, None, :]
   h = nn.GroupNorm(num_groups=groups, dtype=dtype, name=name)(x)
-  return nn.swish(h) if swish else h
+  h = nn.swish(h) if swish else h
+  return dropout[0](h, dropout[1]) if dropout else h
 
 
 def _conv(features: int, dtype: Dtype, conv_grad: str, zero_init: bool = False,
@@ -199,8 +204,8 @@ class ResnetBlock(nn.Module):
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, name="Conv_0")(h), "conv")
     shift = nn.Dense(self.channels, use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      name="Dense_0")(cond)  # the conditioning, [B, C]
-    h = _norm(h, self.dtype, self.norm_groups, self.group_norm, "GroupNorm_1", shift=shift)
-    h = dropout_lib.Dropout(self.dropout)(h, deterministic)
+    h = _norm(h, self.dtype, self.norm_groups, self.group_norm, "GroupNorm_1", shift=shift,
+              dropout=(dropout_lib.Dropout(self.dropout, name="Dropout_0"), deterministic))
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True, name="Conv_1")(h), "conv")
     if width != self.channels:
       x = (_PartsDense(self.channels, self.dtype, name="skip")(parts) if split
