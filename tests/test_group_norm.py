@@ -67,6 +67,30 @@ def test_dropout_in_the_kernel_is_the_mask_applied_to_flaxs_result_with_its_grad
       group_norm.group_norm(x, scale, bias, 2, keep=keep[..., :4], keep_prob=0.7)
 
 
+def test_parts_are_normalised_as_their_concatenation_without_forming_it(monkeypatch):
+  # Two parts of 8 channels (two groups of 4 each), a shift over both and dropout: the same value and
+  # gradients as flax's norm of the concatenation. Parts that split a group, or whose groups are not a
+  # power of two in number, are refused.
+  monkeypatch.setattr(group_norm, "_CHUNK", 64)  # rows of 8 pixels: four iterations per part
+  with jax.enable_x64(True):
+    whole, shift, scale, bias, dy = _inputs((2, 4, 8, 16))
+    parts = (whole[..., :8], whole[..., 8:])
+    keep = jax.random.bernoulli(jax.random.key(7), 0.8, whole.shape)
+    reference = lambda x1, x2, *args: jnp.where(  # noqa: E731
+        keep, _flax(4, True)(jnp.concatenate([x1, x2], -1), *args) / 0.8, 0.0)
+    want, want_vjp = jax.vjp(reference, *parts, shift, scale, bias)
+    got, got_vjp = jax.vjp(lambda x1, x2, shift, scale, bias: group_norm.group_norm(
+        (x1, x2), scale, bias, 4, shift=shift, keep=keep, keep_prob=0.8), *parts, shift, scale, bias)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    for g, w, name in zip(got_vjp(dy), want_vjp(dy), ("x1", "x2", "shift", "scale", "bias")):
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-12, err_msg=name)
+  assert group_norm.supported([8, 8], 4) and group_norm.supported([128, 128], 32)
+  assert not group_norm.supported([8, 16], 6)  # groups of 4, two and four a part, but six in all
+  assert not group_norm.supported([4, 8], 3) and not group_norm.supported([12, 4], 4)  # 12 = 3 groups of 4
+  with pytest.raises(ValueError, match=r"each part whole groups, .* got parts of \[12, 4\] channels in 4 groups"):
+    group_norm.group_norm((jnp.zeros((1, 2, 2, 12)), jnp.zeros((1, 2, 2, 4))), jnp.ones(16), jnp.zeros(16), 4)
+
+
 def test_rows_per_iteration_are_the_largest_power_of_two_that_divides_the_pixels():
   assert group_norm._rows(1024, 128) == 64  # 8,192 elements an iteration
   assert group_norm._rows(784, 64) == 16    # 784 = 16 · 49
@@ -120,9 +144,9 @@ def test_the_network_with_the_kernel_is_the_same_function_of_the_same_parameters
   flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])  # noqa: E731
   assert np.linalg.norm(flat(got_grad) - flat(want_grad)) < 1e-5 * np.linalg.norm(flat(want_grad))
   text = jax.make_jaxpr(loss(pallas))(params).pretty_print()
-  # Each scanned stack traced once: down 2 + 2, middle 3 + 2 (the attention's), up 3 + 3 (input and skip
-  # apart), norm_out 1 = 16 norms, each with a Triton and an interpreter branch.
-  assert text.count("pallas_call") == 2 * 16
+  # Each scanned stack traced once: down 2 + 2, middle 3 + 2 (the attention's), up 2 + 2 (input and skip in
+  # one kernel), norm_out 1 = 14 norms, each with a Triton and an interpreter branch.
+  assert text.count("pallas_call") == 2 * 14
 
 
 def test_norms_the_kernel_cannot_take_stay_xlas():

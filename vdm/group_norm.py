@@ -28,7 +28,7 @@ of two that divides H·W.
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -45,9 +45,14 @@ def _power_of_two(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
-def supported(channels: int, groups: int) -> bool:
-  """Whether the kernel takes ``channels`` in ``groups``: both the group count and size powers of two."""
-  return channels % groups == 0 and _power_of_two(groups) and _power_of_two(channels // groups)
+def supported(channels: Union[int, Sequence[int]], groups: int) -> bool:
+  """Whether the kernel takes ``channels`` (or parts of these widths, concatenated) in ``groups``: the group
+  count and size powers of two, and for parts, each a power-of-two number of whole groups."""
+  widths = (channels,) if isinstance(channels, int) else tuple(channels)
+  total = sum(widths)
+  if total % groups or not (_power_of_two(groups) and _power_of_two(total // groups)):
+    return False
+  return all(w % (total // groups) == 0 and _power_of_two(w // (total // groups)) for w in widths)
 
 
 def _rows(pixels: int, channels: int) -> int:
@@ -58,9 +63,9 @@ def _rows(pixels: int, channels: int) -> int:
   return rows
 
 
-def _chunk(ref, i: jax.Array, rows: int, dtype) -> jax.Array:
-  """Rows ``i·rows`` to ``(i + 1)·rows`` of an example's ``[P, G, S]`` block in ``dtype``: ``[rows, G, S]``."""
-  return ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :].astype(dtype)
+def _chunk(ref, i: jax.Array, rows: int, dtype, groups: slice = slice(None)) -> jax.Array:
+  """Rows ``i·rows`` to ``(i + 1)·rows`` of an example's ``[P, G, S]`` block, its ``groups``, in ``dtype``."""
+  return ref[pl.ds(pl.multiple_of(i * rows, rows), rows), groups, :].astype(dtype)
 
 
 def _swish_and_grad(u: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -69,82 +74,104 @@ def _swish_and_grad(u: jax.Array) -> tuple[jax.Array, jax.Array]:
   return u * s, s * (1.0 + u * (1.0 - s))
 
 
-def _dropout(value: jax.Array, keep_ref, i: jax.Array, rows: int, keep_prob: Optional[float]) -> jax.Array:
-  """``value`` (rows ``i·rows`` … of an example) where the example's mask keeps it, divided by ``keep_prob``,
-  else 0; untouched without a mask (``keep_prob`` None)."""
+def _dropout(value: jax.Array, keep_ref, i: jax.Array, rows: int, groups: slice,
+             keep_prob: Optional[float]) -> jax.Array:
+  """``value`` (rows ``i·rows`` … of an example, its ``groups``) where the example's mask keeps it, divided
+  by ``keep_prob``, else 0; untouched without a mask (``keep_prob`` None)."""
   if keep_prob is None:
     return value
-  return jnp.where(_chunk(keep_ref, i, rows, jnp.int32) != 0, value / keep_prob, 0.0)
+  return jnp.where(_chunk(keep_ref, i, rows, jnp.int32, groups) != 0, value / keep_prob, 0.0)
 
 
-def _forward_kernel(x_ref, shift_ref, scale_ref, bias_ref, *refs, rows, steps, epsilon, swish, keep_prob):
-  # x_ref, y_ref: [P, G, S] of one example; shift_ref (the example's), scale_ref, bias_ref: [G, S];
-  # mean_ref, rstd_ref: [G]; with dropout (keep_prob not None) first keep_ref, the example's mask as int8
-  # [P, G, S]. Arithmetic in scale's dtype (float32).
-  keep_ref, (y_ref, mean_ref, rstd_ref) = (refs[0], refs[1:]) if keep_prob is not None else (None, refs)
-  shift = shift_ref[...].astype(scale_ref.dtype)[None]
-
-  def accumulate(i, sums):
-    x = _chunk(x_ref, i, rows, scale_ref.dtype) + shift
-    return sums[0] + jnp.sum(x, axis=0), sums[1] + jnp.sum(x * x, axis=0)
-
-  zeros = jnp.zeros(scale_ref.shape, scale_ref.dtype)
-  s1, s2 = lax.fori_loop(0, steps, accumulate, (zeros, zeros))
-  n = steps * rows * scale_ref.shape[1]
-  mean = jnp.sum(s1, axis=1) / n  # [G]
-  var = jnp.maximum(jnp.sum(s2, axis=1) / n - mean * mean, 0.0)  # as flax: E[x²] − E[x]², clipped at 0
-  rstd = lax.rsqrt(var + epsilon)
-  mul = scale_ref[...] * rstd[:, None]  # [G, S]
-  bias = bias_ref[...]
-
-  def write(i, carry):
-    u = (_chunk(x_ref, i, rows, scale_ref.dtype) + shift - mean[None, :, None]) * mul[None] + bias[None]
-    y = _dropout(_swish_and_grad(u)[0] if swish else u, keep_ref, i, rows, keep_prob)
-    y_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :] = y.astype(y_ref.dtype)
-    return carry
-
-  lax.fori_loop(0, steps, write, 0)
-  mean_ref[...] = mean
-  rstd_ref[...] = rstd
+def _split(refs, parts: int, inputs: int, keep_prob: Optional[float]):
+  """A kernel's refs: the parts' activations, ``inputs`` more, the mask if there is dropout, the rest."""
+  refs = list(refs)
+  xs, ins, refs = refs[:parts], refs[parts:parts + inputs], refs[parts + inputs:]
+  keep = refs.pop(0) if keep_prob is not None else None
+  return xs, ins, keep, refs
 
 
-def _backward_kernel(x_ref, shift_ref, scale_ref, bias_ref, mean_ref, rstd_ref, *refs, rows, steps, swish,
-                     keep_prob):
+def _forward_kernel(*refs, parts, rows, epsilon, swish, keep_prob):
+  # Refs: each part's x [P, G_j, S] (its groups start at parts[j][0] of the G in all), then shift (the
+  # example's), scale, bias: [G, S]; with dropout (keep_prob not None) the example's mask as int8 [P, G, S];
+  # out: y [P, G, S], mean and rstd [G]. Arithmetic in scale's dtype (float32).
+  x_refs, (shift_ref, scale_ref, bias_ref), keep_ref, (y_ref, mean_ref, rstd_ref) = _split(
+      refs, len(parts), 3, keep_prob)
+  dtype = scale_ref.dtype
+  for x_ref, (first, count), step in zip(x_refs, parts, rows):
+    groups = slice(first, first + count)
+    shift = shift_ref[groups, :].astype(dtype)[None]
+
+    def accumulate(i, sums, x_ref=x_ref, step=step, shift=shift):
+      x = _chunk(x_ref, i, step, dtype) + shift
+      return sums[0] + jnp.sum(x, axis=0), sums[1] + jnp.sum(x * x, axis=0)
+
+    steps = x_ref.shape[0] // step
+    zeros = jnp.zeros((count, x_ref.shape[2]), dtype)
+    s1, s2 = lax.fori_loop(0, steps, accumulate, (zeros, zeros))
+    n = x_ref.shape[0] * x_ref.shape[2]
+    mean = jnp.sum(s1, axis=1) / n  # [G_j]
+    var = jnp.maximum(jnp.sum(s2, axis=1) / n - mean * mean, 0.0)  # as flax: E[x²] − E[x]², clipped at 0
+    rstd = lax.rsqrt(var + epsilon)
+    mul = scale_ref[groups, :] * rstd[:, None]  # [G_j, S]
+    bias = bias_ref[groups, :]
+
+    def write(i, carry, x_ref=x_ref, step=step, shift=shift, mean=mean, mul=mul, bias=bias, groups=groups):
+      u = (_chunk(x_ref, i, step, dtype) + shift - mean[None, :, None]) * mul[None] + bias[None]
+      y = _dropout(_swish_and_grad(u)[0] if swish else u, keep_ref, i, step, groups, keep_prob)
+      y_ref[pl.ds(pl.multiple_of(i * step, step), step), groups, :] = y.astype(y_ref.dtype)
+      return carry
+
+    lax.fori_loop(0, steps, write, 0)
+    mean_ref[groups] = mean
+    rstd_ref[groups] = rstd
+
+
+def _backward_kernel(*refs, parts, rows, swish, keep_prob):
   # With x̂ = (x + shift − μ)·r, u = x̂·scale + bias, y = swish(u): du = dy·swish'(u), ∂bias = Σ du,
   # ∂scale = Σ du·x̂, ∂x = r·(du·scale − mean_g(du·scale) − x̂·mean_g(du·scale·x̂)) (means over the n values
   # of a group) and ∂shift = Σ ∂x over the pixels. With dropout, dy is first masked and divided as y was.
-  keep_ref, (dy_ref, dx_ref, dshift_ref, dscale_ref, dbias_ref) = (
-      (refs[0], refs[1:]) if keep_prob is not None else (None, refs))
-  mean = mean_ref[...][None, :, None]  # [1, G, 1]
-  rstd = rstd_ref[...][None, :, None]
-  scale, bias = scale_ref[...], bias_ref[...]  # [G, S]
-  shift = shift_ref[...].astype(scale.dtype)[None]
+  # Refs: the parts' x, shift, scale, bias, mean, rstd (as the forward kernel's), the mask with dropout,
+  # dy [P, G, S]; out: each part's ∂x [P, G_j, S], then ∂shift, ∂scale, ∂bias [G, S] (the example's).
+  x_refs, (shift_ref, scale_ref, bias_ref, mean_ref, rstd_ref), keep_ref, refs = _split(
+      refs, len(parts), 5, keep_prob)
+  dy_ref, dx_refs, (dshift_ref, dscale_ref, dbias_ref) = refs[0], refs[1:1 + len(parts)], refs[1 + len(parts):]
+  dtype = scale_ref.dtype
+  for x_ref, dx_ref, (first, count), step in zip(x_refs, dx_refs, parts, rows):
+    groups = slice(first, first + count)
+    mean = mean_ref[groups][None, :, None]  # [1, G_j, 1]
+    rstd = rstd_ref[groups][None, :, None]
+    scale, bias = scale_ref[groups, :], bias_ref[groups, :]  # [G_j, S]
+    shift = shift_ref[groups, :].astype(dtype)[None]
 
-  def grads(i):
-    x_hat = (_chunk(x_ref, i, rows, scale_ref.dtype) + shift - mean) * rstd
-    dy = _dropout(_chunk(dy_ref, i, rows, scale_ref.dtype), keep_ref, i, rows, keep_prob)
-    du = dy * _swish_and_grad(x_hat * scale[None] + bias[None])[1] if swish else dy
-    return x_hat, du
+    def grads(i, x_ref=x_ref, step=step, groups=groups, mean=mean, rstd=rstd, scale=scale, bias=bias,
+              shift=shift):
+      x_hat = (_chunk(x_ref, i, step, dtype) + shift - mean) * rstd
+      dy = _dropout(_chunk(dy_ref, i, step, dtype, groups), keep_ref, i, step, groups, keep_prob)
+      du = dy * _swish_and_grad(x_hat * scale[None] + bias[None])[1] if swish else dy
+      return x_hat, du
 
-  def accumulate(i, sums):
-    x_hat, du = grads(i)
-    return sums[0] + jnp.sum(du, axis=0), sums[1] + jnp.sum(du * x_hat, axis=0)
+    def accumulate(i, sums, grads=grads):
+      x_hat, du = grads(i)
+      return sums[0] + jnp.sum(du, axis=0), sums[1] + jnp.sum(du * x_hat, axis=0)
 
-  zeros = jnp.zeros(scale.shape, scale.dtype)
-  dbias, dscale = lax.fori_loop(0, steps, accumulate, (zeros, zeros))
-  n = steps * rows * scale.shape[1]
-  mean_d = (jnp.sum(dbias * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale)
-  mean_dx = (jnp.sum(dscale * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale·x̂)
+    steps = x_ref.shape[0] // step
+    zeros = jnp.zeros(scale.shape, dtype)
+    dbias, dscale = lax.fori_loop(0, steps, accumulate, (zeros, zeros))
+    n = x_ref.shape[0] * x_ref.shape[2]
+    mean_d = (jnp.sum(dbias * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale)
+    mean_dx = (jnp.sum(dscale * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale·x̂)
 
-  def write(i, dshift):
-    x_hat, du = grads(i)
-    dx = rstd * (du * scale[None] - mean_d - x_hat * mean_dx)
-    dx_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :] = dx.astype(dx_ref.dtype)
-    return dshift + jnp.sum(dx, axis=0)
+    def write(i, dshift, grads=grads, dx_ref=dx_ref, step=step, rstd=rstd, scale=scale, mean_d=mean_d,
+              mean_dx=mean_dx):
+      x_hat, du = grads(i)
+      dx = rstd * (du * scale[None] - mean_d - x_hat * mean_dx)
+      dx_ref[pl.ds(pl.multiple_of(i * step, step), step), :, :] = dx.astype(dx_ref.dtype)
+      return dshift + jnp.sum(dx, axis=0)
 
-  dshift_ref[...] = lax.fori_loop(0, steps, write, zeros).astype(dshift_ref.dtype)
-  dscale_ref[...] = dscale
-  dbias_ref[...] = dbias
+    dshift_ref[groups, :] = lax.fori_loop(0, steps, write, zeros).astype(dshift_ref.dtype)
+    dscale_ref[groups, :] = dscale
+    dbias_ref[groups, :] = dbias
 
 
 def _call(kernel, ins, outs, interpret: bool):
@@ -170,13 +197,17 @@ def _call(kernel, ins, outs, interpret: bool):
   return lax.platform_dependent(*ins, cuda=triton, rocm=triton, default=interpreted)
 
 
-def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, swish: bool = True,
-               epsilon: float = 1e-6, dtype: Any = None, *, shift: Optional[jax.Array] = None,
+def group_norm(x: Union[jax.Array, Sequence[jax.Array]], scale: jax.Array, bias: jax.Array, groups: int,
+               swish: bool = True, epsilon: float = 1e-6, dtype: Any = None, *, shift: Optional[jax.Array] = None,
                keep: Optional[jax.Array] = None, keep_prob: float = 1.0, interpret: bool = False) -> jax.Array:
   """``swish(GroupNorm(x + shift))`` (or the norm alone, ``swish=False``), then dropout, as one kernel.
 
   Args:
-    x: ``[B, H, W, C]`` activations, any float dtype.
+    x: ``[B, H, W, C]`` activations, any float dtype; or several parts
+      ``[B, H, W, C_i]`` whose concatenation (channels last) is meant:
+      it is never formed, the kernels read each part and write the
+      concatenated result (:func:`supported` says which parts it takes:
+      none may split a group).
     scale, bias: ``[C]`` float32 (float64 for a float64 reference): the
       statistics and arithmetic are in their dtype.
     groups: norm groups; :func:`supported` must hold.
@@ -192,39 +223,56 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, swi
 
   Returns: ``[B, H, W, C]`` in ``dtype``.
   """
-  b, _, _, c = x.shape
-  shift = jnp.zeros((b, c), x.dtype) if shift is None else shift
-  if keep is not None and keep.shape != x.shape:
-    raise ValueError(f"group_norm: expected keep of the activations' shape {x.shape}, got {keep.shape}")
+  parts = (x,) if isinstance(x, jax.Array) else tuple(x)
+  b, h, w, _ = parts[0].shape
+  c = sum(part.shape[-1] for part in parts)
+  shift = jnp.zeros((b, c), parts[0].dtype) if shift is None else shift
+  if keep is not None and keep.shape != (b, h, w, c):
+    raise ValueError(f"group_norm: expected keep of the activations' shape {(b, h, w, c)}, got {keep.shape}")
   keep, keep_prob = (None, None) if keep is None else (keep.astype(jnp.int8), float(keep_prob))
-  return _group_norm(x, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret)
+  return _group_norm(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _group_norm(x, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret):
-  return _forward(x, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret)[0]
+def _group_norm(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret):
+  return _forward(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret)[0]
 
 
-def _layout(x: jax.Array, groups: int) -> tuple[tuple[int, int, int, int], int]:
-  """``x`` ``[B, H, W, C]`` as the kernels see it: ``([B, P, G, S], rows)``, P = H·W pixels, S = C / G."""
-  b, h, w, c = x.shape
-  if not supported(c, groups):
-    raise ValueError(f"execution.group_norm='pallas': expected groups and channels per group powers of two, "
-                     f"got {c} channels in {groups} groups")
-  return (b, h * w, groups, c // groups), _rows(h * w, c)
+def _layout(parts: tuple, groups: int) -> tuple[tuple[int, int, int, int], tuple, tuple]:
+  """The parts as the kernels see them: the whole's ``[B, P, G, S]`` (P = H·W pixels, S = C / G), each
+  part's (first group, group count) and its rows per loop iteration."""
+  widths = [part.shape[-1] for part in parts]
+  if not supported(widths, groups):
+    what = f"{sum(widths)} channels" if len(widths) == 1 else f"parts of {widths} channels"
+    raise ValueError(f"execution.group_norm='pallas': expected groups and channels per group powers of two"
+                     f"{'' if len(widths) == 1 else ', each part whole groups, a power of two of them'}, "
+                     f"got {what} in {groups} groups")
+  b, h, w, _ = parts[0].shape
+  size = sum(widths) // groups
+  firsts = [sum(widths[:j]) // size for j in range(len(widths))]
+  return ((b, h * w, groups, size), tuple((first, c // size) for first, c in zip(firsts, widths)),
+          tuple(_rows(h * w, c) for c in widths))
 
 
-def _forward(x, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret):
-  shape, rows = _layout(x, groups)
-  b, pixels, g, s = shape
-  kernel = functools.partial(_forward_kernel, rows=rows, steps=pixels // rows, epsilon=epsilon, swish=swish,
+def _view(parts: tuple, shape: tuple, spans: tuple) -> tuple:
+  """Each part as ``[B, P, G_j, S]`` of the kernels."""
+  b, pixels, _, s = shape
+  return tuple((part.reshape(b, pixels, count, s), "example") for part, (_, count) in zip(parts, spans))
+
+
+def _forward(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret):
+  shape, spans, rows = _layout(parts, groups)
+  b, _, g, s = shape
+  kernel = functools.partial(_forward_kernel, parts=spans, rows=rows, epsilon=epsilon, swish=swish,
                              keep_prob=keep_prob)
   stat = jax.ShapeDtypeStruct((b, g), scale.dtype)
-  outs = ((jax.ShapeDtypeStruct(shape, dtype or x.dtype), "example"), (stat, "example"), (stat, "example"))
-  ins = ((x.reshape(shape), "example"), (shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
-         (bias.reshape(g, s), "param")) + _mask(keep, shape)
+  outs = ((jax.ShapeDtypeStruct(shape, dtype or parts[0].dtype), "example"), (stat, "example"),
+          (stat, "example"))
+  ins = _view(parts, shape, spans) + ((shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
+                                      (bias.reshape(g, s), "param")) + _mask(keep, shape)
   y, mean, rstd = _call(kernel, ins, outs, interpret)
-  return y.reshape(x.shape), (x, shift, scale, bias, keep, mean, rstd)
+  out_shape = parts[0].shape[:-1] + (g * s,)
+  return y.reshape(out_shape), (parts, shift, scale, bias, keep, mean, rstd)
 
 
 def _mask(keep: Optional[jax.Array], shape) -> tuple:
@@ -233,18 +281,19 @@ def _mask(keep: Optional[jax.Array], shape) -> tuple:
 
 
 def _backward(groups, swish, epsilon, dtype, keep_prob, interpret, residuals, dy):
-  x, shift, scale, bias, keep, mean, rstd = residuals
-  shape, rows = _layout(x, groups)
+  parts, shift, scale, bias, keep, mean, rstd = residuals
+  shape, spans, rows = _layout(parts, groups)
   b, pixels, g, s = shape
-  kernel = functools.partial(_backward_kernel, rows=rows, steps=pixels // rows, swish=swish, keep_prob=keep_prob)
-  outs = tuple((jax.ShapeDtypeStruct(out_shape, out_dtype), "example") for out_shape, out_dtype in (
-      (shape, x.dtype), ((b, g, s), shift.dtype), ((b, g, s), scale.dtype), ((b, g, s), scale.dtype)))
-  ins = ((x.reshape(shape), "example"), (shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
-         (bias.reshape(g, s), "param"), (mean, "example"), (rstd, "example")) + _mask(keep, shape) + (
-      (dy.reshape(shape), "example"),)
-  dx, dshift, dscale, dbias = _call(kernel, ins, outs, interpret)
-  return (dx.reshape(x.shape), dshift.reshape(shift.shape), dscale.sum(0).reshape(scale.shape),
-          dbias.sum(0).reshape(bias.shape), None)
+  kernel = functools.partial(_backward_kernel, parts=spans, rows=rows, swish=swish, keep_prob=keep_prob)
+  outs = tuple((jax.ShapeDtypeStruct((b, pixels, count, s), part.dtype), "example")
+               for part, (_, count) in zip(parts, spans)) + tuple(
+      (jax.ShapeDtypeStruct((b, g, s), out_dtype), "example") for out_dtype in (shift.dtype, scale.dtype, scale.dtype))
+  ins = _view(parts, shape, spans) + ((shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
+                                      (bias.reshape(g, s), "param"), (mean, "example"), (rstd, "example")) + (
+      _mask(keep, shape) + ((dy.reshape(shape), "example"),))
+  *dxs, dshift, dscale, dbias = _call(kernel, ins, outs, interpret)
+  return (tuple(dx.reshape(part.shape) for dx, part in zip(dxs, parts)), dshift.reshape(shift.shape),
+          dscale.sum(0).reshape(scale.shape), dbias.sum(0).reshape(bias.shape), None)
 
 
 _group_norm.defvjp(_forward, _backward)

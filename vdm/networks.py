@@ -119,7 +119,7 @@ class _PartsGroupNorm(nn.Module):
   """
   num_groups: int
   dtype: Dtype = jnp.float32
-  kernel: str = "xla"  # or "pallas": vdm.group_norm's kernel per part, where it takes the part's shape
+  kernel: str = "xla"  # or "pallas": vdm.group_norm's kernel over all parts, where it takes their shapes
   epsilon: float = 1e-6  # nn.GroupNorm's
 
   @nn.compact
@@ -127,16 +127,14 @@ class _PartsGroupNorm(nn.Module):
     total = sum(part.shape[-1] for part in parts)
     scale = self.param("scale", nn.initializers.ones, (total,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (total,), jnp.float32)
+    if self.kernel == "pallas" and group_norm_lib.supported([part.shape[-1] for part in parts], self.num_groups):
+      return group_norm_lib.group_norm(parts, scale, bias, self.num_groups, True, self.epsilon, self.dtype)
     size = total // self.num_groups
     outs, start = [], 0
     for part in parts:
       c = part.shape[-1]
       part_scale, part_bias = scale[start:start + c], bias[start:start + c]
       start += c
-      if self.kernel == "pallas" and group_norm_lib.supported(c, c // size):
-        outs.append(group_norm_lib.group_norm(part, part_scale, part_bias, c // size, True, self.epsilon,
-                                              self.dtype))
-        continue
       x = part.reshape(part.shape[:-1] + (c // size, size))
       stats = x.astype(jnp.float32)  # float32 statistics, as nn.GroupNorm
       mean = stats.mean(axis=(1, 2, 4), keepdims=True)
