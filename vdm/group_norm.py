@@ -8,23 +8,30 @@ program per example reads its ``[H·W, C]`` activations once to sum them
 per group, then again (from L2: 256 KB an example at 32×32×128 bf16) to
 write ``swish((x + c − μ) / σ · scale + bias)``, ``c`` the example's
 conditioning (a ResNet block adds it just before its second norm), added
-here rather than in a pass of its own; the backward pass likewise takes
-one kernel: sums of the incoming gradient per channel, then ``∂/∂x`` and
-``∂/∂c``. ``scale`` and ``bias`` get per-example sums the caller adds up.
-Compiled for an H200 the paper's CIFAR-10 step launches 0.82× the kernels
-(README, Performance); not yet timed on a GPU.
+here rather than in a pass of its own, and the block's dropout mask
+applied to the result, rather than by a pass that reads and writes it
+again. The input may come in parts whose concatenation is meant (an up
+block's input and skip): each part is read where it lies and the
+concatenated result written, so the concatenation is never formed, nor
+its gradient split. The backward pass likewise takes one kernel: sums of
+the incoming gradient per channel, then ``∂/∂x`` (per part) and ``∂/∂c``.
+``scale`` and ``bias`` get per-example sums the caller adds up. Compiled
+for an H200, the paper's CIFAR-10 step launches 0.75× the kernels and
+moves 0.86× the bytes of XLA's norms (README, Performance); not yet timed
+on a GPU.
 
 Written in Pallas for Triton (GPUs). Elsewhere the same kernels run in
 Pallas's interpreter (``interpret=True``: correct and slow; the tests use
-it). The function is that of ``swish(nn.GroupNorm(...)(x))`` (float32
-statistics, E[x²] − E[x]² as flax computes the variance, its ε), tested
-against it in float64 with its gradient; the result is rounded to
-``dtype`` once, after the swish.
+it). The function is that of ``dropout(swish(nn.GroupNorm(...)(x)))``
+(float32 statistics, E[x²] − E[x]² as flax computes the variance, its ε),
+tested against it in float64 with its gradient; the result is rounded to
+``dtype`` once, after the dropout.
 
 Triton's arrays have power-of-two sizes: groups and channels per group
-must be powers of two (:func:`supported`; 128 channels in 32 groups is
-the paper's network). The loop runs over rows of ``rows`` pixels, a power
-of two that divides H·W.
+must be powers of two, and each part a power of two of whole groups
+(:func:`supported`; 128 channels in 32 groups is the paper's network, an
+up block's 128 + 128 in 32 groups of 8 too). The loop runs over rows of
+``rows`` pixels, a power of two that divides H·W.
 """
 
 import functools
