@@ -16,7 +16,7 @@ concatenated result written, so the concatenation is never formed, nor
 its gradient split. The backward pass likewise takes one kernel: sums of
 the incoming gradient per channel, then ``∂/∂x`` (per part) and ``∂/∂c``.
 ``scale`` and ``bias`` get per-example sums the caller adds up. Compiled
-for an H200, the paper's CIFAR-10 step launches 0.75× the kernels and
+for an H200, the paper's CIFAR-10 step launches 0.74× the kernels and
 moves 0.86× the bytes of XLA's norms (README, Performance); not yet timed
 on a GPU.
 
@@ -90,24 +90,31 @@ def _dropout(value: jax.Array, keep_ref, i: jax.Array, rows: int, groups: slice,
   return jnp.where(_chunk(keep_ref, i, rows, jnp.int32, groups) != 0, value / keep_prob, 0.0)
 
 
-def _split(refs, parts: int, inputs: int, keep_prob: Optional[float]):
-  """A kernel's refs: the parts' activations, ``inputs`` more, the mask if there is dropout, the rest."""
+def _split(refs, parts: int, shifted: bool, keep_prob: Optional[float]):
+  """A kernel's refs: the parts' activations, scale and bias, the shift and the mask where there are
+  (else None), the rest."""
   refs = list(refs)
-  xs, ins, refs = refs[:parts], refs[parts:parts + inputs], refs[parts + inputs:]
+  xs, (scale, bias), refs = refs[:parts], refs[parts:parts + 2], refs[parts + 2:]
+  shift = refs.pop(0) if shifted else None
   keep = refs.pop(0) if keep_prob is not None else None
-  return xs, ins, keep, refs
+  return xs, scale, bias, shift, keep, refs
 
 
-def _forward_kernel(*refs, parts, rows, epsilon, swish, keep_prob):
-  # Refs: each part's x [P, G_j, S] (its groups start at parts[j][0] of the G in all), then shift (the
-  # example's), scale, bias: [G, S]; with dropout (keep_prob not None) the example's mask as int8 [P, G, S];
-  # out: y [P, G, S], mean and rstd [G]. Arithmetic in scale's dtype (float32).
-  x_refs, (shift_ref, scale_ref, bias_ref), keep_ref, (y_ref, mean_ref, rstd_ref) = _split(
-      refs, len(parts), 3, keep_prob)
+def _shift(shift_ref, groups: slice, dtype):
+  """The example's shift of ``groups``, ``[1, G_j, S]`` to add to a chunk; 0 without one."""
+  return 0.0 if shift_ref is None else shift_ref[groups, :].astype(dtype)[None]
+
+
+def _forward_kernel(*refs, parts, rows, epsilon, swish, shifted, keep_prob):
+  # Refs: each part's x [P, G_j, S] (its groups start at parts[j][0] of the G in all), then scale, bias
+  # and (if shifted) the example's shift: [G, S]; with dropout (keep_prob not None) the example's mask as
+  # int8 [P, G, S]; out: y [P, G, S], mean and rstd [G]. Arithmetic in scale's dtype (float32).
+  x_refs, scale_ref, bias_ref, shift_ref, keep_ref, (y_ref, mean_ref, rstd_ref) = _split(
+      refs, len(parts), shifted, keep_prob)
   dtype = scale_ref.dtype
   for x_ref, (first, count), step in zip(x_refs, parts, rows):
     groups = slice(first, first + count)
-    shift = shift_ref[groups, :].astype(dtype)[None]
+    shift = _shift(shift_ref, groups, dtype)
 
     def accumulate(i, sums, x_ref=x_ref, step=step, shift=shift):
       x = _chunk(x_ref, i, step, dtype) + shift
@@ -134,22 +141,23 @@ def _forward_kernel(*refs, parts, rows, epsilon, swish, keep_prob):
     rstd_ref[groups] = rstd
 
 
-def _backward_kernel(*refs, parts, rows, swish, keep_prob):
+def _backward_kernel(*refs, parts, rows, swish, shifted, keep_prob):
   # With x̂ = (x + shift − μ)·r, u = x̂·scale + bias, y = swish(u): du = dy·swish'(u), ∂bias = Σ du,
   # ∂scale = Σ du·x̂, ∂x = r·(du·scale − mean_g(du·scale) − x̂·mean_g(du·scale·x̂)) (means over the n values
   # of a group) and ∂shift = Σ ∂x over the pixels. With dropout, dy is first masked and divided as y was.
-  # Refs: the parts' x, shift, scale, bias, mean, rstd (as the forward kernel's), the mask with dropout,
-  # dy [P, G, S]; out: each part's ∂x [P, G_j, S], then ∂shift, ∂scale, ∂bias [G, S] (the example's).
-  x_refs, (shift_ref, scale_ref, bias_ref, mean_ref, rstd_ref), keep_ref, refs = _split(
-      refs, len(parts), 5, keep_prob)
-  dy_ref, dx_refs, (dshift_ref, dscale_ref, dbias_ref) = refs[0], refs[1:1 + len(parts)], refs[1 + len(parts):]
+  # Refs: the forward kernel's inputs, mean and rstd, dy [P, G, S]; out: each part's ∂x [P, G_j, S], then
+  # (if shifted) ∂shift, and ∂scale, ∂bias [G, S] (the example's).
+  x_refs, scale_ref, bias_ref, shift_ref, keep_ref, refs = _split(refs, len(parts), shifted, keep_prob)
+  (mean_ref, rstd_ref, dy_ref), refs = refs[:3], refs[3:]
+  dx_refs, refs = refs[:len(parts)], refs[len(parts):]
+  dshift_ref, (dscale_ref, dbias_ref) = (refs[0], refs[1:]) if shifted else (None, refs)
   dtype = scale_ref.dtype
   for x_ref, dx_ref, (first, count), step in zip(x_refs, dx_refs, parts, rows):
     groups = slice(first, first + count)
     mean = mean_ref[groups][None, :, None]  # [1, G_j, 1]
     rstd = rstd_ref[groups][None, :, None]
     scale, bias = scale_ref[groups, :], bias_ref[groups, :]  # [G_j, S]
-    shift = shift_ref[groups, :].astype(dtype)[None]
+    shift = _shift(shift_ref, groups, dtype)
 
     def grads(i, x_ref=x_ref, step=step, groups=groups, mean=mean, rstd=rstd, scale=scale, bias=bias,
               shift=shift):
@@ -174,9 +182,11 @@ def _backward_kernel(*refs, parts, rows, swish, keep_prob):
       x_hat, du = grads(i)
       dx = rstd * (du * scale[None] - mean_d - x_hat * mean_dx)
       dx_ref[pl.ds(pl.multiple_of(i * step, step), step), :, :] = dx.astype(dx_ref.dtype)
-      return dshift + jnp.sum(dx, axis=0)
+      return dshift + jnp.sum(dx, axis=0) if shifted else dshift
 
-    dshift_ref[groups, :] = lax.fori_loop(0, steps, write, zeros).astype(dshift_ref.dtype)
+    dshift = lax.fori_loop(0, steps, write, zeros)
+    if shifted:
+      dshift_ref[groups, :] = dshift.astype(dshift_ref.dtype)
     dscale_ref[groups, :] = dscale
     dbias_ref[groups, :] = dbias
 
@@ -233,7 +243,6 @@ def group_norm(x: Union[jax.Array, Sequence[jax.Array]], scale: jax.Array, bias:
   parts = (x,) if isinstance(x, jax.Array) else tuple(x)
   b, h, w, _ = parts[0].shape
   c = sum(part.shape[-1] for part in parts)
-  shift = jnp.zeros((b, c), parts[0].dtype) if shift is None else shift
   if keep is not None and keep.shape != (b, h, w, c):
     raise ValueError(f"group_norm: expected keep of the activations' shape {(b, h, w, c)}, got {keep.shape}")
   keep, keep_prob = (None, None) if keep is None else (keep.astype(jnp.int8), float(keep_prob))
@@ -271,35 +280,38 @@ def _forward(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, kee
   shape, spans, rows = _layout(parts, groups)
   b, _, g, s = shape
   kernel = functools.partial(_forward_kernel, parts=spans, rows=rows, epsilon=epsilon, swish=swish,
-                             keep_prob=keep_prob)
+                             shifted=shift is not None, keep_prob=keep_prob)
   stat = jax.ShapeDtypeStruct((b, g), scale.dtype)
   outs = ((jax.ShapeDtypeStruct(shape, dtype or parts[0].dtype), "example"), (stat, "example"),
           (stat, "example"))
-  ins = _view(parts, shape, spans) + ((shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
-                                      (bias.reshape(g, s), "param")) + _mask(keep, shape)
-  y, mean, rstd = _call(kernel, ins, outs, interpret)
+  y, mean, rstd = _call(kernel, _inputs(parts, scale, bias, shift, keep, shape, spans), outs, interpret)
   out_shape = parts[0].shape[:-1] + (g * s,)
   return y.reshape(out_shape), (parts, shift, scale, bias, keep, mean, rstd)
 
 
-def _mask(keep: Optional[jax.Array], shape) -> tuple:
-  """The kernels' dropout mask input, ``[B, P, G, S]`` int8, if there is one."""
-  return () if keep is None else ((keep.reshape(shape), "example"),)
+def _inputs(parts, scale, bias, shift, keep, shape, spans) -> tuple:
+  """Both kernels' first inputs: the parts, scale and bias, the shift and the mask where there are."""
+  b, _, g, s = shape
+  return (_view(parts, shape, spans) + ((scale.reshape(g, s), "param"), (bias.reshape(g, s), "param"))
+          + (() if shift is None else ((shift.reshape(b, g, s), "example"),))
+          + (() if keep is None else ((keep.reshape(shape), "example"),)))
 
 
 def _backward(groups, swish, epsilon, dtype, keep_prob, interpret, residuals, dy):
   parts, shift, scale, bias, keep, mean, rstd = residuals
   shape, spans, rows = _layout(parts, groups)
   b, pixels, g, s = shape
-  kernel = functools.partial(_backward_kernel, parts=spans, rows=rows, swish=swish, keep_prob=keep_prob)
+  kernel = functools.partial(_backward_kernel, parts=spans, rows=rows, swish=swish, shifted=shift is not None,
+                             keep_prob=keep_prob)
+  out_dtypes = (scale.dtype,) * 2 if shift is None else (shift.dtype, scale.dtype, scale.dtype)
   outs = tuple((jax.ShapeDtypeStruct((b, pixels, count, s), part.dtype), "example")
                for part, (_, count) in zip(parts, spans)) + tuple(
-      (jax.ShapeDtypeStruct((b, g, s), out_dtype), "example") for out_dtype in (shift.dtype, scale.dtype, scale.dtype))
-  ins = _view(parts, shape, spans) + ((shift.reshape(b, g, s), "example"), (scale.reshape(g, s), "param"),
-                                      (bias.reshape(g, s), "param"), (mean, "example"), (rstd, "example")) + (
-      _mask(keep, shape) + ((dy.reshape(shape), "example"),))
-  *dxs, dshift, dscale, dbias = _call(kernel, ins, outs, interpret)
-  return (tuple(dx.reshape(part.shape) for dx, part in zip(dxs, parts)), dshift.reshape(shift.shape),
+      (jax.ShapeDtypeStruct((b, g, s), out_dtype), "example") for out_dtype in out_dtypes)
+  ins = _inputs(parts, scale, bias, shift, keep, shape, spans) + (
+      (mean, "example"), (rstd, "example"), (dy.reshape(shape), "example"))
+  *dxs, dscale, dbias = _call(kernel, ins, outs, interpret)
+  dshift = None if shift is None else dxs.pop().reshape(shift.shape)
+  return (tuple(dx.reshape(part.shape) for dx, part in zip(dxs, parts)), dshift,
           dscale.sum(0).reshape(scale.shape), dbias.sum(0).reshape(bias.shape), None)
 
 
