@@ -82,6 +82,14 @@ def test_scanned_and_unrolled_forms_are_the_same_function(attention, mult):
   out_unrolled = jax.jit(unrolled.apply)({"params": unstacked}, z, gamma)
   assert float(jnp.abs(out - z).max()) > 1e-2  # the perturbed network is not the identity
   np.testing.assert_allclose(out, out_unrolled, rtol=1e-5, atol=1e-5)
+  # The same gradient too: a scanned stack projects every block's conditioning before its loop, from the
+  # stacked Dense_0 kernels, where the unrolled blocks each project their own.
+  loss = lambda net: lambda p: jnp.sum(net.apply({"params": p}, z, gamma) ** 2)  # noqa: E731
+  grad = networks.unstack_params(jax.jit(jax.grad(loss(scanned)))(params), 2, len(mult))
+  grad_unrolled = jax.jit(jax.grad(loss(unrolled)))(unstacked)
+  assert float(jnp.abs(grad["up_1"]["resnet"]["Dense_0"]["kernel"]).max()) > 1e-3
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grad), jax.tree.leaves(grad_unrolled)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
   remat = _tiny(attention_everywhere=attention, channel_mult=mult, remat=True)
   np.testing.assert_allclose(jax.jit(remat.apply)({"params": params}, z, gamma), out, rtol=1e-5, atol=1e-5)
   unroll = _tiny(attention_everywhere=attention, channel_mult=mult, scan_unroll=2)  # two blocks per iteration
