@@ -234,8 +234,12 @@ class AttnBlock(nn.Module):
 class _Layer(nn.Module):
   """One step of a stack: a ResNet block, then attention if asked.
 
-  Going down it carries h and emits it as a skip; going up it carries h and
-  consumes the matching skip by concatenation.
+  Going down it carries h and emits its input as a skip (the stack's skips
+  are its blocks' inputs and, appended by the caller, the last block's
+  output: a scanned stack's emitted inputs are the very arrays its
+  backward pass keeps of them, where its outputs would be stored apart,
+  33.5 MB a block at the paper's CIFAR-10 shapes in bf16); going up it
+  carries h and consumes the matching skip by concatenation.
   """
   channels: int
   dropout: float
@@ -249,11 +253,12 @@ class _Layer(nn.Module):
 
   @nn.compact
   def __call__(self, h, skip, cond, shift=None):
+    h_in = h
     h = ResnetBlock(self.channels, self.dropout, self.dtype, self.conv_grad, self.norm_groups, self.skip_concat,
                     self.group_norm, name="resnet")(h, cond, self.deterministic, skip, shift)
     if self.attention:
       h = AttnBlock(dtype=self.dtype, norm_groups=self.norm_groups, group_norm=self.group_norm, name="attn")(h)
-    return h, (h if skip is None else None)
+    return h, (h_in if skip is None else None)
 
 
 class ScoreUNet(nn.Module):
@@ -394,9 +399,8 @@ class ScoreUNet(nn.Module):
         h = _conv(width, jnp.float32, self.conv_grad, name="conv_in")(h).astype(stream)
       else:  # half the resolution: a strided 3×3 convolution
         h = nn.Conv(width, (3, 3), strides=(2, 2), dtype=self.dtype, name=f"downsample_{level}")(h).astype(stream)
-      h_in = h
       h, down = self._stack(_stack_name("down", level), width, h, None, cond, deterministic)
-      skips.append(jnp.concatenate([h_in[None], down]))
+      skips.append(jnp.concatenate([down, h[None]]))  # each block's input, then the last one's output
 
     mid_layer = lambda name, attention: _Layer(  # noqa: E731
         widths[-1], self.dropout, attention, deterministic, self.dtype, self.conv_grad, self.norm_groups,
