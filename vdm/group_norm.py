@@ -240,7 +240,7 @@ def group_norm(x: Union[jax.Array, Sequence[jax.Array]], scale: jax.Array, bias:
 
   Returns: ``[B, H, W, C]`` in ``dtype``.
   """
-  parts = (x,) if isinstance(x, jax.Array) else tuple(x)
+  parts = tuple(x) if isinstance(x, (list, tuple)) else (x,)
   b, h, w, _ = parts[0].shape
   c = sum(part.shape[-1] for part in parts)
   if keep is not None and keep.shape != (b, h, w, c):
