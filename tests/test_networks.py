@@ -324,3 +324,24 @@ def test_augmentation_conditioning_defaults_to_the_identity():
   np.testing.assert_array_equal(apply(None), apply(jnp.zeros(3, jnp.int32)))
   assert float(jnp.abs(apply(None) - apply(jnp.array([0, 5, 7]))).max()) > 1e-3
   assert params["temb_0"]["kernel"].shape[0] == 16 + 8  # embedding + one-hot code
+
+
+def test_bfloat16_stacks_cast_their_weights_once_and_compute_the_same(monkeypatch):
+  # In bf16 a scanned stack's convolution and matmul weights are cast before its loop (one cast, not one
+  # per block and pass); the norms' scale and bias stay float32. Bitwise the same output and gradient as
+  # casting inside each block (flax's own promotion), which a norm parameter cast to bf16 would break.
+  z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  gamma = jnp.array([-3.0, 1.0])
+  net = _tiny(channel_mult=(1, 2), attention_everywhere=True, dtype=jnp.bfloat16, remat=True)
+  params = perturbed(jax.jit(net.init)(jax.random.key(1), z, gamma)["params"])
+  cast = networks._cast_weights(params["down"], jnp.bfloat16)
+  assert cast["resnet"]["Conv_0"]["kernel"].dtype == jnp.bfloat16
+  assert cast["resnet"]["GroupNorm_1"]["scale"].dtype == jnp.float32
+  assert cast["attn"]["GroupNorm_0"]["bias"].dtype == jnp.float32
+  loss = lambda p: jnp.sum(net.apply({"params": p}, z, gamma).astype(jnp.float32) ** 2)  # noqa: E731
+  got = jax.jit(jax.value_and_grad(loss))(params)
+  monkeypatch.setattr(networks, "_cast_weights", lambda tree, dtype: tree)
+  want = jax.jit(jax.value_and_grad(loss))(params)
+  assert float(jnp.abs(got[0])) > 0
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
