@@ -30,35 +30,37 @@ def _flax(groups, swish):
   return f
 
 
-@pytest.mark.parametrize("shape,groups,swish,chunk", [
-    ((2, 4, 4, 16), 4, True, 8192),   # one loop iteration
-    ((2, 6, 6, 8), 2, True, 32),      # 36 pixels in rows of 4: nine iterations
-    ((3, 7, 4, 4), 4, False, 8),      # the norm alone; 28 pixels in rows of 2, one channel per group
-])
-def test_value_and_gradient_equal_flax_groupnorm_and_swish_in_float64(monkeypatch, shape, groups, swish, chunk):
-  monkeypatch.setattr(group_norm, "_CHUNK", chunk)
+@pytest.mark.parametrize("shape,groups,swish,launch", [
+    ((2, 4, 4, 16), 4, True, group_norm.Launch()),  # one loop iteration, one program an example
+    ((2, 4, 4, 16), 4, True, group_norm.Launch(programs=2)),  # two programs an example, two groups each
+    ((2, 6, 6, 8), 2, True, group_norm.Launch(chunk=32)),  # 36 pixels in rows of 4: nine iterations
+    ((2, 6, 6, 8), 2, True, group_norm.Launch(chunk=16, programs=8)),  # a program a group (8 asked for)
+    ((3, 7, 4, 4), 4, False, group_norm.Launch(chunk=8)),  # the norm alone; 28 pixels in rows of 2, one
+])                                                          # channel a group
+def test_value_and_gradient_equal_flax_groupnorm_and_swish_in_float64(shape, groups, swish, launch):
   with jax.enable_x64(True):
     x, shift, scale, bias, dy = _inputs(shape)
     want, want_vjp = jax.vjp(_flax(groups, swish), x, shift, scale, bias)
     got, got_vjp = jax.vjp(lambda x, shift, scale, bias: group_norm.group_norm(
-        x, scale, bias, groups, swish, shift=shift), x, shift, scale, bias)
+        x, scale, bias, groups, swish, shift=shift, launch=launch), x, shift, scale, bias)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
     for g, w, name in zip(got_vjp(dy), want_vjp(dy), ("x", "shift", "scale", "bias")):
       np.testing.assert_allclose(g, w, rtol=0, atol=1e-12, err_msg=name)
     no_shift = jnp.zeros_like(shift)
-    np.testing.assert_allclose(group_norm.group_norm(x, scale, bias, groups, swish),
+    np.testing.assert_allclose(group_norm.group_norm(x, scale, bias, groups, swish, launch=launch),
                                _flax(groups, swish)(x, no_shift, scale, bias), rtol=0, atol=1e-13)
 
 
-def test_dropout_in_the_kernel_is_the_mask_applied_to_flaxs_result_with_its_gradient(monkeypatch):
-  monkeypatch.setattr(group_norm, "_CHUNK", 32)  # 36 pixels in rows of 4: nine iterations
+@pytest.mark.parametrize("programs", [1, 2])
+def test_dropout_in_the_kernel_is_the_mask_applied_to_flaxs_result_with_its_gradient(programs):
+  launch = group_norm.Launch(chunk=32 // programs, programs=programs)  # 36 pixels in rows of 4: 9 iterations
   with jax.enable_x64(True):
     x, shift, scale, bias, dy = _inputs((2, 6, 6, 8))
     keep = jax.random.bernoulli(jax.random.key(7), 0.7, x.shape)
     want, want_vjp = jax.vjp(lambda *args: jnp.where(keep, _flax(2, True)(*args) / 0.7, 0.0), x, shift, scale, bias)
     got, got_vjp = jax.vjp(lambda x, shift, scale, bias: group_norm.group_norm(
-        x, scale, bias, 2, True, shift=shift, keep=keep, keep_prob=0.7), x, shift, scale, bias)
+        x, scale, bias, 2, True, shift=shift, keep=keep, keep_prob=0.7, launch=launch), x, shift, scale, bias)
     assert np.all((np.asarray(got) == 0) >= ~np.asarray(keep))  # dropped: exactly 0
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
     for g, w, name in zip(got_vjp(dy), want_vjp(dy), ("x", "shift", "scale", "bias")):
@@ -67,11 +69,13 @@ def test_dropout_in_the_kernel_is_the_mask_applied_to_flaxs_result_with_its_grad
       group_norm.group_norm(x, scale, bias, 2, keep=keep[..., :4], keep_prob=0.7)
 
 
-def test_parts_are_normalised_as_their_concatenation_without_forming_it(monkeypatch):
+@pytest.mark.parametrize("programs", [1, 4])
+def test_parts_are_normalised_as_their_concatenation_without_forming_it(programs):
   # Two parts of 8 channels (two groups of 4 each), a shift over both and dropout: the same value and
-  # gradients as flax's norm of the concatenation. Parts that split a group, or whose groups are not a
-  # power of two in number, are refused.
-  monkeypatch.setattr(group_norm, "_CHUNK", 64)  # rows of 8 pixels: four iterations per part
+  # gradients as flax's norm of the concatenation, with a program for each part (asked for one) or for
+  # each group. Parts that split a group, or whose groups are not a power of two in number, are refused.
+  # Rows of 8 pixels: four iterations of a program's 8 channels (a part's), or of its 4 (a group's).
+  launch = group_norm.Launch(chunk=64 if programs == 1 else 32, programs=programs)
   with jax.enable_x64(True):
     whole, shift, scale, bias, dy = _inputs((2, 4, 8, 16))
     parts = (whole[..., :8], whole[..., 8:])
@@ -80,7 +84,8 @@ def test_parts_are_normalised_as_their_concatenation_without_forming_it(monkeypa
         keep, _flax(4, True)(jnp.concatenate([x1, x2], -1), *args) / 0.8, 0.0)
     want, want_vjp = jax.vjp(reference, *parts, shift, scale, bias)
     got, got_vjp = jax.vjp(lambda x1, x2, shift, scale, bias: group_norm.group_norm(
-        (x1, x2), scale, bias, 4, shift=shift, keep=keep, keep_prob=0.8), *parts, shift, scale, bias)
+        (x1, x2), scale, bias, 4, shift=shift, keep=keep, keep_prob=0.8, launch=launch), *parts, shift, scale,
+        bias)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
     for g, w, name in zip(got_vjp(dy), want_vjp(dy), ("x1", "x2", "shift", "scale", "bias")):
       np.testing.assert_allclose(g, w, rtol=0, atol=1e-12, err_msg=name)
@@ -89,6 +94,22 @@ def test_parts_are_normalised_as_their_concatenation_without_forming_it(monkeypa
   assert not group_norm.supported([4, 8], 3) and not group_norm.supported([12, 4], 4)  # 12 = 3 groups of 4
   with pytest.raises(ValueError, match=r"each part whole groups, .* got parts of \[12, 4\] channels in 4 groups"):
     group_norm.group_norm((jnp.zeros((1, 2, 2, 12)), jnp.zeros((1, 2, 2, 4))), jnp.ones(16), jnp.zeros(16), 4)
+
+
+def test_programs_per_example_hold_whole_groups_of_one_part():
+  x = jnp.zeros((2, 4, 4, 128))
+  layout = lambda parts, programs: group_norm._layout(parts, 32, group_norm.Launch(programs=programs))  # noqa: E731
+  assert layout((x,), 1)[1:] == (32, ((0, 32),), 16) and layout((x,), 1).programs == 1
+  assert layout((x,), 4).block == 8 and layout((x,), 4).owners == ((0, 4),)
+  assert layout((x,), 64).block == 1 and layout((x,), 64).programs == 32  # at most a program a group
+  up = layout((x[..., :64], x[..., 64:]), 1)  # an up block's input and skip: a program each at least
+  assert up.programs == 2 and up.owners == ((0, 1), (1, 2)) and up.rows == 16
+  three = layout((x[..., :32], x[..., 32:64], x[..., 64:]), 1)  # 8, 8 and 16 groups: blocks of 8
+  assert three.block == 8 and three.owners == ((0, 1), (1, 2), (2, 4))
+  assert group_norm.launch("xla") is None and group_norm.launch("pallas") == group_norm.Launch()
+  assert group_norm.launch(group_norm.Launch(16, 4)).elements == 16 * 1024
+  with pytest.raises(ValueError, match=r"group_norm: expected one of \('xla', 'pallas'\) or a vdm.group_norm.Launch"):
+    group_norm.launch("triton")
 
 
 def test_rows_per_iteration_are_the_largest_power_of_two_that_divides_the_pixels():
@@ -165,6 +186,14 @@ def test_config_refuses_an_unknown_kernel_and_the_kernel_on_tpus(monkeypatch):
     config_lib.validate(config)
   config.execution.group_norm = "pallas"
   config_lib.validate(config)
+  for field, value, expected in (("pallas_num_warps", 6, "1, 2, 4, 8, 16 or 32"),
+                                 ("pallas_programs", 3, "a power of two ≥ 1")):
+    bad = cifar10.get_config()
+    bad.execution.update(group_norm="pallas", **{field: value})
+    with pytest.raises(config_lib.ConfigError, match=f"execution.{field}: expected {expected}, got {value}"):
+      config_lib.validate(bad)
+  config.execution.update(pallas_num_warps=16, pallas_programs=4)
+  assert config_lib.build_model(config).network.group_norm == group_norm.Launch(num_warps=16, programs=4)
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   with pytest.raises(config_lib.ConfigError, match="execution.group_norm: expected 'xla' on TPUs"):
     config_lib.validate(config)

@@ -178,6 +178,8 @@ LATER_FIELDS = {
     "execution.skip_concat": "before_norm",
     "execution.float32_residuals": False,
     "execution.group_norm": "xla",
+    "execution.pallas_num_warps": 8,
+    "execution.pallas_programs": 1,
     "data.augment": False,
     "eval.full_precision": True,
     "model.network.norm_groups": 0,

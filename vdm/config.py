@@ -125,6 +125,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
          ex.group_norm)
   _check(ex.group_norm != "pallas" or jax.default_backend() != "tpu", "execution.group_norm",
          "'xla' on TPUs (the 'pallas' kernels are written for GPUs' Triton)", ex.group_norm)
+  _check(ex.pallas_num_warps in (1, 2, 4, 8, 16, 32), "execution.pallas_num_warps", "1, 2, 4, 8, 16 or 32",
+         ex.pallas_num_warps)
+  _check(isinstance(ex.pallas_programs, int) and ex.pallas_programs >= 1 and ex.pallas_programs & (
+      ex.pallas_programs - 1) == 0, "execution.pallas_programs", "a power of two ≥ 1", ex.pallas_programs)
   _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 1, "execution.scan_unroll",
          "a positive integer (1 = one block per loop iteration)", ex.scan_unroll)
   _check(ex.matmul_precision in MATMUL_PRECISIONS, "execution.matmul_precision", f"one of {MATMUL_PRECISIONS}",
@@ -206,7 +210,7 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
   network = networks.ScoreUNet(
       **network, gamma_min=sched.gamma_min, gamma_max=sched.gamma_max,
       remat=ex.remat, remat_policy=ex.remat_policy, scan_unroll=ex.scan_unroll, skip_concat=ex.skip_concat,
-      group_norm=ex.group_norm,
+      group_norm=group_norm_launch(config),
       dtype=DTYPES[resolve_dtype(dtype)], float32_residuals=ex.float32_residuals,
       conv_grad="xla" if forward_mode else resolve_conv_grad(ex.conv_grad, m.network.scan_blocks),
       matmul_precision=precision,
@@ -220,6 +224,15 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
                        antithetic_time_sampling=m.antithetic_time_sampling, decoder=m.decoder,
                        num_classes=m.num_classes, label_dropout=m.label_dropout,
                        gamma_path=resolve_gamma_path(config) if for_eval else "schedule")
+
+
+def group_norm_launch(config: ml_collections.ConfigDict) -> networks.GroupNormKernel:
+  """``execution.group_norm`` as the network takes it: "xla", or the Pallas kernels launched as
+  ``execution.pallas_num_warps`` and ``execution.pallas_programs`` say."""
+  ex = config.execution
+  if ex.group_norm != "pallas":
+    return ex.group_norm
+  return group_norm.Launch(num_warps=ex.pallas_num_warps, programs=ex.pallas_programs)
 
 
 def resolve_gamma_path(config: ml_collections.ConfigDict) -> str:

@@ -34,8 +34,9 @@ up block's 128 + 128 in 32 groups of 8 too). The loop runs over rows of
 ``rows`` pixels, a power of two that divides H·W.
 """
 
+import dataclasses
 import functools
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -45,7 +46,34 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
 KERNELS = ("xla", "pallas")  # execution.group_norm
-_CHUNK = 8192  # elements per loop iteration of a program: 32 a thread at 8 warps, 16 KB of bf16 in flight
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """How the kernels run on a GPU (``execution.pallas_num_warps``, ``execution.pallas_programs``); the
+  function is the same whatever they are (tested).
+
+  ``programs``: programs per example, each normalising its share of the
+  groups (at least one per part, and at most one per group). ``num_warps``:
+  each program's warps. ``chunk``: elements a program reads per loop
+  iteration (None: 1,024 a warp, 32 a thread).
+  """
+  num_warps: int = 8
+  programs: int = 1
+  chunk: Optional[int] = None
+
+  @property
+  def elements(self) -> int:
+    return self.chunk or 1024 * self.num_warps
+
+
+def launch(kernel: Union[str, Launch]) -> Optional[Launch]:
+  """A network's ``group_norm`` field as a :class:`Launch`: None for "xla", the defaults for "pallas"."""
+  if isinstance(kernel, Launch):
+    return kernel
+  if kernel not in KERNELS:
+    raise ValueError(f"group_norm: expected one of {KERNELS} or a vdm.group_norm.Launch, got {kernel!r}")
+  return Launch() if kernel == "pallas" else None
 
 
 def _power_of_two(n: int) -> bool:
@@ -62,17 +90,17 @@ def supported(channels: Union[int, Sequence[int]], groups: int) -> bool:
   return all(w % (total // groups) == 0 and _power_of_two(w // (total // groups)) for w in widths)
 
 
-def _rows(pixels: int, channels: int) -> int:
-  """Pixels per loop iteration: the largest power of two ≤ _CHUNK / channels that divides ``pixels``."""
+def _rows(pixels: int, channels: int, chunk: int = 8192) -> int:
+  """Pixels per loop iteration: the largest power of two ≤ chunk / channels that divides ``pixels``."""
   rows = 1
-  while rows * 2 * channels <= _CHUNK and pixels % (rows * 2) == 0:
+  while rows * 2 * channels <= chunk and pixels % (rows * 2) == 0:
     rows *= 2
   return rows
 
 
-def _chunk(ref, i: jax.Array, rows: int, dtype, groups: slice = slice(None)) -> jax.Array:
-  """Rows ``i·rows`` to ``(i + 1)·rows`` of an example's ``[P, G, S]`` block, its ``groups``, in ``dtype``."""
-  return ref[pl.ds(pl.multiple_of(i * rows, rows), rows), groups, :].astype(dtype)
+def _chunk(ref, i: jax.Array, rows: int, dtype) -> jax.Array:
+  """Rows ``i·rows`` to ``(i + 1)·rows`` of a program's ``[P, G_b, S]`` block, in ``dtype``."""
+  return ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :].astype(dtype)
 
 
 def _swish_and_grad(u: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -81,13 +109,12 @@ def _swish_and_grad(u: jax.Array) -> tuple[jax.Array, jax.Array]:
   return u * s, s * (1.0 + u * (1.0 - s))
 
 
-def _dropout(value: jax.Array, keep_ref, i: jax.Array, rows: int, groups: slice,
-             keep_prob: Optional[float]) -> jax.Array:
-  """``value`` (rows ``i·rows`` … of an example, its ``groups``) where the example's mask keeps it, divided
-  by ``keep_prob``, else 0; untouched without a mask (``keep_prob`` None)."""
+def _dropout(value: jax.Array, keep_ref, i: jax.Array, rows: int, keep_prob: Optional[float]) -> jax.Array:
+  """``value`` (rows ``i·rows`` … of the program's block) where the mask keeps it, divided by
+  ``keep_prob``, else 0; untouched without a mask (``keep_prob`` None)."""
   if keep_prob is None:
     return value
-  return jnp.where(_chunk(keep_ref, i, rows, jnp.int32, groups) != 0, value / keep_prob, 0.0)
+  return jnp.where(_chunk(keep_ref, i, rows, jnp.int32) != 0, value / keep_prob, 0.0)
 
 
 def _split(refs, parts: int, shifted: bool, keep_prob: Optional[float]):
@@ -100,123 +127,146 @@ def _split(refs, parts: int, shifted: bool, keep_prob: Optional[float]):
   return xs, scale, bias, shift, keep, refs
 
 
-def _shift(shift_ref, groups: slice, dtype):
-  """The example's shift of ``groups``, ``[1, G_j, S]`` to add to a chunk; 0 without one."""
-  return 0.0 if shift_ref is None else shift_ref[groups, :].astype(dtype)[None]
+def _each_part(owners: tuple, body, *refs_per_part) -> None:
+  """``body(*refs)`` with the refs of the part that holds this program's groups: program ``j`` (the grid's
+  second axis) normalises group block ``j``, which part ``k`` holds if ``lo_k ≤ j < hi_k`` (``owners``)."""
+  if len(owners) == 1:
+    body(*(refs[0] for refs in refs_per_part))
+    return
+  j = pl.program_id(1)
+  for k, (lo, hi) in enumerate(owners):
+    pl.when((j >= lo) & (j < hi))(functools.partial(body, *(refs[k] for refs in refs_per_part)))
 
 
-def _forward_kernel(*refs, parts, rows, epsilon, swish, shifted, keep_prob):
-  # Refs: each part's x [P, G_j, S] (its groups start at parts[j][0] of the G in all), then scale, bias
-  # and (if shifted) the example's shift: [G, S]; with dropout (keep_prob not None) the example's mask as
-  # int8 [P, G, S]; out: y [P, G, S], mean and rstd [G]. Arithmetic in scale's dtype (float32).
+def _forward_kernel(*refs, owners, rows, epsilon, swish, shifted, keep_prob):
+  # Refs, each a program's block of G_b groups (S channels each): each part's x [P, G_b, S] (only the
+  # owner's is read), scale, bias and (if shifted) the example's shift [G_b, S]; with dropout
+  # (keep_prob not None) the example's mask as int8 [P, G_b, S]; out: y [P, G_b, S], mean and rstd [G_b].
+  # Arithmetic in scale's dtype (float32).
   x_refs, scale_ref, bias_ref, shift_ref, keep_ref, (y_ref, mean_ref, rstd_ref) = _split(
-      refs, len(parts), shifted, keep_prob)
+      refs, len(owners), shifted, keep_prob)
   dtype = scale_ref.dtype
-  for x_ref, (first, count), step in zip(x_refs, parts, rows):
-    groups = slice(first, first + count)
-    shift = _shift(shift_ref, groups, dtype)
+  shift = 0.0 if shift_ref is None else shift_ref[...].astype(dtype)[None]
 
-    def accumulate(i, sums, x_ref=x_ref, step=step, shift=shift):
-      x = _chunk(x_ref, i, step, dtype) + shift
+  def normalise(x_ref):
+    def accumulate(i, sums):
+      x = _chunk(x_ref, i, rows, dtype) + shift
       return sums[0] + jnp.sum(x, axis=0), sums[1] + jnp.sum(x * x, axis=0)
 
-    steps = x_ref.shape[0] // step
-    zeros = jnp.zeros((count, x_ref.shape[2]), dtype)
+    steps = x_ref.shape[0] // rows
+    zeros = jnp.zeros(x_ref.shape[1:], dtype)
     s1, s2 = lax.fori_loop(0, steps, accumulate, (zeros, zeros))
     n = x_ref.shape[0] * x_ref.shape[2]
-    mean = jnp.sum(s1, axis=1) / n  # [G_j]
+    mean = jnp.sum(s1, axis=1) / n  # [G_b]
     var = jnp.maximum(jnp.sum(s2, axis=1) / n - mean * mean, 0.0)  # as flax: E[x²] − E[x]², clipped at 0
     rstd = lax.rsqrt(var + epsilon)
-    mul = scale_ref[groups, :] * rstd[:, None]  # [G_j, S]
-    bias = bias_ref[groups, :]
+    mul = scale_ref[...] * rstd[:, None]  # [G_b, S]
+    bias = bias_ref[...]
 
-    def write(i, carry, x_ref=x_ref, step=step, shift=shift, mean=mean, mul=mul, bias=bias, groups=groups):
-      u = (_chunk(x_ref, i, step, dtype) + shift - mean[None, :, None]) * mul[None] + bias[None]
-      y = _dropout(_swish_and_grad(u)[0] if swish else u, keep_ref, i, step, groups, keep_prob)
-      y_ref[pl.ds(pl.multiple_of(i * step, step), step), groups, :] = y.astype(y_ref.dtype)
+    def write(i, carry):
+      u = (_chunk(x_ref, i, rows, dtype) + shift - mean[None, :, None]) * mul[None] + bias[None]
+      y = _dropout(_swish_and_grad(u)[0] if swish else u, keep_ref, i, rows, keep_prob)
+      y_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :] = y.astype(y_ref.dtype)
       return carry
 
     lax.fori_loop(0, steps, write, 0)
-    mean_ref[groups] = mean
-    rstd_ref[groups] = rstd
+    mean_ref[...] = mean
+    rstd_ref[...] = rstd
+
+  _each_part(owners, normalise, x_refs)
 
 
-def _backward_kernel(*refs, parts, rows, swish, shifted, keep_prob):
+def _backward_kernel(*refs, owners, rows, swish, shifted, keep_prob):
   # With x̂ = (x + shift − μ)·r, u = x̂·scale + bias, y = swish(u): du = dy·swish'(u), ∂bias = Σ du,
   # ∂scale = Σ du·x̂, ∂x = r·(du·scale − mean_g(du·scale) − x̂·mean_g(du·scale·x̂)) (means over the n values
   # of a group) and ∂shift = Σ ∂x over the pixels. With dropout, dy is first masked and divided as y was.
-  # Refs: the forward kernel's inputs, mean and rstd, dy [P, G, S]; out: each part's ∂x [P, G_j, S], then
-  # (if shifted) ∂shift, and ∂scale, ∂bias [G, S] (the example's).
-  x_refs, scale_ref, bias_ref, shift_ref, keep_ref, refs = _split(refs, len(parts), shifted, keep_prob)
+  # Refs (blocks as in the forward kernel): its inputs, mean and rstd, dy [P, G_b, S]; out: each part's
+  # ∂x [P, G_b, S] (only the owner's written), then (if shifted) ∂shift, and ∂scale, ∂bias [G_b, S] (the
+  # example's).
+  x_refs, scale_ref, bias_ref, shift_ref, keep_ref, refs = _split(refs, len(owners), shifted, keep_prob)
   (mean_ref, rstd_ref, dy_ref), refs = refs[:3], refs[3:]
-  dx_refs, refs = refs[:len(parts)], refs[len(parts):]
+  dx_refs, refs = refs[:len(owners)], refs[len(owners):]
   dshift_ref, (dscale_ref, dbias_ref) = (refs[0], refs[1:]) if shifted else (None, refs)
   dtype = scale_ref.dtype
-  for x_ref, dx_ref, (first, count), step in zip(x_refs, dx_refs, parts, rows):
-    groups = slice(first, first + count)
-    mean = mean_ref[groups][None, :, None]  # [1, G_j, 1]
-    rstd = rstd_ref[groups][None, :, None]
-    scale, bias = scale_ref[groups, :], bias_ref[groups, :]  # [G_j, S]
-    shift = _shift(shift_ref, groups, dtype)
+  mean = mean_ref[...][None, :, None]  # [1, G_b, 1]
+  rstd = rstd_ref[...][None, :, None]
+  scale, bias = scale_ref[...], bias_ref[...]  # [G_b, S]
+  shift = 0.0 if shift_ref is None else shift_ref[...].astype(dtype)[None]
 
-    def grads(i, x_ref=x_ref, step=step, groups=groups, mean=mean, rstd=rstd, scale=scale, bias=bias,
-              shift=shift):
-      x_hat = (_chunk(x_ref, i, step, dtype) + shift - mean) * rstd
-      dy = _dropout(_chunk(dy_ref, i, step, dtype, groups), keep_ref, i, step, groups, keep_prob)
+  def differentiate(x_ref, dx_ref):
+    def grads(i):
+      x_hat = (_chunk(x_ref, i, rows, dtype) + shift - mean) * rstd
+      dy = _dropout(_chunk(dy_ref, i, rows, dtype), keep_ref, i, rows, keep_prob)
       du = dy * _swish_and_grad(x_hat * scale[None] + bias[None])[1] if swish else dy
       return x_hat, du
 
-    def accumulate(i, sums, grads=grads):
+    def accumulate(i, sums):
       x_hat, du = grads(i)
       return sums[0] + jnp.sum(du, axis=0), sums[1] + jnp.sum(du * x_hat, axis=0)
 
-    steps = x_ref.shape[0] // step
+    steps = x_ref.shape[0] // rows
     zeros = jnp.zeros(scale.shape, dtype)
     dbias, dscale = lax.fori_loop(0, steps, accumulate, (zeros, zeros))
     n = x_ref.shape[0] * x_ref.shape[2]
     mean_d = (jnp.sum(dbias * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale)
     mean_dx = (jnp.sum(dscale * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale·x̂)
 
-    def write(i, dshift, grads=grads, dx_ref=dx_ref, step=step, rstd=rstd, scale=scale, mean_d=mean_d,
-              mean_dx=mean_dx):
+    def write(i, dshift):
       x_hat, du = grads(i)
       dx = rstd * (du * scale[None] - mean_d - x_hat * mean_dx)
-      dx_ref[pl.ds(pl.multiple_of(i * step, step), step), :, :] = dx.astype(dx_ref.dtype)
+      dx_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :] = dx.astype(dx_ref.dtype)
       return dshift + jnp.sum(dx, axis=0) if shifted else dshift
 
     dshift = lax.fori_loop(0, steps, write, zeros)
     if shifted:
-      dshift_ref[groups, :] = dshift.astype(dshift_ref.dtype)
-    dscale_ref[groups, :] = dscale
-    dbias_ref[groups, :] = dbias
+      dshift_ref[...] = dshift.astype(dshift_ref.dtype)
+    dscale_ref[...] = dscale
+    dbias_ref[...] = dbias
+
+  _each_part(owners, differentiate, x_refs, dx_refs)
 
 
-def _call(kernel, ins, outs, interpret: bool):
-  """One program per example. ``ins`` and ``outs`` are (array or ShapeDtypeStruct, kind) pairs: kind
-  "param" (``[G, S]``, whole to every program) or "example" (``[B, …]``: each program gets its example's).
+def _spec(shape: tuple, axis: int, block: int, batched: bool = True, first: Optional[int] = None) -> pl.BlockSpec:
+  """A program's block of an array whose ``axis`` holds groups: program ``(b, j)`` gets example ``b`` (if
+  ``batched``) and group block ``j``. A part's array (``first``: its first group in the whole) gives
+  program ``j`` its block ``j − first / block``, clipped to its own: programs whose groups another part
+  holds get a block of this part they leave alone."""
+  shape = tuple(shape)
+
+  def index(b, j):
+    index = [0] * len(shape)
+    index[axis] = j if first is None else jnp.clip(j - first // block, 0, shape[axis] // block - 1)
+    if batched:
+      index[0] = b
+    return tuple(index)
+
+  return pl.BlockSpec(tuple(None if batched and d == 0 else block if d == axis else n
+                            for d, n in enumerate(shape)), index)
+
+
+def _call(kernel, ins, outs, programs: int, launch: Launch, interpret: bool):
+  """``programs`` programs per example. ``ins`` and ``outs`` are (array or ShapeDtypeStruct, BlockSpec)
+  pairs (:func:`_spec`).
 
   Triton where the program is lowered for a GPU; Pallas's interpreter on other platforms or if ``interpret``.
   """
-  def spec(shape, kind):
-    if kind == "param":
-      return pl.BlockSpec(shape, lambda b: (0,) * len(shape))
-    return pl.BlockSpec((None,) + shape[1:], lambda b: (b,) + (0,) * (len(shape) - 1))
-
   batch = outs[0][0].shape[0]
-  outs, out_specs = tuple(o for o, _ in outs), [spec(o.shape, kind) for o, kind in outs]
-  ins, in_specs = [x for x, _ in ins], [spec(x.shape, kind) for x, kind in ins]
-  call = functools.partial(pl.pallas_call, kernel, out_shape=outs, grid=(batch,), in_specs=in_specs,
+  outs, out_specs = tuple(o for o, _ in outs), [spec for _, spec in outs]
+  ins, in_specs = [x for x, _ in ins], [spec for _, spec in ins]
+  call = functools.partial(pl.pallas_call, kernel, out_shape=outs, grid=(batch, programs), in_specs=in_specs,
                            out_specs=out_specs)
   interpreted = lambda *args: call(interpret=True)(*args)  # noqa: E731
   if interpret:
     return interpreted(*ins)
-  triton = lambda *args: call(compiler_params=pallas_triton.CompilerParams(num_warps=8))(*args)  # noqa: E731
+  params = pallas_triton.CompilerParams(num_warps=launch.num_warps)
+  triton = lambda *args: call(compiler_params=params)(*args)  # noqa: E731
   return lax.platform_dependent(*ins, cuda=triton, rocm=triton, default=interpreted)
 
 
 def group_norm(x: Union[jax.Array, Sequence[jax.Array]], scale: jax.Array, bias: jax.Array, groups: int,
                swish: bool = True, epsilon: float = 1e-6, dtype: Any = None, *, shift: Optional[jax.Array] = None,
-               keep: Optional[jax.Array] = None, keep_prob: float = 1.0, interpret: bool = False) -> jax.Array:
+               keep: Optional[jax.Array] = None, keep_prob: float = 1.0, launch: Optional[Launch] = None,
+               interpret: bool = False) -> jax.Array:
   """``swish(GroupNorm(x + shift))`` (or the norm alone, ``swish=False``), then dropout, as one kernel.
 
   Args:
@@ -235,6 +285,8 @@ def group_norm(x: Union[jax.Array, Sequence[jax.Array]], scale: jax.Array, bias:
       ``keep`` (``[B, H, W, C]`` bool, e.g. :meth:`vdm.dropout.Dropout.mask`)
       the result divided by ``keep_prob`` (in float32), elsewhere 0; the
       backward kernel masks the incoming gradient alike. None: no dropout.
+    launch: how the kernels run on a GPU (:class:`Launch`; None: its
+      defaults); the same function whatever it is.
     interpret: run the kernels in Pallas's interpreter on every platform
       (without it: Triton on GPUs, the interpreter elsewhere).
 
@@ -246,17 +298,34 @@ def group_norm(x: Union[jax.Array, Sequence[jax.Array]], scale: jax.Array, bias:
   if keep is not None and keep.shape != (b, h, w, c):
     raise ValueError(f"group_norm: expected keep of the activations' shape {(b, h, w, c)}, got {keep.shape}")
   keep, keep_prob = (None, None) if keep is None else (keep.astype(jnp.int8), float(keep_prob))
-  return _group_norm(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret)
+  return _group_norm(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, launch or Launch(),
+                     interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _group_norm(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret):
-  return _forward(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
+def _group_norm(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, launch, interpret):
+  return _forward(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, launch, interpret)[0]
 
 
-def _layout(parts: tuple, groups: int) -> tuple[tuple[int, int, int, int], tuple, tuple]:
-  """The parts as the kernels see them: the whole's ``[B, P, G, S]`` (P = H·W pixels, S = C / G), each
-  part's (first group, group count) and its rows per loop iteration."""
+class _Layout(NamedTuple):
+  """The parts as the kernels see them: the whole ``[B, P, G, S]`` (P = H·W pixels, S = C / G), ``block``
+  groups a program, each part's first group and its group count, and pixels per loop iteration."""
+  shape: tuple[int, int, int, int]
+  block: int
+  spans: tuple[tuple[int, int], ...]
+  rows: int
+
+  @property
+  def programs(self) -> int:
+    return self.shape[2] // self.block
+
+  @property
+  def owners(self) -> tuple[tuple[int, int], ...]:
+    """Each part's group blocks: [lo, hi) of the programs' second index."""
+    return tuple((first // self.block, (first + count) // self.block) for first, count in self.spans)
+
+
+def _layout(parts: tuple, groups: int, launch: Launch) -> _Layout:
   widths = [part.shape[-1] for part in parts]
   if not supported(widths, groups):
     what = f"{sum(widths)} channels" if len(widths) == 1 else f"parts of {widths} channels"
@@ -265,51 +334,53 @@ def _layout(parts: tuple, groups: int) -> tuple[tuple[int, int, int, int], tuple
                      f"got {what} in {groups} groups")
   b, h, w, _ = parts[0].shape
   size = sum(widths) // groups
-  firsts = [sum(widths[:j]) // size for j in range(len(widths))]
-  return ((b, h * w, groups, size), tuple((first, c // size) for first, c in zip(firsts, widths)),
-          tuple(_rows(h * w, c) for c in widths))
+  spans = tuple((sum(widths[:j]) // size, c // size) for j, c in enumerate(widths))
+  # Group counts are powers of two: a block no larger than the smallest part lies in one part.
+  block = max(1, min([groups // launch.programs] + [count for _, count in spans]))
+  return _Layout((b, h * w, groups, size), block, spans, _rows(h * w, block * size, launch.elements))
 
 
-def _view(parts: tuple, shape: tuple, spans: tuple) -> tuple:
-  """Each part as ``[B, P, G_j, S]`` of the kernels."""
-  b, pixels, _, s = shape
-  return tuple((part.reshape(b, pixels, count, s), "example") for part, (_, count) in zip(parts, spans))
+def _inputs(parts, scale, bias, shift, keep, layout: _Layout) -> tuple:
+  """Both kernels' first inputs with their blocks: the parts, scale and bias, the shift and the mask where
+  there are."""
+  b, pixels, g, s = layout.shape
+  views = tuple((part.reshape(b, pixels, count, s), _spec((b, pixels, count, s), 2, layout.block, first=first))
+                for part, (first, count) in zip(parts, layout.spans))
+  params = tuple((p.reshape(g, s), _spec((g, s), 0, layout.block, batched=False)) for p in (scale, bias))
+  return (views + params
+          + (() if shift is None else ((shift.reshape(b, g, s), _spec((b, g, s), 1, layout.block)),))
+          + (() if keep is None else ((keep.reshape(layout.shape), _spec(layout.shape, 2, layout.block)),)))
 
 
-def _forward(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, interpret):
-  shape, spans, rows = _layout(parts, groups)
-  b, _, g, s = shape
-  kernel = functools.partial(_forward_kernel, parts=spans, rows=rows, epsilon=epsilon, swish=swish,
-                             shifted=shift is not None, keep_prob=keep_prob)
-  stat = jax.ShapeDtypeStruct((b, g), scale.dtype)
-  outs = ((jax.ShapeDtypeStruct(shape, dtype or parts[0].dtype), "example"), (stat, "example"),
-          (stat, "example"))
-  y, mean, rstd = _call(kernel, _inputs(parts, scale, bias, shift, keep, shape, spans), outs, interpret)
-  out_shape = parts[0].shape[:-1] + (g * s,)
-  return y.reshape(out_shape), (parts, shift, scale, bias, keep, mean, rstd)
+def _forward(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, keep_prob, launch, interpret):
+  layout = _layout(parts, groups, launch)
+  b, _, g, s = layout.shape
+  kernel = functools.partial(_forward_kernel, owners=layout.owners, rows=layout.rows, epsilon=epsilon,
+                             swish=swish, shifted=shift is not None, keep_prob=keep_prob)
+  stat = (jax.ShapeDtypeStruct((b, g), scale.dtype), _spec((b, g), 1, layout.block))
+  outs = ((jax.ShapeDtypeStruct(layout.shape, dtype or parts[0].dtype), _spec(layout.shape, 2, layout.block)),
+          stat, stat)
+  y, mean, rstd = _call(kernel, _inputs(parts, scale, bias, shift, keep, layout), outs, layout.programs, launch,
+                        interpret)
+  return y.reshape(parts[0].shape[:-1] + (g * s,)), (parts, shift, scale, bias, keep, mean, rstd)
 
 
-def _inputs(parts, scale, bias, shift, keep, shape, spans) -> tuple:
-  """Both kernels' first inputs: the parts, scale and bias, the shift and the mask where there are."""
-  b, _, g, s = shape
-  return (_view(parts, shape, spans) + ((scale.reshape(g, s), "param"), (bias.reshape(g, s), "param"))
-          + (() if shift is None else ((shift.reshape(b, g, s), "example"),))
-          + (() if keep is None else ((keep.reshape(shape), "example"),)))
-
-
-def _backward(groups, swish, epsilon, dtype, keep_prob, interpret, residuals, dy):
+def _backward(groups, swish, epsilon, dtype, keep_prob, launch, interpret, residuals, dy):
   parts, shift, scale, bias, keep, mean, rstd = residuals
-  shape, spans, rows = _layout(parts, groups)
-  b, pixels, g, s = shape
-  kernel = functools.partial(_backward_kernel, parts=spans, rows=rows, swish=swish, shifted=shift is not None,
-                             keep_prob=keep_prob)
+  layout = _layout(parts, groups, launch)
+  b, pixels, g, s = layout.shape
+  kernel = functools.partial(_backward_kernel, owners=layout.owners, rows=layout.rows, swish=swish,
+                             shifted=shift is not None, keep_prob=keep_prob)
   out_dtypes = (scale.dtype,) * 2 if shift is None else (shift.dtype, scale.dtype, scale.dtype)
-  outs = tuple((jax.ShapeDtypeStruct((b, pixels, count, s), part.dtype), "example")
-               for part, (_, count) in zip(parts, spans)) + tuple(
-      (jax.ShapeDtypeStruct((b, g, s), out_dtype), "example") for out_dtype in out_dtypes)
-  ins = _inputs(parts, scale, bias, shift, keep, shape, spans) + (
-      (mean, "example"), (rstd, "example"), (dy.reshape(shape), "example"))
-  *dxs, dscale, dbias = _call(kernel, ins, outs, interpret)
+  dxs = tuple((jax.ShapeDtypeStruct((b, pixels, count, s), part.dtype),
+               _spec((b, pixels, count, s), 2, layout.block, first=first))
+              for part, (first, count) in zip(parts, layout.spans))
+  sums = tuple((jax.ShapeDtypeStruct((b, g, s), out_dtype), _spec((b, g, s), 1, layout.block))
+               for out_dtype in out_dtypes)
+  stat_spec = _spec((b, g), 1, layout.block)
+  ins = _inputs(parts, scale, bias, shift, keep, layout) + (
+      (mean, stat_spec), (rstd, stat_spec), (dy.reshape(layout.shape), _spec(layout.shape, 2, layout.block)))
+  *dxs, dscale, dbias = _call(kernel, ins, dxs + sums, layout.programs, launch, interpret)
   dshift = None if shift is None else dxs.pop().reshape(shift.shape)
   return (tuple(dx.reshape(part.shape) for dx, part in zip(dxs, parts)), dshift,
           dscale.sum(0).reshape(scale.shape), dbias.sum(0).reshape(bias.shape), None)
@@ -329,6 +400,7 @@ class GroupNormSwish(nn.Module):
   dtype: Any = jnp.float32
   swish: bool = True
   epsilon: float = 1e-6  # nn.GroupNorm's
+  launch: Launch = Launch()
 
   @nn.compact
   def __call__(self, x: jax.Array, shift: Optional[jax.Array] = None,
@@ -340,4 +412,4 @@ class GroupNormSwish(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     keep, keep_prob = dropout if dropout is not None else (None, 1.0)
     return group_norm(x, scale, bias, self.num_groups, self.swish, self.epsilon, self.dtype, shift=shift,
-                      keep=keep, keep_prob=keep_prob)
+                      keep=keep, keep_prob=keep_prob, launch=self.launch)

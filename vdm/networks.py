@@ -21,7 +21,7 @@ weights (see :func:`unstack_params`).
 """
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,7 @@ from vdm import dropout as dropout_lib
 from vdm import group_norm as group_norm_lib
 
 Dtype = Any
+GroupNormKernel = Union[str, group_norm_lib.Launch]  # "xla", "pallas" or the Pallas kernels' Launch
 
 # What a rematerialised block keeps from its forward pass; the rest is recomputed.
 REMAT_POLICIES = {
@@ -56,22 +57,23 @@ def _num_groups(channels: int, groups: int = 0) -> int:
   return groups or math.gcd(32, max(channels // 4, 1))
 
 
-def _norm(x: jax.Array, dtype: Dtype, groups: int, kernel: str, name: str, swish: bool = True,
+def _norm(x: jax.Array, dtype: Dtype, groups: int, kernel: GroupNormKernel, name: str, swish: bool = True,
           shift: Optional[jax.Array] = None, dropout: Optional[tuple[nn.Module, bool]] = None) -> jax.Array:
   """``dropout(swish(GroupNorm(x + shift)))`` (``swish=False``: without the swish), the same parameters and
   dropout masks for every ``kernel``.
 
   x ``[B, H, W, C]``; shift ``[B, C]`` or None; dropout: a
   :class:`vdm.dropout.Dropout` and whether the pass is deterministic, or
-  None. "xla": ``nn.GroupNorm``, fused by XLA; "pallas": one kernel each
-  way (:mod:`vdm.group_norm`; the shift added and the dropout mask applied
-  inside it) where it takes the shape (group count and size powers of
-  two), else XLA's.
+  None. "xla": ``nn.GroupNorm``, fused by XLA; "pallas" (or a
+  :class:`vdm.group_norm.Launch`): one kernel each way (:mod:`vdm.group_norm`;
+  the shift added and the dropout mask applied inside it) where it takes the
+  shape (group count and size powers of two), else XLA's.
   """
   groups = _num_groups(x.shape[-1], groups)
-  if kernel == "pallas" and group_norm_lib.supported(x.shape[-1], groups):
+  launch = group_norm_lib.launch(kernel)
+  if launch and group_norm_lib.supported(x.shape[-1], groups):
     mask = dropout[0].mask(x.shape, dropout[1]) if dropout else None
-    return group_norm_lib.GroupNormSwish(groups, dtype, swish, name=name)(x, shift, mask)
+    return group_norm_lib.GroupNormSwish(groups, dtype, swish, launch=launch, name=name)(x, shift, mask)
   x = x if shift is None else x + shift[:, None, None, :]
   h = nn.GroupNorm(num_groups=groups, dtype=dtype, name=name)(x)
   h = nn.swish(h) if swish else h
@@ -119,7 +121,8 @@ class _PartsGroupNorm(nn.Module):
   """
   num_groups: int
   dtype: Dtype = jnp.float32
-  kernel: str = "xla"  # or "pallas": vdm.group_norm's kernel over all parts, where it takes their shapes
+  kernel: GroupNormKernel = "xla"  # or "pallas"/a Launch: vdm.group_norm's kernel over all
+  # parts, where it takes their shapes
   epsilon: float = 1e-6  # nn.GroupNorm's
 
   @nn.compact
@@ -127,8 +130,10 @@ class _PartsGroupNorm(nn.Module):
     total = sum(part.shape[-1] for part in parts)
     scale = self.param("scale", nn.initializers.ones, (total,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (total,), jnp.float32)
-    if self.kernel == "pallas" and group_norm_lib.supported([part.shape[-1] for part in parts], self.num_groups):
-      return group_norm_lib.group_norm(parts, scale, bias, self.num_groups, True, self.epsilon, self.dtype)
+    launch = group_norm_lib.launch(self.kernel)
+    if launch and group_norm_lib.supported([part.shape[-1] for part in parts], self.num_groups):
+      return group_norm_lib.group_norm(parts, scale, bias, self.num_groups, True, self.epsilon, self.dtype,
+                                       launch=launch)
     size = total // self.num_groups
     outs, start = [], 0
     for part in parts:
@@ -184,7 +189,7 @@ class ResnetBlock(nn.Module):
   conv_grad: str = "dot"
   norm_groups: int = 0
   skip_concat: str = "before_norm"
-  group_norm: str = "xla"
+  group_norm: GroupNormKernel = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool,
@@ -219,7 +224,7 @@ class AttnBlock(nn.Module):
   num_heads: int = 1
   dtype: Dtype = jnp.float32
   norm_groups: int = 0
-  group_norm: str = "xla"
+  group_norm: GroupNormKernel = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -249,7 +254,7 @@ class _Layer(nn.Module):
   conv_grad: str
   norm_groups: int = 0
   skip_concat: str = "before_norm"
-  group_norm: str = "xla"
+  group_norm: GroupNormKernel = "xla"
 
   @nn.compact
   def __call__(self, h, skip, cond, shift=None):
@@ -291,6 +296,10 @@ class ScoreUNet(nn.Module):
     skip_concat: where the up path's skips join (see :class:`ResnetBlock`):
       "before_norm" (the paper's code) or "after_norm" (the same function
       without storing the concatenated inputs).
+    group_norm: the GroupNorms' kernels: "xla" (``nn.GroupNorm``, fused by
+      XLA), "pallas" (:mod:`vdm.group_norm`'s, where they take the shape) or
+      a :class:`vdm.group_norm.Launch` (those, launched as it says). The
+      same parameters and function.
     dtype: computation dtype of the blocks (bfloat16 for mixed precision);
       params, the input and output convolutions and ε̂ stay float32.
     float32_residuals: with a bf16 ``dtype``, carry the residual stream
@@ -334,7 +343,7 @@ class ScoreUNet(nn.Module):
   remat_policy: str = "convs"
   scan_unroll: int = 1
   skip_concat: str = "before_norm"
-  group_norm: str = "xla"
+  group_norm: GroupNormKernel = "xla"
   dtype: Dtype = jnp.float32
   float32_residuals: bool = False
   conv_grad: str = "dot"
@@ -380,8 +389,7 @@ class ScoreUNet(nn.Module):
       h = jnp.concatenate([h, fourier_features(h, self.fourier_exponents)], axis=-1)
     if self.skip_concat not in SKIP_CONCATS:
       raise ValueError(f"skip_concat: expected one of {SKIP_CONCATS}, got {self.skip_concat!r}")
-    if self.group_norm not in group_norm_lib.KERNELS:
-      raise ValueError(f"group_norm: expected one of {group_norm_lib.KERNELS}, got {self.group_norm!r}")
+    group_norm_lib.launch(self.group_norm)  # a ValueError unless "xla", "pallas" or a Launch
     levels, factor = len(self.channel_mult), size_divisor(self.channel_mult, self.patch_size)
     if z.shape[1] % factor or z.shape[2] % factor:
       on_patches = f" on {self.patch_size}×{self.patch_size} patches" if self.patch_size > 1 else ""
