@@ -3,10 +3,11 @@
 Where the paper's CIFAR-10 step spends its time on an H200 outside the
 convolutions (README, Performance): GroupNorm's statistics and their
 gradients, ~1,800 small reduction kernels a step, as XLA splits each
-reduction in two and differentiates the norm into several more. Here one
-program per example reads its ``[H·W, C]`` activations once to sum them
-per group, then again (from L2: 256 KB an example at 32×32×128 bf16) to
-write ``swish((x + c − μ) / σ · scale + bias)``, ``c`` the example's
+reduction in two and differentiates the norm into several more. Here a
+program reads an example's ``[H·W, C]`` activations (or its share of the
+groups: :class:`Launch`) once to sum them per group, then again (from
+L2: 256 KB an example at 32×32×128 bf16) to write
+``swish((x + c − μ) / σ · scale + bias)``, ``c`` the example's
 conditioning (a ResNet block adds it just before its second norm), added
 here rather than in a pass of its own, and the block's dropout mask
 applied to the result, rather than by a pass that reads and writes it
@@ -30,8 +31,9 @@ tested against it in float64 with its gradient; the result is rounded to
 Triton's arrays have power-of-two sizes: groups and channels per group
 must be powers of two, and each part a power of two of whole groups
 (:func:`supported`; 128 channels in 32 groups is the paper's network, an
-up block's 128 + 128 in 32 groups of 8 too). The loop runs over rows of
-``rows`` pixels, a power of two that divides H·W.
+up block's 128 + 128 in 32 groups of 8 too). A program's groups lie in
+one part. The loop runs over rows of ``rows`` pixels, a power of two that
+divides H·W.
 """
 
 import dataclasses
