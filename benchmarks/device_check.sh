@@ -20,7 +20,8 @@
 #                     masks, shipped until 2026-11-28; TF32; no remat),
 #                     each with a 3-step profile (device time by XLA op, kernel, kind of work, JAX source)
 #                     and as shipped under other XLA flags (XLA_VARIANTS="FLAGS;FLAGS…"; default: CUDA graphs
-#                     over the scanned blocks' loops too, --xla_gpu_enable_command_buffer=+WHILE; "" for none)
+#                     over the scanned blocks' loops too, --xla_gpu_enable_command_buffer=+WHILE; "" for
+#                     none), with XLA's GroupNorm and with the Pallas kernels
 #   reference.jsonl   the reference's train step at batch 128 (if REF_BENCH)
 #   quickstart.jsonl  the MNIST Quick start end to end: train + eval (its JSON), sample.py, wall times;
 #                     its checkpoint's bpd under fp32 / TF32 / bf16 / bf16 with float32 residuals
@@ -81,12 +82,13 @@ fi
 
 # The shipped step again under other XLA flags, one process each (XLA reads its flags when it starts):
 # XLA_VARIANTS="FLAGS;FLAGS…" (each record notes its xla_flags). Default: CUDA graphs (command buffers) also
-# over the scanned blocks' while loops, whose ~7,500 small kernels a step each cost a launch.
+# over the scanned blocks' while loops, whose ~5,000–7,000 small kernels a step each cost a launch. Each
+# times the shipped step and the Pallas one.
 IFS=';' read -ra XLA_VARIANTS <<<"${XLA_VARIANTS-$COMMAND_BUFFERS_WITH_WHILE}"
 for i in "${!XLA_VARIANTS[@]}"; do
   step "train_step_xla_$i" 120 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }${XLA_VARIANTS[$i]}" \
     $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
-    --results="$OUT/train_step.jsonl" --variant=execution.dtype=auto
+    --results="$OUT/train_step.jsonl" --variant=execution.dtype=auto --variant=$PALLAS
 done
 # What one dropout mask of a CIFAR-10 block costs with each generator ("packed" as shipped, "philox" before).
 step dropout_rng 40 bash -c "$PY benchmarks/dropout_rng.py ${DROPOUT_SHAPE[*]} >> '$OUT/throughput.jsonl'"
