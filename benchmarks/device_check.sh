@@ -16,8 +16,9 @@
 # ~9 minutes on one H100 (measured). What it writes into OUT_DIR (8 files, the most the device tool brings back):
 #   env.json          devices, versions
 #   train_step.jsonl  configs/cifar10.py at batch 128: as shipped (bf16 blocks on the accelerator) and the
-#                     variants that matter (GroupNorm–swish as Pallas kernels, launched three ways; Philox
-#                     masks, shipped until 2026-11-28; TF32; no remat),
+#                     variants that matter (GroupNorm–swish as Pallas kernels, launched three ways, and
+#                     with two blocks per loop iteration; Philox masks, shipped until 2026-11-28; TF32;
+#                     no remat),
 #                     each with a 3-step profile (device time by XLA op, kernel, kind of work, JAX source)
 #                     and as shipped under other XLA flags (XLA_VARIANTS="FLAGS;FLAGS…"; default: CUDA graphs
 #                     over the scanned blocks' loops too, --xla_gpu_enable_command_buffer=+WHILE; "" for
@@ -68,11 +69,12 @@ cat "$OUT/env.json" | tee -a "$LOG"
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
 # VARIANTS="A B …" (each a comma-separated list of config overrides) replaces the list below.
 # The Pallas kernels three ways: one program of 8 warps an example (the default launch), four programs an
-# example (a quarter of the groups each: 512 programs on an H200's 132 SMs), one program of 16 warps.
+# example (a quarter of the groups each: 512 programs on an H200's 132 SMs), one program of 16 warps; then
+# two blocks per loop iteration (compiled for an H200: 0.74× the Pallas step's kernels, 1.02× its bytes).
 PALLAS=execution.dtype=auto,execution.group_norm=pallas
 read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto $PALLAS $PALLAS,execution.pallas_programs=4 \
-$PALLAS,execution.pallas_num_warps=16 execution.dtype=auto,execution.dropout_rng=philox \
-execution.dtype=float32 execution.dtype=auto,execution.remat=False}"
+$PALLAS,execution.pallas_num_warps=16 $PALLAS,execution.scan_unroll=2 \
+execution.dtype=auto,execution.dropout_rng=philox execution.dtype=float32 execution.dtype=auto,execution.remat=False}"
 step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
   --results="$OUT/train_step.jsonl" --profile="$TRACES" "${VARIANTS[@]/#/--variant=}"
 
