@@ -110,6 +110,10 @@ def test_programs_per_example_hold_whole_groups_of_one_part():
   assert group_norm.launch(group_norm.Launch(16, 4)).elements == 16 * 1024
   with pytest.raises(ValueError, match=r"group_norm: expected one of \('xla', 'pallas'\) or a vdm.group_norm.Launch"):
     group_norm.launch("triton")
+  with pytest.raises(ValueError, match="Launch: expected programs a power of two ≥ 1, got 3"):
+    group_norm.Launch(programs=3)
+  with pytest.raises(ValueError, match="Launch: expected num_warps ≤ 32, got 64"):
+    group_norm.Launch(num_warps=64)
 
 
 def test_rows_per_iteration_are_the_largest_power_of_two_that_divides_the_pixels():

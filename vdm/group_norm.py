@@ -64,6 +64,14 @@ class Launch:
   programs: int = 1
   chunk: Optional[int] = None
 
+  def __post_init__(self):
+    for name in ("num_warps", "programs") + (("chunk",) if self.chunk is not None else ()):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and _power_of_two(value)):
+        raise ValueError(f"vdm.group_norm.Launch: expected {name} a power of two ≥ 1, got {value!r}")
+    if self.num_warps > 32:
+      raise ValueError(f"vdm.group_norm.Launch: expected num_warps ≤ 32, got {self.num_warps}")
+
   @property
   def elements(self) -> int:
     return self.chunk or 1024 * self.num_warps
@@ -236,11 +244,11 @@ def _spec(shape: tuple, axis: int, block: int, batched: bool = True, first: Opti
   shape = tuple(shape)
 
   def index(b, j):
-    index = [0] * len(shape)
-    index[axis] = j if first is None else jnp.clip(j - first // block, 0, shape[axis] // block - 1)
+    at = [0] * len(shape)
+    at[axis] = j if first is None else jnp.clip(j - first // block, 0, shape[axis] // block - 1)
     if batched:
-      index[0] = b
-    return tuple(index)
+      at[0] = b
+    return tuple(at)
 
   return pl.BlockSpec(tuple(None if batched and d == 0 else block if d == axis else n
                             for d, n in enumerate(shape)), index)
