@@ -50,6 +50,12 @@ def summarize(out: str) -> dict:
       row["images_per_s_vs_reference"] = r["images_per_s"] / reference["images_per_s"]
       row["first_call_vs_reference"] = r["first_call_s"] / reference["first_call_s"]
     summary["train_step"].append(row)
+  timed = [row for row in summary["train_step"] if "images_per_s" in row]
+  if timed:  # which variant (and XLA flags) the configs should ship, at a glance
+    fastest = max(timed, key=lambda row: row["images_per_s"])
+    summary["fastest_train_step"] = {k: fastest[k] for k in ("variant", "xla_flags", "step_ms", "images_per_s",
+                                                              "images_per_s_vs_reference", "first_call_s")
+                                     if k in fastest}
   summary["sampler"] = [
       {"dtype": r.get("dtype"), "batch_size": r["batch_size"], "num_steps": r["num_steps"],
        "loop_s": r["loop_s"], "seconds_per_1000_steps": 1000 * r["loop_s"] / r["num_steps"],

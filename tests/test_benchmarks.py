@@ -281,7 +281,15 @@ def test_records_note_their_xla_flags_and_the_device_summary_keeps_them(tmp_path
   assert "xla_flags" not in plain and flagged["xla_flags"] == "--xla_gpu_enable_command_buffer=+WHILE"
   (tmp_path / "reference.jsonl").write_text(json.dumps({"benchmark": "reference_train_step", "step_ms_median": 100.0,
                                                         "images_per_s": 80.0, "first_call_s": 20.0}) + "\n")
-  rows = device_summary.summarize(str(tmp_path))["train_step"]
-  assert [r.get("xla_flags") for r in rows] == [None, "--xla_gpu_enable_command_buffer=+WHILE"]
-  assert [r["images_per_s_vs_reference"] for r in rows] == [2.0, 2.0]
-  assert rows[0]["first_call_vs_reference"] == pytest.approx(0.25)
+  with open(results, "a") as f:  # a faster variant, and one that failed
+    f.write(json.dumps({"benchmark": "train_step", "batch_size": 8, "step_ms_median": 25.0, "images_per_s": 320.0,
+                        "first_call_s": 6.0, "variant": {"execution.group_norm": "pallas"}}) + "\n")
+    f.write(json.dumps({"benchmark": "train_step", "batch_size": 8, "error": "OOM", "variant": {"x": 1}}) + "\n")
+  summary = device_summary.summarize(str(tmp_path))
+  rows = summary["train_step"]
+  assert [r.get("xla_flags") for r in rows] == [None, "--xla_gpu_enable_command_buffer=+WHILE", None, None]
+  assert [r.get("images_per_s_vs_reference") for r in rows] == [2.0, 2.0, 4.0, None]
+  assert rows[0]["first_call_vs_reference"] == pytest.approx(0.25) and rows[3]["error"] == "OOM"
+  assert summary["fastest_train_step"] == {"variant": {"execution.group_norm": "pallas"}, "step_ms": 25.0,
+                                           "images_per_s": 320.0, "images_per_s_vs_reference": 4.0,
+                                           "first_call_s": 6.0}
