@@ -16,9 +16,9 @@
 # What it writes into OUT_DIR (8 files, the most the device tool brings back):
 #   env.json          devices, versions
 #   train_step.jsonl  configs/cifar10.py at batch 128: as shipped (bf16 blocks on the accelerator) and the
-#                     variants that matter (GroupNorm–swish as Pallas kernels, launched three ways, and
-#                     with two blocks per loop iteration; Philox masks, shipped until 2026-11-28; TF32 and
-#                     no remat, timed on 2026-11-26/27, only with VARIANTS=…),
+#                     variants that matter (GroupNorm–swish as Pallas kernels, launched four ways, and
+#                     with two blocks per loop iteration; Philox masks, TF32 and no remat, timed on
+#                     2026-11-26/27, only with VARIANTS=…),
 #                     each with a 3-step profile (device time by XLA op, kernel, kind of work, JAX source)
 #                     and as shipped under other XLA flags (XLA_VARIANTS="FLAGS;FLAGS…"; default: CUDA graphs
 #                     over the scanned blocks' loops too, --xla_gpu_enable_command_buffer=+WHILE; "" for
@@ -69,12 +69,16 @@ cat "$OUT/env.json" | tee -a "$LOG"
 # the Pallas GroupNorm–swish kernels (vdm/group_norm.py) first, then the Philox masks shipped until 2026-11-28.
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
 # VARIANTS="A B …" (each a comma-separated list of config overrides) replaces the list below.
-# The Pallas kernels three ways: one program of 8 warps an example (the default launch), four programs an
-# example (a quarter of the groups each: 512 programs on an H200's 132 SMs), one program of 16 warps; then
-# two blocks per loop iteration (compiled for an H200: 0.74× the Pallas step's kernels, 1.02× its bytes).
+# The Pallas kernels four ways: one program of 8 warps an example (the default launch), four programs an
+# example (a quarter of the groups each: 512 programs on an H200's 132 SMs), one program of 16 warps, sums
+# kept elementwise through the loops (more registers: 173 a thread in the backward kernel against 128,
+# so one program an SM); then two blocks per loop iteration (compiled for an H200: 0.74× the Pallas
+# step's kernels, 1.02× its bytes). The Philox masks shipped until 2026-11-28 are timed alone
+# (dropout_rng.py); VARIANTS can add them to the step (execution.dtype=auto,execution.dropout_rng=philox).
 PALLAS=execution.dtype=auto,execution.group_norm=pallas
 read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto $PALLAS $PALLAS,execution.pallas_programs=4 \
-$PALLAS,execution.pallas_num_warps=16 $PALLAS,execution.scan_unroll=2 execution.dtype=auto,execution.dropout_rng=philox}"
+$PALLAS,execution.pallas_num_warps=16 $PALLAS,execution.pallas_accumulate=elementwise \
+$PALLAS,execution.scan_unroll=2}"
 step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
   --results="$OUT/train_step.jsonl" --profile="$TRACES" "${VARIANTS[@]/#/--variant=}"
 

@@ -99,10 +99,12 @@ def get_config() -> ml_collections.ConfigDict:
   # each way, vdm.group_norm: Triton on GPUs, Pallas's interpreter on CPUs, slow; not on TPUs; norms whose
   # group count or size is not a power of two stay XLA's). The same function and parameters.
   config.execution.group_norm = "xla"
-  # How the "pallas" kernels run on a GPU (the same function): warps per program, and programs per example
-  # (a power of two; each normalises its share of the groups; at least one per part of an up block's input).
+  # How the "pallas" kernels run on a GPU (the same function): warps per program, programs per example
+  # (a power of two; each normalises its share of the groups; at least one per part of an up block's input)
+  # and how their loops sum ("rows": reduced every iteration; "elementwise": once, after the loop).
   config.execution.pallas_num_warps = 8
   config.execution.pallas_programs = 1
+  config.execution.pallas_accumulate = "rows"
 
   config.training = ml_collections.ConfigDict()
   config.training.num_steps = 10_000_000  # optimiser steps in total

@@ -34,6 +34,7 @@ def _flax(groups, swish):
     ((2, 4, 4, 16), 4, True, group_norm.Launch()),  # one loop iteration, one program an example
     ((2, 4, 4, 16), 4, True, group_norm.Launch(programs=2)),  # two programs an example, two groups each
     ((2, 6, 6, 8), 2, True, group_norm.Launch(chunk=32)),  # 36 pixels in rows of 4: nine iterations
+    ((2, 6, 6, 8), 2, True, group_norm.Launch(chunk=32, accumulate="elementwise")),  # summed after the loops
     ((2, 6, 6, 8), 2, True, group_norm.Launch(chunk=16, programs=8)),  # a program a group (8 asked for)
     ((3, 7, 4, 4), 4, False, group_norm.Launch(chunk=8)),  # the norm alone; 28 pixels in rows of 2, one
 ])                                                          # channel a group
@@ -52,9 +53,10 @@ def test_value_and_gradient_equal_flax_groupnorm_and_swish_in_float64(shape, gro
                                _flax(groups, swish)(x, no_shift, scale, bias), rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("programs", [1, 2])
-def test_dropout_in_the_kernel_is_the_mask_applied_to_flaxs_result_with_its_gradient(programs):
-  launch = group_norm.Launch(chunk=32 // programs, programs=programs)  # 36 pixels in rows of 4: 9 iterations
+@pytest.mark.parametrize("programs,accumulate", [(1, "rows"), (2, "elementwise")])
+def test_dropout_in_the_kernel_is_the_mask_applied_to_flaxs_result_with_its_gradient(programs, accumulate):
+  # 36 pixels in rows of 4: nine iterations.
+  launch = group_norm.Launch(chunk=32 // programs, programs=programs, accumulate=accumulate)
   with jax.enable_x64(True):
     x, shift, scale, bias, dy = _inputs((2, 6, 6, 8))
     keep = jax.random.bernoulli(jax.random.key(7), 0.7, x.shape)
@@ -69,13 +71,13 @@ def test_dropout_in_the_kernel_is_the_mask_applied_to_flaxs_result_with_its_grad
       group_norm.group_norm(x, scale, bias, 2, keep=keep[..., :4], keep_prob=0.7)
 
 
-@pytest.mark.parametrize("programs", [1, 4])
-def test_parts_are_normalised_as_their_concatenation_without_forming_it(programs):
+@pytest.mark.parametrize("programs,accumulate", [(1, "rows"), (4, "elementwise")])
+def test_parts_are_normalised_as_their_concatenation_without_forming_it(programs, accumulate):
   # Two parts of 8 channels (two groups of 4 each), a shift over both and dropout: the same value and
   # gradients as flax's norm of the concatenation, with a program for each part (asked for one) or for
   # each group. Parts that split a group, or whose groups are not a power of two in number, are refused.
   # Rows of 8 pixels: four iterations of a program's 8 channels (a part's), or of its 4 (a group's).
-  launch = group_norm.Launch(chunk=64 if programs == 1 else 32, programs=programs)
+  launch = group_norm.Launch(chunk=64 if programs == 1 else 32, programs=programs, accumulate=accumulate)
   with jax.enable_x64(True):
     whole, shift, scale, bias, dy = _inputs((2, 4, 8, 16))
     parts = (whole[..., :8], whole[..., 8:])
@@ -114,6 +116,8 @@ def test_programs_per_example_hold_whole_groups_of_one_part():
     group_norm.Launch(programs=3)
   with pytest.raises(ValueError, match="Launch: expected num_warps ≤ 32, got 64"):
     group_norm.Launch(num_warps=64)
+  with pytest.raises(ValueError, match=r"Launch: expected accumulate one of \('rows', 'elementwise'\), got 'tree'"):
+    group_norm.Launch(accumulate="tree")
 
 
 def test_rows_per_iteration_are_the_largest_power_of_two_that_divides_the_pixels():
@@ -191,13 +195,15 @@ def test_config_refuses_an_unknown_kernel_and_the_kernel_on_tpus(monkeypatch):
   config.execution.group_norm = "pallas"
   config_lib.validate(config)
   for field, value, expected in (("pallas_num_warps", 6, "1, 2, 4, 8, 16 or 32"),
-                                 ("pallas_programs", 3, "a power of two ≥ 1")):
+                                 ("pallas_programs", 3, "a power of two ≥ 1"),
+                                 ("pallas_accumulate", "tree", r"one of \('rows', 'elementwise'\)")):
     bad = cifar10.get_config()
     bad.execution.update(group_norm="pallas", **{field: value})
-    with pytest.raises(config_lib.ConfigError, match=f"execution.{field}: expected {expected}, got {value}"):
+    with pytest.raises(config_lib.ConfigError, match=f"execution.{field}: expected {expected}, got {value!r}"):
       config_lib.validate(bad)
-  config.execution.update(pallas_num_warps=16, pallas_programs=4)
-  assert config_lib.build_model(config).network.group_norm == group_norm.Launch(num_warps=16, programs=4)
+  config.execution.update(pallas_num_warps=16, pallas_programs=4, pallas_accumulate="elementwise")
+  assert config_lib.build_model(config).network.group_norm == group_norm.Launch(
+      num_warps=16, programs=4, accumulate="elementwise")
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   with pytest.raises(config_lib.ConfigError, match="execution.group_norm: expected 'xla' on TPUs"):
     config_lib.validate(config)

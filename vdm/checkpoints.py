@@ -180,6 +180,7 @@ LATER_FIELDS = {
     "execution.group_norm": "xla",
     "execution.pallas_num_warps": 8,
     "execution.pallas_programs": 1,
+    "execution.pallas_accumulate": "rows",
     "data.augment": False,
     "eval.full_precision": True,
     "model.network.norm_groups": 0,

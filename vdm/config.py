@@ -129,6 +129,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          ex.pallas_num_warps)
   _check(isinstance(ex.pallas_programs, int) and ex.pallas_programs >= 1 and ex.pallas_programs & (
       ex.pallas_programs - 1) == 0, "execution.pallas_programs", "a power of two ≥ 1", ex.pallas_programs)
+  _check(ex.pallas_accumulate in group_norm.ACCUMULATE, "execution.pallas_accumulate",
+         f"one of {group_norm.ACCUMULATE}", ex.pallas_accumulate)
   _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 1, "execution.scan_unroll",
          "a positive integer (1 = one block per loop iteration)", ex.scan_unroll)
   _check(ex.matmul_precision in MATMUL_PRECISIONS, "execution.matmul_precision", f"one of {MATMUL_PRECISIONS}",
@@ -228,11 +230,12 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
 
 def group_norm_launch(config: ml_collections.ConfigDict) -> networks.GroupNormKernel:
   """``execution.group_norm`` as the network takes it: "xla", or the Pallas kernels launched as
-  ``execution.pallas_num_warps`` and ``execution.pallas_programs`` say."""
+  ``execution.pallas_num_warps``, ``pallas_programs`` and ``pallas_accumulate`` say."""
   ex = config.execution
   if ex.group_norm != "pallas":
     return ex.group_norm
-  return group_norm.Launch(num_warps=ex.pallas_num_warps, programs=ex.pallas_programs)
+  return group_norm.Launch(num_warps=ex.pallas_num_warps, programs=ex.pallas_programs,
+                           accumulate=ex.pallas_accumulate)
 
 
 def resolve_gamma_path(config: ml_collections.ConfigDict) -> str:

@@ -48,6 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
 KERNELS = ("xla", "pallas")  # execution.group_norm
+ACCUMULATE = ("rows", "elementwise")  # execution.pallas_accumulate, Launch.accumulate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +59,17 @@ class Launch:
   ``programs``: programs per example, each normalising its share of the
   groups (at least one per part, and at most one per group). ``num_warps``:
   each program's warps. ``chunk``: elements a program reads per loop
-  iteration (None: 1,024 a warp, 32 a thread).
+  iteration (None: 1,024 a warp, 32 a thread). ``accumulate``: how the
+  loops sum their chunks: "rows" reduces each chunk over its rows as it
+  goes (a reduction across the program's threads every iteration, few
+  registers); "elementwise" adds chunks into accumulators of a chunk's
+  shape and reduces them once after the loop (Triton's usual pattern, more
+  registers).
   """
   num_warps: int = 8
   programs: int = 1
   chunk: Optional[int] = None
+  accumulate: str = "rows"
 
   def __post_init__(self):
     for name in ("num_warps", "programs") + (("chunk",) if self.chunk is not None else ()):
@@ -71,6 +78,8 @@ class Launch:
         raise ValueError(f"vdm.group_norm.Launch: expected {name} a power of two ≥ 1, got {value!r}")
     if self.num_warps > 32:
       raise ValueError(f"vdm.group_norm.Launch: expected num_warps ≤ 32, got {self.num_warps}")
+    if self.accumulate not in ACCUMULATE:
+      raise ValueError(f"vdm.group_norm.Launch: expected accumulate one of {ACCUMULATE}, got {self.accumulate!r}")
 
   @property
   def elements(self) -> int:
@@ -127,6 +136,19 @@ def _dropout(value: jax.Array, keep_ref, i: jax.Array, rows: int, keep_prob: Opt
   return jnp.where(_chunk(keep_ref, i, rows, jnp.int32) != 0, value / keep_prob, 0.0)
 
 
+def _summed_loop(steps: int, terms, count: int, shape: tuple, dtype, elementwise: bool) -> tuple:
+  """Runs ``terms(i)`` for ``i`` in ``range(steps)`` (it may also write) and sums the ``count`` arrays of
+  ``shape`` (a chunk's ``[rows, G_b, S]``) it returns over the iterations and the rows: ``[G_b, S]`` each.
+  Elementwise: added up in the chunk's shape and reduced over the rows once, after the loop; else
+  reduced over the rows in every iteration (see :class:`Launch`)."""
+  def body(i, sums):
+    return tuple(total + (term if elementwise else jnp.sum(term, axis=0)) for total, term in zip(sums, terms(i)))
+
+  zeros = tuple(jnp.zeros(shape if elementwise else shape[1:], dtype) for _ in range(count))
+  sums = lax.fori_loop(0, steps, body, zeros)
+  return tuple(jnp.sum(total, axis=0) for total in sums) if elementwise else sums
+
+
 def _split(refs, parts: int, shifted: bool, keep_prob: Optional[float]):
   """A kernel's refs: the parts' activations, scale and bias, the shift and the mask where there are
   (else None), the rest."""
@@ -148,7 +170,7 @@ def _each_part(owners: tuple, body, *refs_per_part) -> None:
     pl.when((j >= lo) & (j < hi))(functools.partial(body, *(refs[k] for refs in refs_per_part)))
 
 
-def _forward_kernel(*refs, owners, rows, epsilon, swish, shifted, keep_prob):
+def _forward_kernel(*refs, owners, rows, epsilon, swish, shifted, keep_prob, elementwise):
   # Refs, each a program's block of G_b groups (S channels each): each part's x [P, G_b, S] (only the
   # owner's is read), scale, bias and (if shifted) the example's shift [G_b, S]; with dropout
   # (keep_prob not None) the example's mask as int8 [P, G_b, S]; out: y [P, G_b, S], mean and rstd [G_b].
@@ -159,13 +181,12 @@ def _forward_kernel(*refs, owners, rows, epsilon, swish, shifted, keep_prob):
   shift = 0.0 if shift_ref is None else shift_ref[...].astype(dtype)[None]
 
   def normalise(x_ref):
-    def accumulate(i, sums):
+    def moments(i):
       x = _chunk(x_ref, i, rows, dtype) + shift
-      return sums[0] + jnp.sum(x, axis=0), sums[1] + jnp.sum(x * x, axis=0)
+      return x, x * x
 
-    steps = x_ref.shape[0] // rows
-    zeros = jnp.zeros(x_ref.shape[1:], dtype)
-    s1, s2 = lax.fori_loop(0, steps, accumulate, (zeros, zeros))
+    steps, chunk = x_ref.shape[0] // rows, (rows,) + x_ref.shape[1:]
+    s1, s2 = _summed_loop(steps, moments, 2, chunk, dtype, elementwise)
     n = x_ref.shape[0] * x_ref.shape[2]
     mean = jnp.sum(s1, axis=1) / n  # [G_b]
     var = jnp.maximum(jnp.sum(s2, axis=1) / n - mean * mean, 0.0)  # as flax: E[x²] − E[x]², clipped at 0
@@ -186,7 +207,7 @@ def _forward_kernel(*refs, owners, rows, epsilon, swish, shifted, keep_prob):
   _each_part(owners, normalise, x_refs)
 
 
-def _backward_kernel(*refs, owners, rows, swish, shifted, keep_prob):
+def _backward_kernel(*refs, owners, rows, swish, shifted, keep_prob, elementwise):
   # With x̂ = (x + shift − μ)·r, u = x̂·scale + bias, y = swish(u): du = dy·swish'(u), ∂bias = Σ du,
   # ∂scale = Σ du·x̂, ∂x = r·(du·scale − mean_g(du·scale) − x̂·mean_g(du·scale·x̂)) (means over the n values
   # of a group) and ∂shift = Σ ∂x over the pixels. With dropout, dy is first masked and divided as y was.
@@ -210,26 +231,25 @@ def _backward_kernel(*refs, owners, rows, swish, shifted, keep_prob):
       du = dy * _swish_and_grad(x_hat * scale[None] + bias[None])[1] if swish else dy
       return x_hat, du
 
-    def accumulate(i, sums):
+    def sums(i):
       x_hat, du = grads(i)
-      return sums[0] + jnp.sum(du, axis=0), sums[1] + jnp.sum(du * x_hat, axis=0)
+      return du, du * x_hat
 
-    steps = x_ref.shape[0] // rows
-    zeros = jnp.zeros(scale.shape, dtype)
-    dbias, dscale = lax.fori_loop(0, steps, accumulate, (zeros, zeros))
+    steps, chunk = x_ref.shape[0] // rows, (rows,) + x_ref.shape[1:]
+    dbias, dscale = _summed_loop(steps, sums, 2, chunk, dtype, elementwise)
     n = x_ref.shape[0] * x_ref.shape[2]
     mean_d = (jnp.sum(dbias * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale)
     mean_dx = (jnp.sum(dscale * scale, axis=1) / n)[None, :, None]  # mean_g(du·scale·x̂)
 
-    def write(i, dshift):
+    def write(i):
       x_hat, du = grads(i)
       dx = rstd * (du * scale[None] - mean_d - x_hat * mean_dx)
       dx_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :, :] = dx.astype(dx_ref.dtype)
-      return dshift + jnp.sum(dx, axis=0) if shifted else dshift
+      return (dx,) if shifted else ()
 
-    dshift = lax.fori_loop(0, steps, write, zeros)
+    dshift = _summed_loop(steps, write, int(shifted), chunk, dtype, elementwise)
     if shifted:
-      dshift_ref[...] = dshift.astype(dshift_ref.dtype)
+      dshift_ref[...] = dshift[0].astype(dshift_ref.dtype)
     dscale_ref[...] = dscale
     dbias_ref[...] = dbias
 
@@ -366,7 +386,8 @@ def _forward(parts, shift, scale, bias, keep, groups, swish, epsilon, dtype, kee
   layout = _layout(parts, groups, launch)
   b, _, g, s = layout.shape
   kernel = functools.partial(_forward_kernel, owners=layout.owners, rows=layout.rows, epsilon=epsilon,
-                             swish=swish, shifted=shift is not None, keep_prob=keep_prob)
+                             swish=swish, shifted=shift is not None, keep_prob=keep_prob,
+                             elementwise=launch.accumulate == "elementwise")
   stat = (jax.ShapeDtypeStruct((b, g), scale.dtype), _spec((b, g), 1, layout.block))
   outs = ((jax.ShapeDtypeStruct(layout.shape, dtype or parts[0].dtype), _spec(layout.shape, 2, layout.block)),
           stat, stat)
@@ -380,7 +401,8 @@ def _backward(groups, swish, epsilon, dtype, keep_prob, launch, interpret, resid
   layout = _layout(parts, groups, launch)
   b, pixels, g, s = layout.shape
   kernel = functools.partial(_backward_kernel, owners=layout.owners, rows=layout.rows, swish=swish,
-                             shifted=shift is not None, keep_prob=keep_prob)
+                             shifted=shift is not None, keep_prob=keep_prob,
+                             elementwise=launch.accumulate == "elementwise")
   out_dtypes = (scale.dtype,) * 2 if shift is None else (shift.dtype, scale.dtype, scale.dtype)
   dxs = tuple((jax.ShapeDtypeStruct((b, pixels, count, s), part.dtype),
                _spec((b, pixels, count, s), 2, layout.block, first=first))
