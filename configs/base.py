@@ -101,10 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.execution.group_norm = "xla"
   # How the "pallas" kernels run on a GPU (the same function): warps per program, programs per example
   # (a power of two; each normalises its share of the groups; at least one per part of an up block's input)
-  # and how their loops sum ("rows": reduced every iteration; "elementwise": once, after the loop).
+  # and how their loops sum ("elementwise": reduced once, after the loop; "rows": in every iteration).
   config.execution.pallas_num_warps = 8
   config.execution.pallas_programs = 1
-  config.execution.pallas_accumulate = "rows"
+  config.execution.pallas_accumulate = "elementwise"
 
   config.training = ml_collections.ConfigDict()
   config.training.num_steps = 10_000_000  # optimiser steps in total

@@ -34,7 +34,7 @@ def _flax(groups, swish):
     ((2, 4, 4, 16), 4, True, group_norm.Launch()),  # one loop iteration, one program an example
     ((2, 4, 4, 16), 4, True, group_norm.Launch(programs=2)),  # two programs an example, two groups each
     ((2, 6, 6, 8), 2, True, group_norm.Launch(chunk=32)),  # 36 pixels in rows of 4: nine iterations
-    ((2, 6, 6, 8), 2, True, group_norm.Launch(chunk=32, accumulate="elementwise")),  # summed after the loops
+    ((2, 6, 6, 8), 2, True, group_norm.Launch(chunk=32, accumulate="rows")),  # summed in every iteration
     ((2, 6, 6, 8), 2, True, group_norm.Launch(chunk=16, programs=8)),  # a program a group (8 asked for)
     ((3, 7, 4, 4), 4, False, group_norm.Launch(chunk=8)),  # the norm alone; 28 pixels in rows of 2, one
 ])                                                          # channel a group
@@ -53,7 +53,7 @@ def test_value_and_gradient_equal_flax_groupnorm_and_swish_in_float64(shape, gro
                                _flax(groups, swish)(x, no_shift, scale, bias), rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("programs,accumulate", [(1, "rows"), (2, "elementwise")])
+@pytest.mark.parametrize("programs,accumulate", [(1, "elementwise"), (2, "rows")])
 def test_dropout_in_the_kernel_is_the_mask_applied_to_flaxs_result_with_its_gradient(programs, accumulate):
   # 36 pixels in rows of 4: nine iterations.
   launch = group_norm.Launch(chunk=32 // programs, programs=programs, accumulate=accumulate)
@@ -71,7 +71,7 @@ def test_dropout_in_the_kernel_is_the_mask_applied_to_flaxs_result_with_its_grad
       group_norm.group_norm(x, scale, bias, 2, keep=keep[..., :4], keep_prob=0.7)
 
 
-@pytest.mark.parametrize("programs,accumulate", [(1, "rows"), (4, "elementwise")])
+@pytest.mark.parametrize("programs,accumulate", [(1, "elementwise"), (4, "rows")])
 def test_parts_are_normalised_as_their_concatenation_without_forming_it(programs, accumulate):
   # Two parts of 8 channels (two groups of 4 each), a shift over both and dropout: the same value and
   # gradients as flax's norm of the concatenation, with a program for each part (asked for one) or for
@@ -116,7 +116,7 @@ def test_programs_per_example_hold_whole_groups_of_one_part():
     group_norm.Launch(programs=3)
   with pytest.raises(ValueError, match="Launch: expected num_warps ≤ 32, got 64"):
     group_norm.Launch(num_warps=64)
-  with pytest.raises(ValueError, match=r"Launch: expected accumulate one of \('rows', 'elementwise'\), got 'tree'"):
+  with pytest.raises(ValueError, match=r"Launch: expected accumulate one of \('elementwise', 'rows'\), got 'tree'"):
     group_norm.Launch(accumulate="tree")
 
 
@@ -196,14 +196,14 @@ def test_config_refuses_an_unknown_kernel_and_the_kernel_on_tpus(monkeypatch):
   config_lib.validate(config)
   for field, value, expected in (("pallas_num_warps", 6, "1, 2, 4, 8, 16 or 32"),
                                  ("pallas_programs", 3, "a power of two ≥ 1"),
-                                 ("pallas_accumulate", "tree", r"one of \('rows', 'elementwise'\)")):
+                                 ("pallas_accumulate", "tree", r"one of \('elementwise', 'rows'\)")):
     bad = cifar10.get_config()
     bad.execution.update(group_norm="pallas", **{field: value})
     with pytest.raises(config_lib.ConfigError, match=f"execution.{field}: expected {expected}, got {value!r}"):
       config_lib.validate(bad)
-  config.execution.update(pallas_num_warps=16, pallas_programs=4, pallas_accumulate="elementwise")
+  config.execution.update(pallas_num_warps=16, pallas_programs=4, pallas_accumulate="rows")
   assert config_lib.build_model(config).network.group_norm == group_norm.Launch(
-      num_warps=16, programs=4, accumulate="elementwise")
+      num_warps=16, programs=4, accumulate="rows")
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   with pytest.raises(config_lib.ConfigError, match="execution.group_norm: expected 'xla' on TPUs"):
     config_lib.validate(config)

@@ -48,7 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
 KERNELS = ("xla", "pallas")  # execution.group_norm
-ACCUMULATE = ("rows", "elementwise")  # execution.pallas_accumulate, Launch.accumulate
+ACCUMULATE = ("elementwise", "rows")  # execution.pallas_accumulate, Launch.accumulate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +60,16 @@ class Launch:
   groups (at least one per part, and at most one per group). ``num_warps``:
   each program's warps. ``chunk``: elements a program reads per loop
   iteration (None: 1,024 a warp, 32 a thread). ``accumulate``: how the
-  loops sum their chunks: "rows" reduces each chunk over its rows as it
-  goes (a reduction across the program's threads every iteration, few
-  registers); "elementwise" adds chunks into accumulators of a chunk's
-  shape and reduces them once after the loop (Triton's usual pattern, more
-  registers).
+  loops sum their chunks: "elementwise" adds chunks into accumulators of
+  a chunk's shape and reduces them once after the loop (Triton's usual
+  pattern; more registers); "rows" reduces each chunk over its rows as it
+  goes (shuffles and four barriers across the program's threads in every
+  iteration; fewer registers, so more programs fit an SM).
   """
   num_warps: int = 8
   programs: int = 1
   chunk: Optional[int] = None
-  accumulate: str = "rows"
+  accumulate: str = "elementwise"
 
   def __post_init__(self):
     for name in ("num_warps", "programs") + (("chunk",) if self.chunk is not None else ()):
