@@ -4,6 +4,8 @@
     python benchmarks/gpu_compile.py --config=configs/cifar10.py
     python benchmarks/gpu_compile.py --config=configs/cifar10.py --target=h100 \
         --variant=execution.dropout_rng=threefry --variant=execution.dropout_rng=philox --save_hlo=out/
+    python benchmarks/gpu_compile.py --config=configs/cifar10.py --registers \
+        --variant=execution.group_norm=pallas --variant=execution.group_norm=pallas,execution.pallas_programs=4
 
 XLA compiles for a GPU it is only told about (deviceless ahead-of-time
 compilation: ``jax.experimental.topologies`` with a target description of
@@ -21,14 +23,22 @@ convolution algorithms are XLA's defaults. Configs' ``"auto"`` fields
 resolve as on a GPU (bf16 blocks, XLA's convolution gradient).
 
 One JSON record per variant (kernels per step, bytes, by kind and by
-family, the largest by source); with several, a last line of ratios.
+family, the largest by source; with ``--registers``, each Pallas kernel's
+registers a thread and spill bytes, from ``ptxas -v`` on the PTX that XLA
+writes: what decides how many of its programs an SM holds); with several,
+a last line of ratios.
 """
 
 import collections
 import copy
+import glob
+import importlib.util
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs JAX; the GPU is only a compilation target
@@ -72,6 +82,9 @@ _VARIANT = flags.DEFINE_multi_string("variant", [], "FIELD=V[,FIELD=V…]: one v
                                      "the first is the baseline of the ratios.")
 _TOP = flags.DEFINE_integer("top", 12, "Kernel families and sources listed per variant.")
 _SAVE = flags.DEFINE_string("save_hlo", "", "DIR: write each variant's compiled HLO text there.")
+_REGISTERS = flags.DEFINE_bool("registers", False, "Also each Pallas (Triton) kernel's registers a thread and "
+                               "spills: ptxas -v on the PTX XLA writes (ptxas from PATH or the CUDA plugin's "
+                               "nvidia-cuda-nvcc).")
 flags.mark_flag_as_required("config")
 
 _SHAPES = re.compile(r"\b(pred|[su](?:8|16|32|64)|bf16|f16|f32|f64)\[([0-9,]*)\]")
@@ -209,8 +222,59 @@ def target_mesh(target: str) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(topology.devices), ("data",))
 
 
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+
+
+def ptxas_registers(ptxas_output: str, prefixes=("_forward_kernel", "_backward_kernel")) -> dict:
+  """``{entry: {"registers": n, "spill_bytes": stores + loads}}`` from ``ptxas -v`` output, for the
+  entries (kernels) whose names start with one of ``prefixes`` (the Pallas kernels of vdm/group_norm.py)."""
+  found, entry, spills = {}, None, 0
+  for line in ptxas_output.splitlines():
+    if match := _PTXAS_ENTRY.search(line):
+      entry, spills = match.group(1), 0
+    elif match := _PTXAS_SPILLS.search(line):
+      spills = int(match.group(1)) + int(match.group(2))
+    elif (match := _PTXAS_USED.search(line)) and entry and entry.startswith(prefixes):
+      found[entry] = {"registers": int(match.group(1)), "spill_bytes": spills}
+  return found
+
+
+def _ptxas() -> str:
+  spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+  bundled = [os.path.join(p, "bin", "ptxas") for p in (spec.submodule_search_locations if spec else [])]
+  found = shutil.which("ptxas") or next((p for p in bundled if os.path.exists(p)), None)
+  if not found:
+    raise app.UsageError("--registers needs ptxas: on PATH, or pip install nvidia-cuda-nvcc-cu12")
+  return found
+
+
+def _holds_pallas_kernels(path: str) -> bool:
+  with open(path) as f:
+    return re.search(r"\.entry (_forward|_backward)_kernel", f.read()) is not None
+
+
+def registers_of(ptx_files: list, arch: str = "sm_90a") -> dict:
+  """:func:`ptxas_registers` over PTX files, with the kernels' range: ``{"kernels": {…}, "forward": [min,
+  max], "backward": [min, max], "spill_bytes": total}``."""
+  kernels_found = {}
+  for path in ptx_files:
+    out = subprocess.run([_ptxas(), "-v", "--gpu-name", arch, path, "-o", os.devnull], capture_output=True,
+                         text=True, check=False)
+    kernels_found.update(ptxas_registers(out.stdout + out.stderr))
+  spread = lambda prefix: (lambda r: [min(r), max(r)] if r else None)(  # noqa: E731
+      [k["registers"] for name, k in kernels_found.items() if name.startswith(prefix)])
+  return {"kernels": dict(sorted(kernels_found.items())), "forward": spread("_forward_kernel"),
+          "backward": spread("_backward_kernel"), "spill_bytes": sum(k["spill_bytes"] for k in kernels_found.values())}
+
+
 def main(argv):
   del argv
+  dump = None
+  if _REGISTERS.value:  # XLA reads its flags when its first backend starts, below
+    dump = tempfile.mkdtemp(prefix="gpu_compile_ptx_")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
   mesh = target_mesh(_TARGET.value)
   shape = tuple(int(s) for s in _SHAPE.value.split(","))
   variants, results = common.variants(_SWEEP.value, _VARIANT.value), []
@@ -219,6 +283,7 @@ def main(argv):
     for field, value in fields.items():
       common.set_field(config, field, value)
     _as_on_gpu(config)
+    before = set(glob.glob(os.path.join(dump, "*.ptx"))) if dump else set()
     hlo, seconds = compile_step(config, mesh, _BATCH.value, shape)
     if _SAVE.value:
       os.makedirs(_SAVE.value, exist_ok=True)
@@ -227,6 +292,9 @@ def main(argv):
     result = {"benchmark": "gpu_compile", "target": TARGETS[_TARGET.value]["name"], "variant": fields,
               "batch_size": _BATCH.value, "image_shape": list(shape), "jax": jax.__version__, "compile_s": seconds,
               **summarize(kernels(hlo), _TOP.value)}
+    if dump:
+      ptx = sorted(set(glob.glob(os.path.join(dump, "*.ptx"))) - before)
+      result["pallas_registers"] = registers_of([p for p in ptx if _holds_pallas_kernels(p)])
     results.append(result)
     common.emit(result)
   if len(results) > 1:

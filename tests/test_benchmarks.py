@@ -265,6 +265,26 @@ def test_recipes_summary_averages_each_training_seeds_mean_over_sample_seeds(tmp
   assert [(g["fd_ratio_mean"], g["label_accuracy_mean"]) for g in got[3:]] == [(3.0, 0.8), (3.5, 0.9)]
 
 
+def test_gpu_compile_reads_the_pallas_kernels_registers_and_spills_from_ptxas():
+  from benchmarks import gpu_compile
+  output = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'loop_add_fusion_3' for 'sm_90a'
+ptxas info    : Function properties for loop_add_fusion_3
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 20 registers, used 0 barriers
+ptxas info    : Compiling entry function '_forward_kernel__1' for 'sm_90a'
+ptxas info    : Function properties for _forward_kernel__1
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 96 registers, used 1 barriers, 392 bytes cmem[0]
+ptxas info    : Compiling entry function '_backward_kernel' for 'sm_90a'
+ptxas info    : Function properties for _backward_kernel
+    64 bytes stack frame, 40 bytes spill stores, 24 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 400 bytes cmem[0]
+"""
+  assert gpu_compile.ptxas_registers(output) == {"_forward_kernel__1": {"registers": 96, "spill_bytes": 0},
+                                                 "_backward_kernel": {"registers": 255, "spill_bytes": 64}}
+
+
 def test_records_note_their_xla_flags_and_the_device_summary_keeps_them(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   results = tmp_path / "train_step.jsonl"
