@@ -69,17 +69,17 @@ cat "$OUT/env.json" | tee -a "$LOG"
 # the Pallas GroupNorm–swish kernels (vdm/group_norm.py).
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
 # VARIANTS="A B …" (each a comma-separated list of config overrides) replaces the list below.
-# The Pallas kernels four ways: the default launch (one program of 8 warps an example, sums kept elementwise
-# through the loops: 128 programs, one an SM); four programs of 4 warps an example (a quarter of the groups
-# each: 512 programs, registers for three an SM in the backward kernel); four programs of 8 warps reducing
-# every iteration ("rows": fewer registers, two an SM); one program of 8 warps by rows (the default until
-# 2026-11-28, night). Then the default with two blocks per loop iteration (compiled for an H200: 0.74× the
-# kernels, 1.02× the bytes). The Philox masks shipped until 2026-11-28 are timed alone (dropout_rng.py);
-# VARIANTS can add them to the step (execution.dtype=auto,execution.dropout_rng=philox).
+# The Pallas kernels four ways: the default launch (four programs of 4 warps an example, a quarter of the
+# groups each, sums kept elementwise through the loops: 512 programs, registers for three an SM in the
+# backward kernel); one program of 8 warps an example (128 programs, one an SM); four programs of 8 warps
+# reducing every iteration ("rows": fewer registers, two an SM); one program of 8 warps by rows (the
+# kernels until 2026-11-28, night). Then the default with two blocks per loop iteration (compiled for an
+# H200: 0.74× the kernels, 1.02× the bytes). The Philox masks shipped until 2026-11-28 are timed alone
+# (dropout_rng.py); VARIANTS can add them to the step (execution.dtype=auto,execution.dropout_rng=philox).
 PALLAS=execution.dtype=auto,execution.group_norm=pallas
-read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto $PALLAS \
-$PALLAS,execution.pallas_programs=4,execution.pallas_num_warps=4 \
-$PALLAS,execution.pallas_programs=4,execution.pallas_accumulate=rows $PALLAS,execution.pallas_accumulate=rows \
+ONE_PROGRAM=execution.pallas_programs=1,execution.pallas_num_warps=8
+read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto $PALLAS $PALLAS,$ONE_PROGRAM \
+$PALLAS,execution.pallas_num_warps=8,execution.pallas_accumulate=rows $PALLAS,$ONE_PROGRAM,execution.pallas_accumulate=rows \
 $PALLAS,execution.scan_unroll=2}"
 step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
   --results="$OUT/train_step.jsonl" --profile="$TRACES" "${VARIANTS[@]/#/--variant=}"

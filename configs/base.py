@@ -102,8 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
   # How the "pallas" kernels run on a GPU (the same function): warps per program, programs per example
   # (a power of two; each normalises its share of the groups; at least one per part of an up block's input)
   # and how their loops sum ("elementwise": reduced once, after the loop; "rows": in every iteration).
-  config.execution.pallas_num_warps = 8
-  config.execution.pallas_programs = 1
+  config.execution.pallas_num_warps = 4
+  config.execution.pallas_programs = 4
   config.execution.pallas_accumulate = "elementwise"
 
   config.training = ml_collections.ConfigDict()

@@ -192,7 +192,8 @@ def test_a_first_version_checkpoint_config_migrates_to_the_model_it_trained(tmp_
   want.training.minimize_variance = False  # those runs' monotone_net interior followed the ELBO
   want.optimizer.schedule_lr_scale = 1.0  # … at the network's learning rate
   want.eval.gamma_path = "schedule"  # evaluated along the schedule's own path, as then
-  want.execution.pallas_accumulate = "rows"  # the Pallas kernels' loops as they then were (the same function)
+  # The Pallas kernels launched as they then were (the same function).
+  want.execution.pallas_num_warps, want.execution.pallas_programs, want.execution.pallas_accumulate = 8, 1, "rows"
   assert _plain(restored.to_dict()) == _plain(want.to_dict())
   config_lib.validate(restored)
   # Same parameters: the two configs build models with identical parameter trees.

@@ -31,7 +31,8 @@ def _flax(groups, swish):
 
 
 @pytest.mark.parametrize("shape,groups,swish,launch", [
-    ((2, 4, 4, 16), 4, True, group_norm.Launch()),  # one loop iteration, one program an example
+    ((2, 4, 4, 16), 4, True, group_norm.Launch()),  # one loop iteration, a program a group (4 asked for)
+    ((2, 4, 4, 16), 4, True, group_norm.Launch(programs=1)),  # one program an example
     ((2, 4, 4, 16), 4, True, group_norm.Launch(programs=2)),  # two programs an example, two groups each
     ((2, 6, 6, 8), 2, True, group_norm.Launch(chunk=32)),  # 36 pixels in rows of 4: nine iterations
     ((2, 6, 6, 8), 2, True, group_norm.Launch(chunk=32, accumulate="rows")),  # summed in every iteration
