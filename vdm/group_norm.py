@@ -53,22 +53,24 @@ ACCUMULATE = ("elementwise", "rows")  # execution.pallas_accumulate, Launch.accu
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-  """How the kernels run on a GPU (``execution.pallas_num_warps``, ``execution.pallas_programs``); the
-  function is the same whatever they are (tested).
+  """How the kernels run on a GPU (``execution.pallas_num_warps``, ``pallas_programs``,
+  ``pallas_accumulate``); the function is the same whatever they are (tested).
 
   ``programs``: programs per example, each normalising its share of the
   groups (at least one per part, and at most one per group). ``num_warps``:
-  each program's warps. The defaults, 4 programs of 4 warps an example,
-  are chosen from registers and occupancy, not yet from a timing: on an
-  H200 at batch 128 that is 512 programs, three of whose backward programs
-  (168 registers a thread) an SM holds at once; one 8-warp program an
-  example (128 programs, one an SM) keeps half the bytes in flight. ``chunk``: elements a program reads per loop
+  each program's warps. ``chunk``: elements a program reads per loop
   iteration (None: 1,024 a warp, 32 a thread). ``accumulate``: how the
   loops sum their chunks: "elementwise" adds chunks into accumulators of
   a chunk's shape and reduces them once after the loop (Triton's usual
   pattern; more registers); "rows" reduces each chunk over its rows as it
   goes (shuffles and four barriers across the program's threads in every
   iteration; fewer registers, so more programs fit an SM).
+
+  The defaults, 4 programs of 4 warps an example summing elementwise, are
+  chosen from registers and occupancy, not yet from a timing: on an H200
+  at batch 128 that is 512 programs, three of whose backward programs (168
+  registers a thread) an SM holds at once; one 8-warp program an example
+  (128 programs, one an SM) keeps half the bytes in flight.
   """
   num_warps: int = 4
   programs: int = 4
