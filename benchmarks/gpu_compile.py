@@ -258,9 +258,9 @@ def _holds_pallas_kernels(path: str) -> bool:
 def registers_of(ptx_files: list, arch: str = "sm_90a") -> dict:
   """:func:`ptxas_registers` over PTX files, with the kernels' range: ``{"kernels": {…}, "forward": [min,
   max], "backward": [min, max], "spill_bytes": total}``."""
-  kernels_found = {}
+  kernels_found, ptxas = {}, _ptxas()
   for path in ptx_files:
-    out = subprocess.run([_ptxas(), "-v", "--gpu-name", arch, path, "-o", os.devnull], capture_output=True,
+    out = subprocess.run([ptxas, "-v", "--gpu-name", arch, path, "-o", os.devnull], capture_output=True,
                          text=True, check=False)
     kernels_found.update(ptxas_registers(out.stdout + out.stderr))
   spread = lambda prefix: (lambda r: [min(r), max(r)] if r else None)(  # noqa: E731
