@@ -16,10 +16,10 @@
 # What it writes into OUT_DIR (8 files, the most the device tool brings back):
 #   env.json          devices, versions
 #   train_step.jsonl  configs/cifar10.py at batch 128: as shipped (bf16 blocks on the accelerator) and the
-#                     variants that matter (GroupNorm–swish as Pallas kernels, launched four ways, and
-#                     with two blocks per loop iteration; Philox masks, TF32 and no remat, timed on
-#                     2026-11-26/27, only with VARIANTS=…),
+#                     variants that matter (GroupNorm–swish as Pallas kernels; those with the blocks'
+#                     loops unrolled; XLA's norms unrolled; others with VARIANTS=…),
 #                     each with a 3-step profile (device time by XLA op, kernel, kind of work, JAX source)
+#                     and its first step's bpd (the same for every variant up to rounding),
 #                     and as shipped under other XLA flags (XLA_VARIANTS="FLAGS;FLAGS…"; default: CUDA graphs
 #                     over the scanned blocks' loops too, --xla_gpu_enable_command_buffer=+WHILE; "" for
 #                     none), with XLA's GroupNorm and with the Pallas kernels
@@ -27,7 +27,9 @@
 #   quickstart.jsonl  the MNIST Quick start end to end: train + eval (its JSON), sample.py, wall times;
 #                     its checkpoint's bpd under fp32 / TF32 / bf16 / bf16 with float32 residuals
 #                     (benchmarks/precision.py); the same training in bf16, and in bf16 with float32 residuals
-#   throughput.jsonl  one dropout mask of a CIFAR-10 block per generator (benchmarks/dropout_rng.py);
+#   throughput.jsonl  the Pallas kernels on the device against flax's norm, right and timed against XLA's
+#                     (benchmarks/pallas_check.py); one dropout mask of a CIFAR-10 block per generator
+#                     (benchmarks/dropout_rng.py);
 #                     configs/cifar10.py: the sampler (128 images, as shipped and in float32) and the
 #                     evaluation step (at full precision, as evaluation runs)
 #   summary.json      the figures against the targets of the accelerator issue
@@ -47,11 +49,13 @@ if [[ -n "${SMALL:-}" ]]; then  # tiny shapes, to check the script itself on a C
       --config.eval.num_samples=4 --config.eval.sample_steps=5 --config.eval.draws=1)
   QS_SAMPLE_STEPS=10; EVAL_BATCH=8; REF_ARGS=(4 32 3 2); PRECISION=(--limit=50 --draws=1)
   DROPOUT_SHAPE=(--shape=4,32,32,8 --repeats=2)
+  PALLAS_CHECK=(--batch_size=2 --image_shape=8,8 --channels=16 --repeats=2 --launches=programs=2)
 else
   # The sampler runs its N-step loop four times (warm and timed, whole and in ~50 calls): N = 50 gives
   # seconds per step; 1,000 steps take 20 times the loop's time.
   BATCH=128; NET=(); SAMPLE_STEPS=50; REPEATS=10
   QS=(); QS_SAMPLE_STEPS=1000; EVAL_BATCH=256; REF_ARGS=(128 32 3 10); PRECISION=(); DROPOUT_SHAPE=()
+  PALLAS_CHECK=()
 fi
 TRACES=$(mktemp -d)
 COMMAND_BUFFERS_WITH_WHILE="--xla_gpu_enable_command_buffer=+WHILE"  # "+": added to XLA's default command types
@@ -66,27 +70,29 @@ EOF
 cat "$OUT/env.json" | tee -a "$LOG"
 
 # As shipped (bf16 blocks on accelerators, "packed" masks, skips after the norm), then the variants that matter:
-# the Pallas GroupNorm–swish kernels (vdm/group_norm.py).
+# the Pallas GroupNorm–swish kernels (vdm/group_norm.py), and those with every stack's loop unrolled
+# (execution.scan_unroll at least a stack's length: straight-line code; compiled for an H200 without one,
+# 0.50× the kernels and 0.63× the bytes of the scanned Pallas step, and the remat's recomputation merges
+# with the forward pass; compilation ~3.5× longer there). XLA's norms unrolled run last (their compilation
+# may be long: 84 s for an H200 on 2 CPU cores; a time limit then loses only that row).
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
-# VARIANTS="A B …" (each a comma-separated list of config overrides) replaces the list below.
-# The Pallas kernels four ways: the default launch (four programs of 4 warps an example, a quarter of the
-# groups each, sums kept elementwise through the loops: 512 programs, registers for three an SM in the
-# backward kernel); one program of 8 warps an example (128 programs, one an SM); four programs of 8 warps
-# reducing every iteration ("rows": fewer registers, two an SM); one program of 8 warps by rows (the
-# kernels until 2026-11-28, night). Then the default with two blocks per loop iteration (compiled for an
-# H200: 0.74× the kernels, 1.02× the bytes). The Philox masks shipped until 2026-11-28 are timed alone
-# (dropout_rng.py); VARIANTS can add them to the step (execution.dtype=auto,execution.dropout_rng=philox).
 PALLAS=execution.dtype=auto,execution.group_norm=pallas
-ONE_PROGRAM=execution.pallas_programs=1,execution.pallas_num_warps=8
-read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto $PALLAS $PALLAS,$ONE_PROGRAM \
-$PALLAS,execution.pallas_num_warps=8,execution.pallas_accumulate=rows $PALLAS,$ONE_PROGRAM,execution.pallas_accumulate=rows \
-$PALLAS,execution.scan_unroll=2}"
-step train_step 330 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
+UNROLLED=execution.scan_unroll=64
+# VARIANTS="A B …" (each a comma-separated list of config overrides) replaces the list below. Other launches
+# of the kernels: execution.pallas_programs, _num_warps, _accumulate (pallas_check.py below times four).
+read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto $PALLAS $PALLAS,$UNROLLED}"
+step train_step 220 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
   --results="$OUT/train_step.jsonl" --profile="$TRACES" "${VARIANTS[@]/#/--variant=}"
+
+# The Pallas kernels on this device against flax's norm (value and gradients; float32 and bf16) for the
+# network's three kinds of norm, launched four ways, each timed (forward + backward) against XLA's norm.
+step pallas_check 90 $PY benchmarks/pallas_check.py "${PALLAS_CHECK[@]}" --results="$OUT/throughput.jsonl"
 
 if [[ -n "${REF_BENCH:-}" ]]; then
   step reference 150 bash -c "$PY '$REF_BENCH/ref_bench.py' ${REF_ARGS[*]} > '$OUT/reference.jsonl'"
 fi
+step train_step_unrolled 150 $PY benchmarks/train_step.py "${C10[@]}" --batch_size=$BATCH --repeats=$REPEATS \
+  --results="$OUT/train_step.jsonl" --profile="$TRACES/unrolled" --variant=execution.dtype=auto,$UNROLLED
 
 # The shipped step again under other XLA flags, one process each (XLA reads its flags when it starts):
 # XLA_VARIANTS="FLAGS;FLAGS…" (each record notes its xla_flags). Default: CUDA graphs (command buffers) also

@@ -39,7 +39,8 @@ def summarize(out: str) -> dict:
     row = {"variant": r.get("variant"), "batch_size": r["batch_size"], "step_ms": r["step_ms_median"],
            "images_per_s": r["images_per_s"], "first_call_s": r["first_call_s"], "mfu": r.get("mfu"),
            "xla_temp_gb": (r.get("temp_bytes") or 0) / 1e9 or None,
-           "process_peak_device_gb": (r.get("peak_device_bytes") or 0) / 1e9 or None}
+           "process_peak_device_gb": (r.get("peak_device_bytes") or 0) / 1e9 or None,
+           "first_step_bpd": r.get("first_step_bpd")}
     if r.get("xla_flags"):
       row["xla_flags"] = r["xla_flags"]
     profile = r.get("profile") or {}
@@ -66,6 +67,14 @@ def summarize(out: str) -> dict:
                           for r in _records(out, "throughput.jsonl") if r.get("benchmark") == "eval_step"]
   summary["dropout_rng"] = next((r["rows"] for r in _records(out, "throughput.jsonl")
                                  if r.get("benchmark") == "dropout_rng"), None)
+  checks = [r for r in _records(out, "throughput.jsonl") if r.get("benchmark") == "pallas_check"]
+  verdict = next((r for r in _records(out, "throughput.jsonl") if r.get("benchmark") == "pallas_check_summary"),
+                 None)
+  if checks or verdict:  # the Pallas kernels on the device: right (against flax), and their speed against XLA's
+    summary["pallas_check"] = {
+        "ok": verdict["ok"] if verdict else None, "failed": verdict["failed"] if verdict else None,
+        "timed": [{k: r.get(k) for k in ("case", "launch", "fwd_bwd_ms", "xla_fwd_bwd_ms", "vs_xla", "gb_per_s",
+                                         "xla_gb_per_s")} for r in checks if "fwd_bwd_ms" in r]}
   quickstart = _records(out, "quickstart.jsonl")
   summary["quickstart"] = next((r for r in quickstart if r.get("benchmark") == "quickstart"), None)
   for name in ("quickstart_bf16", "quickstart_bf16_float32_residuals"):

@@ -28,6 +28,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -85,6 +86,10 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   t3 = time.perf_counter()
+  # The same first step for every variant (same seed, batch, dropout draws): how it computes should barely
+  # move these, so rows that differ in more than rounding flag a wrong variant.
+  first_step = {"first_step_bpd": float(metrics["train/bpd"]),
+                "first_step_grad_norm": float(metrics["train/grad_norm"])}
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -109,7 +114,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
           "images_per_s": batch_size / median, "peak_device_bytes": stats.get("peak_bytes_in_use"),
           "achieved_tflops": step_flops / median / 1e12,
           "peak_tflops": peak, "peak_kind": kind, "mfu": step_flops / median / 1e12 / peak if peak else None,
-          "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **first_step,
           **({"profile": traced} if traced else {})}
 
 
@@ -140,15 +145,18 @@ def main(argv):
     profile_to = os.path.join(_PROFILE.value, f"train_step_{index}.xplane.pb.gz") if _PROFILE.value else ""
     try:
       result = measure(variant, batch, shape, _REPEATS.value, _COMPILE_ONLY.value, profile_to)
-    except jax.errors.JaxRuntimeError as error:  # e.g. RESOURCE_EXHAUSTED: record it, measure the next variant
-      if "RESOURCE_EXHAUSTED" not in str(error):
-        raise
+    except Exception as error:  # noqa: BLE001  out of memory, a kernel that fails to lower: record it, go on
+      first_line = (str(error).strip().splitlines() or [""])[0][:300]
+      out_of_memory = "RESOURCE_EXHAUSTED" in str(error)
       result = {"benchmark": "train_step", "batch_size": batch, "image_shape": list(shape),
                 "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                "error": "out of device memory: " + str(error).splitlines()[0][:300]}
+                "error": ("out of device memory: " if out_of_memory else f"{type(error).__name__}: ") + first_line}
+      traceback.print_exc()
     result["variant"] = fields
     results.append(result)
     common.emit(result)
+  if all("error" in r for r in results):
+    sys.exit(1)  # nothing measured
   measured = [(f, r) for f, r in zip(variants, results) if "error" not in r]
   if len(measured) > 1:
     variants, results = zip(*measured)

@@ -313,3 +313,45 @@ def test_records_note_their_xla_flags_and_the_device_summary_keeps_them(tmp_path
   assert summary["fastest_train_step"] == {"variant": {"execution.group_norm": "pallas"}, "step_ms": 25.0,
                                            "images_per_s": 320.0, "images_per_s_vs_reference": 4.0,
                                            "first_call_s": 6.0}
+
+
+def test_train_step_records_a_variant_that_fails_and_measures_the_next(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  results = tmp_path / "train_step.jsonl"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+
+  def run(*variants):
+    return subprocess.run([sys.executable, "benchmarks/train_step.py", "--config=configs/smoke.py", "--repeats=1",
+                           "--image_shape=8,8,1", "--batch_size=2", f"--results={results}",
+                           *[f"--variant={v}" for v in variants]],
+                          cwd=root, capture_output=True, text=True, timeout=300, env=env)
+
+  proc = run("execution.group_norm=bogus", "execution.group_norm=xla")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  failed, measured = [json.loads(x) for x in results.read_text().splitlines()]
+  assert failed["error"] == ("ConfigError: config.execution.group_norm: expected one of ('xla', 'pallas'), "
+                             "got 'bogus'") and failed["variant"] == {"execution.group_norm": "bogus"}
+  assert measured["step_ms_median"] > 0 and "error" not in measured
+  assert np.isfinite(measured["first_step_bpd"]) and measured["first_step_grad_norm"] > 0
+  assert run("execution.group_norm=bogus").returncode == 1  # nothing measured: a failure
+
+
+def test_pallas_check_passes_the_kernels_and_fails_a_wrong_one(monkeypatch):
+  from benchmarks import pallas_check
+  from vdm import group_norm
+  launch = group_norm.Launch(programs=2)
+  for case, dtype in (("up_norm_0", "float32"), ("norm_1", "bfloat16")):
+    (record,) = pallas_check.check(case, dtype, [launch], batch=2, shape=(4, 4), channels=8, groups=4, repeats=0)
+    names = {"y", "dx0", "dscale", "dbias"} | ({"dx1"} if case == "up_norm_0" else {"dshift"})
+    assert record["ok"] and set(record["max_rel_err"]) == names, record
+    assert max(record["max_rel_err"].values()) < record["tolerance"] / 10
+  assert pallas_check.parse_launch("programs=1,num_warps=8,accumulate=rows") == group_norm.Launch(
+      programs=1, num_warps=8, accumulate="rows")
+  right = pallas_check._pallas  # a kernel whose scale is 1 % off: the check must fail it
+
+  def wrong(args, groups, dtype, launch):
+    return lambda parts, shift, scale, bias: right(args, groups, dtype, launch)(parts, shift, scale * 1.01, bias)
+  monkeypatch.setattr(pallas_check, "_pallas", wrong)
+  (record,) = pallas_check.check("norm_0", "float32", [launch], batch=2, shape=(4, 4), channels=8, groups=4,
+                                 repeats=0)
+  assert not record["ok"] and record["max_rel_err"]["y"] > 1e-3
