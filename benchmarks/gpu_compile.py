@@ -22,8 +22,8 @@ kernel families in the same numbers as this script finds with JAX 0.10.2
 convolution algorithms are XLA's defaults. Configs' ``"auto"`` fields
 resolve as on a GPU (bf16 blocks, XLA's convolution gradient).
 
-One JSON record per variant (kernels per step, bytes, by kind and by
-family, the largest by source; with ``--registers``, each Pallas kernel's
+One JSON record per variant (compile seconds, XLA's temporary bytes,
+kernels per step, bytes, by kind and by family, the largest by source; with ``--registers``, each Pallas kernel's
 registers a thread and spill bytes, from ``ptxas -v`` on the PTX that XLA
 writes: what decides how many of its programs an SM holds); with several,
 a last line of ratios.
@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs JAX; the GPU is only a compilation target
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the CUDA plugin loads without a driver
@@ -197,8 +198,9 @@ def _as_on_gpu(config) -> None:
     config.execution.conv_grad = "xla"
 
 
-def compile_step(config, mesh, batch_size: int, image_shape) -> tuple[str, float]:
-  """The compiled train step's HLO text for the devices of ``mesh``, and the seconds it took."""
+def compile_step(config, mesh, batch_size: int, image_shape) -> tuple[str, float, Optional[int]]:
+  """The compiled train step's HLO text for the devices of ``mesh``, the seconds it took and XLA's temporary
+  bytes (activations and scratch; None where the memory analysis is missing)."""
   config.training.batch_size = batch_size
   model, optimizer, mesh, init = training.setup(config, image_shape, mesh=mesh)
   rep = sharding.replicated(mesh)
@@ -207,7 +209,8 @@ def compile_step(config, mesh, batch_size: int, image_shape) -> tuple[str, float
                                sharding=sharding.batch_sharding(mesh, 1))
   start = time.perf_counter()
   compiled = train_step.make_train_fn(config, model, optimizer, mesh).lower(state, batch).compile()
-  return compiled.as_text(), time.perf_counter() - start
+  seconds = time.perf_counter() - start
+  return compiled.as_text(), seconds, getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
 
 
 def target_mesh(target: str) -> jax.sharding.Mesh:
@@ -284,14 +287,14 @@ def main(argv):
       common.set_field(config, field, value)
     _as_on_gpu(config)
     before = set(glob.glob(os.path.join(dump, "*.ptx"))) if dump else set()
-    hlo, seconds = compile_step(config, mesh, _BATCH.value, shape)
+    hlo, seconds, temp_bytes = compile_step(config, mesh, _BATCH.value, shape)
     if _SAVE.value:
       os.makedirs(_SAVE.value, exist_ok=True)
       with open(os.path.join(_SAVE.value, f"gpu_compile_{index}.hlo.txt"), "w") as f:
         f.write(hlo)
     result = {"benchmark": "gpu_compile", "target": TARGETS[_TARGET.value]["name"], "variant": fields,
               "batch_size": _BATCH.value, "image_shape": list(shape), "jax": jax.__version__, "compile_s": seconds,
-              **summarize(kernels(hlo), _TOP.value)}
+              "temp_gb": temp_bytes / 1e9 if temp_bytes is not None else None, **summarize(kernels(hlo), _TOP.value)}
     if dump:
       ptx = sorted(set(glob.glob(os.path.join(dump, "*.ptx"))) - before)
       result["pallas_registers"] = registers_of([p for p in ptx if _holds_pallas_kernels(p)])

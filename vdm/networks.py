@@ -292,7 +292,9 @@ class ScoreUNet(nn.Module):
       "convs" (its convolutions' outputs; only norms and activations are
       recomputed) or "full" (nothing; the whole forward pass runs twice).
     scan_unroll: blocks per iteration of a scanned stack's loop (the same
-      function; fewer, larger iterations, longer compilation).
+      function; fewer, larger iterations, longer compilation); at least the
+      stack's length: no loop, and under remat the recomputation can merge
+      with the forward pass (no CSE barrier in scanned stacks).
     skip_concat: where the up path's skips join (see :class:`ResnetBlock`):
       "before_norm" (the paper's code) or "after_norm" (the same function
       without storing the concatenated inputs).
