@@ -41,6 +41,25 @@ def test_each_activation_takes_its_own_16_bits_of_its_call():
     dropout.keep_threshold(0.0)
 
 
+def test_the_gpu_kernel_draws_the_same_mask_bit_for_bit():
+  # The kernel's Threefry is JAX's (known answers included), and its mask is keep_mask's traced one, for any
+  # key, counter and keep probability (Pallas's interpreter here; Triton on GPUs).
+  for key, counter in [([0, 0], [0, 0]), ([0xFFFFFFFF] * 2, [0xFFFFFFFF] * 2),
+                       ([0x13198A2E, 0x03707344], [0x243F6A88, 0x85A308D3])]:
+    words = dropout._threefry(*(jnp.uint32(k) for k in key), *(jnp.asarray([c], jnp.uint32) for c in counter))
+    np.testing.assert_array_equal(np.stack(words), np.stack(_threefry(key, [[counter[0]], [counter[1]]])))
+  calls = 2 * dropout.KERNEL_CALLS  # two programs
+  for seed, keep_prob in [(3, 0.9), (4, 0.5), (5, 1.0)]:
+    key = dropout.packed_key(jax.random.key(seed))
+    k0, k1 = jax.random.key_data(key).astype(jnp.uint32)
+    threshold = dropout.keep_threshold(keep_prob)
+    got = dropout.mask_kernel(k0, k1, calls, threshold, interpret=True)
+    assert got.shape == (calls, 4) and got.dtype == jnp.int8
+    want = dropout.keep_mask(key, keep_prob, (2, calls // 2, 4))  # traced off GPUs
+    np.testing.assert_array_equal(np.asarray(got).reshape(want.shape) != 0, want)
+    assert abs(float(want.mean()) - threshold / 65536) < 0.02
+
+
 def test_masks_keep_the_rounded_rate_and_neighbours_are_independent():
   n = 1 << 21
   key = dropout.packed_key(jax.random.key(11))

@@ -9,7 +9,7 @@ import optax
 from configs import smoke
 from perturbation import perturbed
 from vdm import config as config_lib
-from vdm import checkpoints, dropout, evaluation, input_pipeline, losses, train_step
+from vdm import checkpoints, dropout, evaluation, input_pipeline, losses, train_step, training
 from vdm import model as model_lib
 
 
@@ -244,11 +244,21 @@ def test_validation_names_the_field():
     config_lib.validate(config)
   for field, value, expected in [("dropout_rng", "xorshift", r"one of \('threefry', 'philox', 'rbg', 'packed'\), got 'xorshift'"),
                                  ("scan_unroll", 0, "a positive integer"),
+                                 ("threefry_gpu_kernel", None, "True or False, got None"),
                                  ("skip_concat", "after", r"one of \('before_norm', 'after_norm'\)")]:
     config = smoke.get_config()
     config.execution[field] = value
     with pytest.raises(config_lib.ConfigError, match=f"config.execution.{field}: expected {expected}"):
       config_lib.validate(config)
+
+
+def test_setup_sets_jaxs_threefry_lowering_from_the_config():
+  # Read only when lowering for a GPU: here it changes nothing but the setting itself.
+  for value in (False, True):
+    config = smoke.get_config()
+    config.execution.threefry_gpu_kernel = value
+    training.setup(config, (8, 8, 1))
+    assert jax.config.jax_threefry_gpu_kernel_lowering is value
 
 
 def _pattern(n=8):

@@ -181,6 +181,7 @@ LATER_FIELDS = {
     "execution.pallas_num_warps": 8,
     "execution.pallas_programs": 1,
     "execution.pallas_accumulate": "rows",
+    "execution.threefry_gpu_kernel": False,
     "data.augment": False,
     "eval.full_precision": True,
     "model.network.norm_groups": 0,

@@ -131,6 +131,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ex.pallas_programs - 1) == 0, "execution.pallas_programs", "a power of two ≥ 1", ex.pallas_programs)
   _check(ex.pallas_accumulate in group_norm.ACCUMULATE, "execution.pallas_accumulate",
          f"one of {group_norm.ACCUMULATE}", ex.pallas_accumulate)
+  _check(isinstance(ex.threefry_gpu_kernel, bool), "execution.threefry_gpu_kernel", "True or False",
+         ex.threefry_gpu_kernel)
   _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 1, "execution.scan_unroll",
          "a positive integer (1 = one block per loop iteration)", ex.scan_unroll)
   _check(ex.matmul_precision in MATMUL_PRECISIONS, "execution.matmul_precision", f"one of {MATMUL_PRECISIONS}",

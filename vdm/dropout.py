@@ -28,6 +28,7 @@ as 1, 2, 3" (the Random123 library; its known-answer vectors are in the
 tests), through ``jax.extend.random.threefry2x32_p``.
 """
 
+import functools
 import math
 from typing import Optional
 
@@ -36,6 +37,8 @@ import jax
 import jax.extend.random as jex_random
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pallas_triton
 
 BITS = 16  # per activation: four activations per 64-bit call
 
@@ -71,16 +74,69 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
   calls = -(-size // 4)
   if calls >= 1 << 32:
     raise ValueError(f"keep_mask: {size} activations need more than 2³² counters")
-  counters = lax.iota(jnp.uint32, calls)
-  words = jex_random.threefry2x32_p.bind(k0, k1, counters, jnp.zeros_like(counters))
-  # Materialised, so each call runs once: fused into the mask's consumer, XLA would run it again for
-  # each of its four activations. The rest is elementwise and fuses there.
-  w0, w1 = lax.optimization_barrier(words)
-  # Activation 4c + 2w + h: bits 16h … 16h + 15 of word w. Stacked rather than picked with iotas over
-  # [calls, 2, 2], which XLA hoists out of a scanned block's loop as 84 MB of constants read at every draw.
-  halves = jnp.stack([w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16], axis=-1)
-  halves = halves.reshape(-1) if size == 4 * calls else halves.reshape(-1)[:size]
-  return (halves < keep_threshold(keep_prob)).reshape(shape)
+  threshold = keep_threshold(keep_prob)
+
+  def traced(k0, k1):
+    counters = lax.iota(jnp.uint32, calls)
+    words = jex_random.threefry2x32_p.bind(k0, k1, counters, jnp.zeros_like(counters))
+    # Materialised, so each call runs once: fused into the mask's consumer, XLA would run it again for
+    # each of its four activations. The rest is elementwise and fuses there.
+    w0, w1 = lax.optimization_barrier(words)
+    # Activation 4c + 2w + h: bits 16h … 16h + 15 of word w. Stacked rather than picked with iotas over
+    # [calls, 2, 2], which XLA hoists out of a scanned block's loop as 84 MB of constants read at every draw.
+    halves = jnp.stack([w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16], axis=-1)
+    halves = halves.reshape(-1) if size == 4 * calls else halves.reshape(-1)[:size]
+    return (halves < threshold).reshape(shape)
+
+  if size != 4 * calls or calls % KERNEL_CALLS:
+    return traced(k0, k1)
+  kernel = lambda k0, k1: (mask_kernel(k0, k1, calls, threshold) != 0).reshape(shape)  # noqa: E731
+  return lax.platform_dependent(k0, k1, cuda=kernel, rocm=kernel, default=traced)
+
+
+KERNEL_CALLS = 1024  # Threefry calls per program of :func:`mask_kernel` (4,096 activations)
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))  # Threefry-2x32's, alternating every four rounds
+
+
+def _threefry(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32-20 of the counter words (x0, x1) under the key (k0, k1), as JAX computes it
+  (``jax.extend.random.threefry2x32_p``): 20 rounds, the key injected every four."""
+  ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x0 = x0 + x1
+      x1 = (x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))
+      x1 = x0 ^ x1
+    x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+  return x0, x1
+
+
+def _mask_program(k0_ref, k1_ref, out_ref, *, threshold: int):
+  counters = (pl.program_id(0) * KERNEL_CALLS).astype(jnp.uint32) + lax.iota(jnp.uint32, KERNEL_CALLS)
+  w0, w1 = _threefry(k0_ref[...], k1_ref[...], counters, jnp.zeros_like(counters))
+  column = lax.broadcasted_iota(jnp.int32, (KERNEL_CALLS, 4), 1)  # activation 4c + column
+  word = jnp.where(column < 2, w0[:, None], w1[:, None])
+  half = jnp.where(column % 2 == 0, word & jnp.uint32(0xFFFF), word >> jnp.uint32(16))
+  out_ref[...] = (half < jnp.uint32(threshold)).astype(jnp.int8)
+
+
+def mask_kernel(k0: jax.Array, k1: jax.Array, calls: int, threshold: int, interpret: bool = False) -> jax.Array:
+  """:func:`keep_mask`'s bits as one GPU kernel: int8 ``[calls, 4]``, 1 where activation ``4c + j`` is kept.
+
+  Each program runs :data:`KERNEL_CALLS` Threefry calls and writes their 4,096 mask bytes: nothing is read,
+  and the generator's words never reach memory (the traced form writes them, 8 bytes per call, and reads
+  them back to compare). Compiling it is one kernel where the traced form is ~130 integer instructions per
+  draw, for XLA to fuse. ``calls`` a multiple of :data:`KERNEL_CALLS`. Triton on GPUs; ``interpret``: Pallas's
+  interpreter (for tests).
+  """
+  words = lambda k: jnp.reshape(k, (1,)).astype(jnp.uint32)  # noqa: E731
+  return pl.pallas_call(
+      functools.partial(_mask_program, threshold=threshold),
+      out_shape=jax.ShapeDtypeStruct((calls, 4), jnp.int8), grid=(calls // KERNEL_CALLS,),
+      in_specs=[pl.BlockSpec((1,), lambda i: (0,))] * 2,
+      out_specs=pl.BlockSpec((KERNEL_CALLS, 4), lambda i: (i, 0)), interpret=interpret,
+      compiler_params=None if interpret else pallas_triton.CompilerParams(num_warps=4))(words(k0), words(k1))
 
 
 def draw_keep(key: jax.Array, keep_prob: float, shape: tuple) -> tuple[jax.Array, float]:

@@ -108,6 +108,8 @@ def setup(config: ml_collections.ConfigDict, image_shape, mesh: Optional[Mesh] =
   """
   config_lib.validate(config)
   config_lib.check_image_shape(config, image_shape)
+  # Read when a program is lowered for a GPU (elsewhere it changes nothing): the same bits either way.
+  jax.config.update("jax_threefry_gpu_kernel_lowering", config.execution.threefry_gpu_kernel)
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch(config.training.batch_size // config.training.grad_accum_steps,
                        "training.batch_size (per micro-batch: batch_size / grad_accum_steps)")
