@@ -74,7 +74,9 @@ def summarize(out: str) -> dict:
     summary["pallas_check"] = {
         "ok": verdict["ok"] if verdict else None, "failed": verdict["failed"] if verdict else None,
         "timed": [{k: r.get(k) for k in ("case", "launch", "fwd_bwd_ms", "xla_fwd_bwd_ms", "vs_xla", "gb_per_s",
-                                         "xla_gb_per_s")} for r in checks if "fwd_bwd_ms" in r]}
+                                         "xla_gb_per_s")} for r in checks if "fwd_bwd_ms" in r],
+        "dropout_mask": next(({k: r.get(k) for k in ("ok", "mismatches", "kernel_ms", "traced_ms")}
+                              for r in checks if r.get("case") == "dropout_mask"), None)}
   quickstart = _records(out, "quickstart.jsonl")
   summary["quickstart"] = next((r for r in quickstart if r.get("benchmark") == "quickstart"), None)
   for name in ("quickstart_bf16", "quickstart_bf16_float32_residuals"):

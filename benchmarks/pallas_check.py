@@ -18,7 +18,8 @@ inputs): the value and the gradients of ``x`` (each part), the shift,
 
 in float32 and bfloat16 (as the blocks train on accelerators), for each
 launch (``--launches``; default the config's and the device check's other
-three). A result is ``ok`` when every output's largest difference, over
+three); and ``vdm.dropout``'s mask kernel against the traced mask, bit for
+bit (``dropout_mask``: the masks must be the same on every backend). A result is ``ok`` when every output's largest difference, over
 the largest magnitude of that output, is within the dtype's tolerance.
 
 With ``--repeats`` > 0, each bf16 case also times one forward and backward
@@ -30,6 +31,7 @@ One JSON record per case, dtype and launch, then a summary; exits 1 if a
 case is not ok.
 """
 
+import math
 import os
 import statistics
 import sys
@@ -45,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from vdm import group_norm  # noqa: E402
+from vdm import dropout, group_norm  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Examples.")
 _SHAPE = flags.DEFINE_string("image_shape", "32,32", "H,W of the activations.")
@@ -186,6 +188,29 @@ def check(case: str, dtype_name: str, launches: list, batch: int, shape: tuple, 
   return records
 
 
+def check_mask(batch: int, shape: tuple, channels: int, repeats: int) -> dict:
+  """vdm.dropout's mask kernel (Triton on GPUs, Pallas's interpreter elsewhere) against the traced mask, bit for
+  bit, for a block's activations (rounded up to whole programs) at keep probability 0.9; timed (``repeats`` >
+  0) against the traced form."""
+  calls = -(-batch * math.prod(shape) * channels // (4 * dropout.KERNEL_CALLS)) * dropout.KERNEL_CALLS
+  size = 4 * calls
+  k0, k1 = jax.random.key_data(dropout.packed_key(jax.random.key(0))).astype(jnp.uint32)
+  threshold = dropout.keep_threshold(0.9)
+  interpret = jax.default_backend() != "gpu"
+  kernel = jax.jit(lambda k0, k1: dropout.mask_kernel(k0, k1, calls, threshold, interpret=interpret) != 0)
+  traced = jax.jit(lambda k0, k1: dropout.traced_mask(k0, k1, (calls, 4), threshold))
+  got, want = np.asarray(kernel(k0, k1)), np.asarray(traced(k0, k1))
+  record = {"benchmark": "pallas_check", "case": "dropout_mask", "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__, "activations": size,
+            "mismatches": int(np.sum(got != want)), "keep_rate": float(got.mean()),
+            "ok": bool(np.array_equal(got, want))}
+  if repeats > 0:
+    both = (k0, k1)
+    record.update(kernel_ms=1e3 * _time(lambda a: kernel(*a), both, repeats),
+                  traced_ms=1e3 * _time(lambda a: traced(*a), both, repeats))
+  return record
+
+
 def main(argv):
   del argv
   shape = tuple(int(s) for s in _SHAPE.value.split(","))
@@ -199,6 +224,10 @@ def main(argv):
         common.emit(record)
         if not record["ok"]:
           failed.append({k: record[k] for k in ("case", "dtype", "launch", "max_rel_err")})
+  record = check_mask(_BATCH.value, shape, _CHANNELS.value, _REPEATS.value)
+  common.emit(record)
+  if not record["ok"]:
+    failed.append({k: record[k] for k in ("case", "mismatches")})
   common.emit({"benchmark": "pallas_check_summary", "backend": jax.default_backend(),
                "device": jax.devices()[0].device_kind, "ok": not failed, "failed": failed})
   if failed:

@@ -67,7 +67,8 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
   ``key``: a typed key of two uint32 words (k0, k1). Activation ``i``
   (row-major in ``shape``) takes bits ``16 (i mod 2)`` to ``16 (i mod 2) +
   15`` of word ``⌊i / 2⌋ mod 2`` of the Threefry-2x32-20 call with counter
-  (⌊i / 4⌋, 0).
+  (⌊i / 4⌋, 0). On GPUs, where the activations fill whole programs,
+  :func:`mask_kernel` draws it; elsewhere :func:`traced_mask`: the same bits.
   """
   k0, k1 = jax.random.key_data(key).astype(jnp.uint32)
   size = math.prod(shape)
@@ -75,23 +76,27 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
   if calls >= 1 << 32:
     raise ValueError(f"keep_mask: {size} activations need more than 2³² counters")
   threshold = keep_threshold(keep_prob)
-
-  def traced(k0, k1):
-    counters = lax.iota(jnp.uint32, calls)
-    words = jex_random.threefry2x32_p.bind(k0, k1, counters, jnp.zeros_like(counters))
-    # Materialised, so each call runs once: fused into the mask's consumer, XLA would run it again for
-    # each of its four activations. The rest is elementwise and fuses there.
-    w0, w1 = lax.optimization_barrier(words)
-    # Activation 4c + 2w + h: bits 16h … 16h + 15 of word w. Stacked rather than picked with iotas over
-    # [calls, 2, 2], which XLA hoists out of a scanned block's loop as 84 MB of constants read at every draw.
-    halves = jnp.stack([w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16], axis=-1)
-    halves = halves.reshape(-1) if size == 4 * calls else halves.reshape(-1)[:size]
-    return (halves < threshold).reshape(shape)
-
   if size != 4 * calls or calls % KERNEL_CALLS:
-    return traced(k0, k1)
+    return traced_mask(k0, k1, shape, threshold)
+  traced = lambda k0, k1: traced_mask(k0, k1, shape, threshold)  # noqa: E731
   kernel = lambda k0, k1: (mask_kernel(k0, k1, calls, threshold) != 0).reshape(shape)  # noqa: E731
   return lax.platform_dependent(k0, k1, cuda=kernel, rocm=kernel, default=traced)
+
+
+def traced_mask(k0: jax.Array, k1: jax.Array, shape: tuple, threshold: int) -> jax.Array:
+  """:func:`keep_mask` as XLA ops (off GPUs, and for any shape): the Threefry words, then their halves."""
+  size = math.prod(shape)
+  calls = -(-size // 4)
+  counters = lax.iota(jnp.uint32, calls)
+  words = jex_random.threefry2x32_p.bind(k0, k1, counters, jnp.zeros_like(counters))
+  # Materialised, so each call runs once: fused into the mask's consumer, XLA would run it again for
+  # each of its four activations. The rest is elementwise and fuses there.
+  w0, w1 = lax.optimization_barrier(words)
+  # Activation 4c + 2w + h: bits 16h … 16h + 15 of word w. Stacked rather than picked with iotas over
+  # [calls, 2, 2], which XLA hoists out of a scanned block's loop as 84 MB of constants read at every draw.
+  halves = jnp.stack([w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16], axis=-1)
+  halves = halves.reshape(-1) if size == 4 * calls else halves.reshape(-1)[:size]
+  return (halves < threshold).reshape(shape)
 
 
 KERNEL_CALLS = 1024  # Threefry calls per program of :func:`mask_kernel` (4,096 activations)
