@@ -67,7 +67,7 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
   ``key``: a typed key of two uint32 words (k0, k1). Activation ``i``
   (row-major in ``shape``) takes bits ``16 (i mod 2)`` to ``16 (i mod 2) +
   15`` of word ``⌊i / 2⌋ mod 2`` of the Threefry-2x32-20 call with counter
-  (⌊i / 4⌋, 0). On GPUs, where the activations fill whole programs,
+  (⌊i / 4⌋, 0). On one GPU, where the activations fill whole programs,
   :func:`mask_kernel` draws it; elsewhere :func:`traced_mask`: the same bits.
   """
   k0, k1 = jax.random.key_data(key).astype(jnp.uint32)
@@ -76,7 +76,9 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
   if calls >= 1 << 32:
     raise ValueError(f"keep_mask: {size} activations need more than 2³² counters")
   threshold = keep_threshold(keep_prob)
-  if size != 4 * calls or calls % KERNEL_CALLS:
+  # The kernel is one custom call, which XLA cannot split over devices: with several, each would draw the
+  # whole batch's mask. The traced form partitions over the batch like any elementwise work.
+  if size != 4 * calls or calls % KERNEL_CALLS or jax.device_count() > 1:
     return traced_mask(k0, k1, shape, threshold)
   traced = lambda k0, k1: traced_mask(k0, k1, shape, threshold)  # noqa: E731
   kernel = lambda k0, k1: (mask_kernel(k0, k1, calls, threshold) != 0).reshape(shape)  # noqa: E731
