@@ -49,16 +49,6 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from vdm import dropout, group_norm  # noqa: E402
 
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Examples.")
-_SHAPE = flags.DEFINE_string("image_shape", "32,32", "H,W of the activations.")
-_CHANNELS = flags.DEFINE_integer("channels", 128, "Channels (an up block's input and skip: this many each).")
-_GROUPS = flags.DEFINE_integer("groups", 0, "Norm groups (0: as the network, 32 or fewer, at least 4 channels a "
-                                "group).")
-_LAUNCHES = flags.DEFINE_multi_string(
-    "launches", ["programs=4,num_warps=4,accumulate=elementwise", "programs=1,num_warps=8,accumulate=elementwise",
-                 "programs=4,num_warps=8,accumulate=rows", "programs=1,num_warps=8,accumulate=rows"],
-    "Launches to check, each FIELD=V[,FIELD=V…] of vdm.group_norm.Launch (repeat the flag).")
-_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed forward + backward passes per bf16 case (0: none).")
 
 KEEP_PROB = 0.9
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}  # largest difference over the output's largest magnitude
@@ -211,20 +201,35 @@ def check_mask(batch: int, shape: tuple, channels: int, repeats: int) -> dict:
   return record
 
 
+def _define_flags() -> None:
+  """The command's flags, defined when it runs (importing the module for its checks defines none; other
+  benchmarks that tests import define flags of the same names)."""
+  flags.DEFINE_integer("batch_size", 128, "Examples.")
+  flags.DEFINE_string("image_shape", "32,32", "H,W of the activations.")
+  flags.DEFINE_integer("channels", 128, "Channels (an up block's input and skip: this many each).")
+  flags.DEFINE_integer("groups", 0, "Norm groups (0: as the network, 32 or fewer, at least 4 channels a group).")
+  flags.DEFINE_multi_string(
+      "launches", ["programs=4,num_warps=4,accumulate=elementwise", "programs=1,num_warps=8,accumulate=elementwise",
+                   "programs=4,num_warps=8,accumulate=rows", "programs=1,num_warps=8,accumulate=rows"],
+      "Launches to check, each FIELD=V[,FIELD=V…] of vdm.group_norm.Launch (repeat the flag).")
+  flags.DEFINE_integer("repeats", 20, "Timed forward + backward passes per bf16 case (0: none).")
+
+
 def main(argv):
   del argv
-  shape = tuple(int(s) for s in _SHAPE.value.split(","))
-  groups = _GROUPS.value or min(32, max(_CHANNELS.value // 4, 1))
-  launches = [parse_launch(spec) for spec in _LAUNCHES.value]
+  f = flags.FLAGS
+  shape = tuple(int(s) for s in f.image_shape.split(","))
+  groups = f.groups or min(32, max(f.channels // 4, 1))
+  launches = [parse_launch(spec) for spec in f.launches]
   failed = []
   for case in CASES:
     for dtype_name in ("float32", "bfloat16"):  # float32 for the arithmetic (first launch); bf16 as trained
-      for record in check(case, dtype_name, launches[:1] if dtype_name == "float32" else launches, _BATCH.value,
-                          shape, _CHANNELS.value, groups, _REPEATS.value):
+      for record in check(case, dtype_name, launches[:1] if dtype_name == "float32" else launches, f.batch_size,
+                          shape, f.channels, groups, f.repeats):
         common.emit(record)
         if not record["ok"]:
           failed.append({k: record[k] for k in ("case", "dtype", "launch", "max_rel_err")})
-  record = check_mask(_BATCH.value, shape, _CHANNELS.value, _REPEATS.value)
+  record = check_mask(f.batch_size, shape, f.channels, f.repeats)
   common.emit(record)
   if not record["ok"]:
     failed.append({k: record[k] for k in ("case", "mismatches")})
@@ -235,4 +240,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
