@@ -72,9 +72,9 @@ cat "$OUT/env.json" | tee -a "$LOG"
 # As shipped (bf16 blocks on accelerators, "packed" masks, skips after the norm), then the variants that matter:
 # the Pallas GroupNorm–swish kernels (vdm/group_norm.py), and those with every stack's loop unrolled
 # (execution.scan_unroll at least a stack's length: straight-line code; compiled for an H200 without one,
-# 0.50× the kernels and 0.63× the bytes of the scanned Pallas step, and the remat's recomputation merges
-# with the forward pass; compilation ~3.5× longer there). XLA's norms unrolled run last (their compilation
-# may be long: 84 s for an H200 on 2 CPU cores; a time limit then loses only that row).
+# 0.51× the kernels and 0.64× the bytes of the scanned Pallas step, and the remat's recomputation merges
+# with the forward pass; compilation 1.8× as long there). XLA's norms unrolled run in a process of their own
+# (their compilation is longer: 46 s for an H200 on 2 CPU cores; a time limit then loses only that row).
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
 PALLAS=execution.dtype=auto,execution.group_norm=pallas
 UNROLLED=execution.scan_unroll=64

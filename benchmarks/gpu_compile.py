@@ -23,10 +23,10 @@ convolution algorithms are XLA's defaults. Configs' ``"auto"`` fields
 resolve as on a GPU (bf16 blocks, XLA's convolution gradient).
 
 One JSON record per variant (compile seconds, XLA's temporary bytes,
-kernels per step, bytes, by kind and by family, the largest by source; with ``--registers``, each Pallas kernel's
-registers a thread and spill bytes, from ``ptxas -v`` on the PTX that XLA
-writes: what decides how many of its programs an SM holds); with several,
-a last line of ratios.
+kernels per step, bytes, by kind and by family, the largest by source;
+with ``--registers``, each Pallas kernel's registers a thread and spill
+bytes, from ``ptxas -v`` on the PTX that XLA writes: what decides how many
+of its programs an SM holds); with several, a last line of ratios.
 """
 
 import collections

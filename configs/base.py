@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.execution.dropout_rng = "threefry"
   # Identical blocks per loop iteration of a scanned stack (nn.scan's unroll): fewer, larger
   # iterations; 1 compiles fastest; at least a stack's length (e.g. 64): no loop, straight-line code
-  # (for a GPU about half the bytes moved and 3x the compilation; README, Performance).
+  # (for a GPU 0.55-0.70x the bytes moved and 1.8-3.7x the compilation; README, Performance).
   config.execution.scan_unroll = 1
   # Where the up path's skips join: "before_norm" (concatenate the inputs, as the paper's code) or
   # "after_norm" (normalise input and skip apart, concatenate the normalised: the same function and
@@ -108,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.execution.pallas_accumulate = "elementwise"
   # Threefry (JAX's random bits, the dropout masks' keys) lowered for GPUs as one kernel a call, JAX's own
   # (jax_threefry_gpu_kernel_lowering; a process-wide JAX setting): the same bits, and a compilation that
-  # need not fuse ~130 integer instructions a call (the unrolled CIFAR-10 step: 0.60x the time).
+  # need not fuse ~130 integer instructions a call (the unrolled CIFAR-10 step: 0.54-0.60x the time).
   config.execution.threefry_gpu_kernel = True
 
   config.training = ml_collections.ConfigDict()
