@@ -62,7 +62,16 @@ def keep_threshold(keep_prob: float) -> int:
 
 
 def keep_mask(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
-  """Boolean mask of ``shape``: True with probability ``keep_threshold(keep_prob) / 65536``.
+  """Boolean mask of ``shape``: True with probability ``keep_threshold(keep_prob) / 65536`` (:func:`keep_bytes`
+  as booleans)."""
+  return keep_bytes(key, keep_prob, shape) != 0
+
+
+def keep_bytes(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
+  """int8 mask of ``shape``: 1 with probability ``keep_threshold(keep_prob) / 65536``, else 0.
+
+  In the bytes the GroupNorm kernels read (:mod:`vdm.group_norm`) and the mask kernel writes, so no pass
+  converts one into the other.
 
   ``key``: a typed key of two uint32 words (k0, k1). Activation ``i``
   (row-major in ``shape``) takes bits ``16 (i mod 2)`` to ``16 (i mod 2) +
@@ -74,14 +83,14 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
   size = math.prod(shape)
   calls = -(-size // 4)
   if calls >= 1 << 32:
-    raise ValueError(f"keep_mask: {size} activations need more than 2³² counters")
+    raise ValueError(f"keep_bytes: {size} activations need more than 2³² counters")
   threshold = keep_threshold(keep_prob)
+  traced = lambda k0, k1: traced_mask(k0, k1, shape, threshold).astype(jnp.int8)  # noqa: E731
   # The kernel is one custom call, which XLA cannot split over devices: with several, each would draw the
   # whole batch's mask. The traced form partitions over the batch like any elementwise work.
   if size != 4 * calls or calls % KERNEL_CALLS or jax.device_count() > 1:
-    return traced_mask(k0, k1, shape, threshold)
-  traced = lambda k0, k1: traced_mask(k0, k1, shape, threshold)  # noqa: E731
-  kernel = lambda k0, k1: (mask_kernel(k0, k1, calls, threshold) != 0).reshape(shape)  # noqa: E731
+    return traced(k0, k1)
+  kernel = lambda k0, k1: mask_kernel(k0, k1, calls, threshold).reshape(shape)  # noqa: E731
   return lax.platform_dependent(k0, k1, cuda=kernel, rocm=kernel, default=traced)
 
 
@@ -149,12 +158,13 @@ def mask_kernel(k0: jax.Array, k1: jax.Array, calls: int, threshold: int, interp
 def draw_keep(key: jax.Array, keep_prob: float, shape: tuple) -> tuple[jax.Array, float]:
   """A dropout layer's mask and the keep probability it was drawn with.
 
-  A :data:`PACKED` key: :func:`keep_mask`, at the rounded probability. Any
-  other key: ``jax.random.bernoulli``, as ``flax.linen.Dropout`` draws it.
+  A :data:`PACKED` key: :func:`keep_bytes` (int8, 1 = kept), at the rounded
+  probability. Any other key: ``jax.random.bernoulli`` (bool), as
+  ``flax.linen.Dropout`` draws it.
   """
   if jax.random.key_impl(key) == PACKED:
     keep_prob = keep_threshold(keep_prob) / (1 << BITS)
-    return keep_mask(key, keep_prob, shape), keep_prob
+    return keep_bytes(key, keep_prob, shape), keep_prob
   return jax.random.bernoulli(key, p=keep_prob, shape=shape), keep_prob
 
 
@@ -178,7 +188,7 @@ class Dropout(nn.Module):
     if drawn is None:
       return x
     keep, keep_prob = drawn
-    return lax.select(keep, (x.astype(jnp.promote_types(x.dtype, jnp.float32)) / keep_prob).astype(x.dtype),
+    return lax.select(keep.astype(bool), (x.astype(jnp.promote_types(x.dtype, jnp.float32)) / keep_prob).astype(x.dtype),
                       jnp.zeros_like(x))
 
   def mask(self, shape: tuple, deterministic: bool) -> Optional[tuple[jax.Array, float]]:

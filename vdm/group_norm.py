@@ -318,7 +318,8 @@ def group_norm(x: Union[jax.Array, Sequence[jax.Array]], scale: jax.Array, bias:
     shift: ``[B, C]`` added to each example's pixels first (a block's
       conditioning), in the kernel; None: 0.
     keep, keep_prob: dropout applied to the result in the kernel: where
-      ``keep`` (``[B, H, W, C]`` bool, e.g. :meth:`vdm.dropout.Dropout.mask`)
+      ``keep`` (``[B, H, W, C]`` bool, or int8 with 1 for kept, e.g.
+      :meth:`vdm.dropout.Dropout.mask`)
       the result divided by ``keep_prob`` (in float32), elsewhere 0; the
       backward kernel masks the incoming gradient alike. None: no dropout.
     launch: how the kernels run on a GPU (:class:`Launch`; None: its
