@@ -222,6 +222,11 @@ def main(argv):
   groups = f.groups or min(32, max(f.channels // 4, 1))
   launches = [parse_launch(spec) for spec in f.launches]
   failed = []
+  # The mask first: the device check turns the kernel off for its other parts unless this passes.
+  record = check_mask(f.batch_size, shape, f.channels, f.repeats)
+  common.emit(record)
+  if not record["ok"]:
+    failed.append({k: record[k] for k in ("case", "mismatches")})
   for case in CASES:
     for dtype_name in ("float32", "bfloat16"):  # float32 for the arithmetic (first launch); bf16 as trained
       for record in check(case, dtype_name, launches[:1] if dtype_name == "float32" else launches, f.batch_size,
@@ -229,10 +234,6 @@ def main(argv):
         common.emit(record)
         if not record["ok"]:
           failed.append({k: record[k] for k in ("case", "dtype", "launch", "max_rel_err")})
-  record = check_mask(f.batch_size, shape, f.channels, f.repeats)
-  common.emit(record)
-  if not record["ok"]:
-    failed.append({k: record[k] for k in ("case", "mismatches")})
   common.emit({"benchmark": "pallas_check_summary", "backend": jax.default_backend(),
                "device": jax.devices()[0].device_kind, "ok": not failed, "failed": failed})
   if failed:

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common, flops, profile  # noqa: E402
 from vdm import config as config_lib  # noqa: E402
-from vdm import sharding, train_step, training  # noqa: E402
+from vdm import dropout, sharding, train_step, training  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (default: the config's).")
@@ -79,6 +79,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
           "conv_grad": config_lib.resolve_conv_grad(config.execution.conv_grad, config.model.network.scan_blocks), "matmul_precision": config.execution.matmul_precision,
           "trace_s": t1 - t0, "compile_s": t2 - t1, "device": jax.devices()[0].device_kind,
           "num_devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
+          "dropout_mask_kernel": dropout.kernel_enabled(),
           "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
           "argument_bytes": getattr(memory, "argument_size_in_bytes", None)}
   if compile_only:

@@ -148,3 +148,14 @@ def test_a_mask_is_the_same_when_the_batch_is_sharded_over_devices():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]
+
+
+def test_the_environment_can_turn_the_mask_kernel_off(monkeypatch):
+  # On one device the GPU branch holds the kernel (traced here, never lowered off GPUs); VDM_DROPOUT_KERNEL=0
+  # leaves only the traced mask, and several devices always do (a custom call is not split over the batch).
+  key = dropout.packed_key(jax.random.key(0))
+  program = lambda: str(jax.make_jaxpr(lambda k: dropout.keep_bytes(k, 0.9, (4, 1024)))(key))  # noqa: E731
+  assert ("pallas_call" in program()) == (jax.device_count() == 1)
+  monkeypatch.setenv("VDM_DROPOUT_KERNEL", "0")
+  assert not dropout.kernel_enabled() and "pallas_call" not in program()
+  assert dropout.keep_bytes(key, 0.9, (4, 1024)).dtype == jnp.int8

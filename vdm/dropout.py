@@ -30,6 +30,7 @@ tests), through ``jax.extend.random.threefry2x32_p``.
 
 import functools
 import math
+import os
 from typing import Optional
 
 import flax.linen as nn
@@ -88,7 +89,7 @@ def keep_bytes(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
   traced = lambda k0, k1: traced_mask(k0, k1, shape, threshold).astype(jnp.int8)  # noqa: E731
   # The kernel is one custom call, which XLA cannot split over devices: with several, each would draw the
   # whole batch's mask. The traced form partitions over the batch like any elementwise work.
-  if size != 4 * calls or calls % KERNEL_CALLS or jax.device_count() > 1:
+  if size != 4 * calls or calls % KERNEL_CALLS or jax.device_count() > 1 or not kernel_enabled():
     return traced(k0, k1)
   kernel = lambda k0, k1: mask_kernel(k0, k1, calls, threshold).reshape(shape)  # noqa: E731
   return lax.platform_dependent(k0, k1, cuda=kernel, rocm=kernel, default=traced)
@@ -108,6 +109,13 @@ def traced_mask(k0: jax.Array, k1: jax.Array, shape: tuple, threshold: int) -> j
   halves = jnp.stack([w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16], axis=-1)
   halves = halves.reshape(-1) if size == 4 * calls else halves.reshape(-1)[:size]
   return (halves < threshold).reshape(shape)
+
+
+def kernel_enabled() -> bool:
+  """Whether :func:`keep_bytes` may use :func:`mask_kernel` on a GPU: unless the environment sets
+  ``VDM_DROPOUT_KERNEL=0`` (the traced form everywhere: the same bits; a way out should the kernel fail to
+  compile with some JAX version, and the device check's when ``benchmarks/pallas_check.py`` finds it wrong)."""
+  return os.environ.get("VDM_DROPOUT_KERNEL", "1") != "0"
 
 
 KERNEL_CALLS = 1024  # Threefry calls per program of :func:`mask_kernel` (4,096 activations)
