@@ -18,9 +18,11 @@ inputs): the value and the gradients of ``x`` (each part), the shift,
 
 in float32 (the first launch) and bfloat16 (as the blocks train on
 accelerators; each launch of ``--launches``: by default the config's and
-three others); and ``vdm.dropout``'s mask kernel against the traced mask, bit for
-bit (``dropout_mask``: the masks must be the same on every backend). A result is ``ok`` when every output's largest difference, over
-the largest magnitude of that output, is within the dtype's tolerance.
+three others); and, first, ``vdm.dropout``'s mask kernel against the
+traced mask, bit for bit (``dropout_mask``: the masks must be the same on
+every backend). A norm's result is ``ok`` when every output's largest
+difference, over the largest magnitude of that output, is within the
+dtype's tolerance.
 
 With ``--repeats`` > 0, each bf16 case also times one forward and backward
 pass (value and all gradients, one jitted call) against XLA's fusion of the
@@ -151,7 +153,7 @@ def check(case: str, dtype_name: str, launches: list, batch: int, shape: tuple, 
     raise app.UsageError(f"--groups={groups} of --channels={channels}: the kernels need a power of two of "
                          "groups, each a power of two of channels (vdm.group_norm.supported)")
   # The reference computes in float32 from the same (rounded) inputs; its result is rounded like the kernel's.
-  want = jax.jit(lambda a: _value_and_grads(_flax(a, groups, jnp.float32), {**a, "dy": a["dy"]}))(
+  want = jax.jit(lambda a: _value_and_grads(_flax(a, groups, jnp.float32), a))(
       {**args, "parts": tuple(p.astype(jnp.float32) for p in args["parts"]),
        "shift": None if args["shift"] is None else args["shift"].astype(jnp.float32),
        "dy": args["dy"].astype(jnp.float32)})

@@ -196,8 +196,8 @@ class Dropout(nn.Module):
     if drawn is None:
       return x
     keep, keep_prob = drawn
-    return lax.select(keep.astype(bool), (x.astype(jnp.promote_types(x.dtype, jnp.float32)) / keep_prob).astype(x.dtype),
-                      jnp.zeros_like(x))
+    kept = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) / keep_prob).astype(x.dtype)
+    return lax.select(keep.astype(bool), kept, jnp.zeros_like(x))
 
   def mask(self, shape: tuple, deterministic: bool) -> Optional[tuple[jax.Array, float]]:
     """The mask ``__call__`` would apply to activations of ``shape`` and its keep probability; None where it
