@@ -75,12 +75,16 @@ cat "$OUT/env.json" | tee -a "$LOG"
 # 0.51× the kernels and 0.64× the bytes of the scanned Pallas step, and the remat's recomputation merges
 # with the forward pass; compilation 1.8× as long there). XLA's norms unrolled run in a process of their own
 # (their compilation is longer: 46 s for an H200 on 2 CPU cores; a time limit then loses only that row).
+# The third row is the candidate default, as the "auto" fields resolve it on one GPU: the Pallas kernels (once
+# they pass the check that "auto" runs first) with every stack unrolled; its records name what it resolved to
+# (group_norm_kernel, blocks_per_iteration). If it is the fastest, configs/cifar10.py can ship it as it is.
 C10=(--config=configs/cifar10.py --image_shape=32,32,3 "${NET[@]}")
 PALLAS=execution.dtype=auto,execution.group_norm=pallas
 UNROLLED=execution.scan_unroll=64
+AUTO=execution.dtype=auto,execution.group_norm=auto,execution.scan_unroll=0
 # VARIANTS="A B …" (each a comma-separated list of config overrides) replaces the list below. Other launches
 # of the kernels: execution.pallas_programs, _num_warps, _accumulate (pallas_check.py below times four).
-read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto $PALLAS $PALLAS,$UNROLLED}"
+read -ra VARIANTS <<<"${VARIANTS:-execution.dtype=auto $PALLAS $AUTO}"
 
 # First, the kernels themselves on this device (never run on a GPU before the check that follows): the
 # dropout mask kernel (in the shipped step on one GPU) against the traced mask, bit for bit; then the Pallas

@@ -80,6 +80,9 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
           "trace_s": t1 - t0, "compile_s": t2 - t1, "device": jax.devices()[0].device_kind,
           "num_devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
           "dropout_mask_kernel": dropout.kernel_enabled(),
+          # "auto" fields as resolved here: the norms' kernels and the blocks per loop iteration
+          "group_norm_kernel": "xla" if config_lib.group_norm_launch(config) == "xla" else "pallas",
+          "blocks_per_iteration": config_lib.resolve_scan_unroll(config),
           "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
           "argument_bytes": getattr(memory, "argument_size_in_bytes", None)}
   if compile_only:

@@ -87,7 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.execution.dropout_rng = "threefry"
   # Identical blocks per loop iteration of a scanned stack (nn.scan's unroll): fewer, larger
   # iterations; 1 compiles fastest; at least a stack's length (e.g. 64): no loop, straight-line code
-  # (for a GPU 0.55-0.70x the bytes moved and 1.8-3.7x the compilation; README, Performance).
+  # (for a GPU 0.55-0.70x the bytes moved and 1.8-3.7x the compilation; README, Performance); 0 = automatic:
+  # no loop on GPUs, one block an iteration elsewhere.
   config.execution.scan_unroll = 1
   # Where the up path's skips join: "before_norm" (concatenate the inputs, as the paper's code) or
   # "after_norm" (normalise input and skip apart, concatenate the normalised: the same function and
@@ -98,7 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.execution.float32_residuals = False
   # GroupNorm (and the swish after it): "xla" (flax's nn.GroupNorm, fused by XLA) or "pallas" (one kernel
   # each way, vdm.group_norm: Triton on GPUs, Pallas's interpreter on CPUs, slow; not on TPUs; norms whose
-  # group count or size is not a power of two stay XLA's). The same function and parameters.
+  # group count or size is not a power of two stay XLA's) or "auto" (the kernels on one GPU where they pass
+  # a check against the reference when the model is built, else XLA's). The same function and parameters.
   config.execution.group_norm = "xla"
   # How the "pallas" kernels run on a GPU (the same function): warps per program, programs per example
   # (a power of two; each normalises its share of the groups; at least one per part of an up block's input)

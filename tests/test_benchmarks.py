@@ -326,12 +326,14 @@ def test_train_step_records_a_variant_that_fails_and_measures_the_next(tmp_path)
                            *[f"--variant={v}" for v in variants]],
                           cwd=root, capture_output=True, text=True, timeout=300, env=env)
 
-  proc = run("execution.group_norm=bogus", "execution.group_norm=xla")
+  proc = run("execution.group_norm=bogus", "execution.group_norm=auto,execution.scan_unroll=0")
   assert proc.returncode == 0, proc.stderr[-2000:]
   failed, measured = [json.loads(x) for x in results.read_text().splitlines()]
-  assert failed["error"] == ("ConfigError: config.execution.group_norm: expected one of ('xla', 'pallas'), "
-                             "got 'bogus'") and failed["variant"] == {"execution.group_norm": "bogus"}
+  assert failed["error"] == ("ConfigError: config.execution.group_norm: expected one of ('xla', 'pallas', "
+                             "'auto'), got 'bogus'") and failed["variant"] == {"execution.group_norm": "bogus"}
   assert measured["step_ms_median"] > 0 and "error" not in measured
+  # The "auto" fields as they resolved on this CPU.
+  assert measured["group_norm_kernel"] == "xla" and measured["blocks_per_iteration"] == 1
   assert np.isfinite(measured["first_step_bpd"]) and measured["first_step_grad_norm"] > 0
   assert run("execution.group_norm=bogus").returncode == 1  # nothing measured: a failure
 

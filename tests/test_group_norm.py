@@ -1,5 +1,7 @@
 """vdm.group_norm: the Pallas GroupNorm–swish kernels (in Pallas's interpreter here) against flax, in float64."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -191,7 +193,8 @@ def test_norms_the_kernel_cannot_take_stay_xlas():
 def test_config_refuses_an_unknown_kernel_and_the_kernel_on_tpus(monkeypatch):
   config = cifar10.get_config()
   config.execution.group_norm = "triton"
-  with pytest.raises(config_lib.ConfigError, match=r"execution.group_norm: expected one of \('xla', 'pallas'\)"):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"execution.group_norm: expected one of \('xla', 'pallas', 'auto'\)"):
     config_lib.validate(config)
   config.execution.group_norm = "pallas"
   config_lib.validate(config)
@@ -205,6 +208,64 @@ def test_config_refuses_an_unknown_kernel_and_the_kernel_on_tpus(monkeypatch):
   config.execution.update(pallas_num_warps=16, pallas_programs=4, pallas_accumulate="rows")
   assert config_lib.build_model(config).network.group_norm == group_norm.Launch(
       num_warps=16, programs=4, accumulate="rows")
+  # The kernels have a backward pass, not a forward mode: a network for jax.jvp (the ODE likelihood) has XLA's.
+  assert config_lib.build_model(config, for_eval=True, forward_mode=True).network.group_norm == "xla"
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   with pytest.raises(config_lib.ConfigError, match="execution.group_norm: expected 'xla' on TPUs"):
     config_lib.validate(config)
+
+
+def test_the_on_device_check_passes_the_kernels_and_fails_a_wrong_one(monkeypatch):
+  # max_error is what "auto" runs on a GPU before it uses the kernels; here they run in the interpreter.
+  assert group_norm.max_error(group_norm.Launch()) < 1e-5
+  wrong_bias = group_norm._reference
+  monkeypatch.setattr(group_norm, "_reference", lambda parts, scale, bias, *rest: wrong_bias(
+      parts, scale, bias + 1e-2, *rest))
+  assert group_norm.max_error(group_norm.Launch(programs=2)) > 1e-3
+
+
+def assert_inside(text: str, part: str) -> None:
+  assert part in text, text
+
+
+def test_auto_uses_the_kernels_only_on_one_gpu_where_they_pass_the_check(monkeypatch, caplog):
+  config = cifar10.get_config()
+  config.execution.group_norm = "auto"
+  config_lib.validate(config)
+  launch = group_norm.Launch(num_warps=config.execution.pallas_num_warps,
+                             programs=config.execution.pallas_programs,
+                             accumulate=config.execution.pallas_accumulate)
+  # Here (a CPU): XLA's norm, without running the check and without a warning.
+  monkeypatch.setattr(group_norm, "max_error", lambda *a, **k: pytest.fail("the check ran off a GPU"))
+  assert group_norm.unavailable() == "the default backend is 'cpu', not a GPU"
+  assert config_lib.group_norm_launch(config) == "xla" and not caplog.records
+  # On one GPU: the kernels if they pass, else XLA's with a warning that says why.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  group_norm._checked.cache_clear()
+  monkeypatch.setattr(group_norm, "max_error", lambda launch: 3e-7)
+  assert config_lib.group_norm_launch(config) == launch
+  for error, why in ((lambda launch: 0.02, "differ from the reference on .* by 0.02"),
+                     (lambda launch: 1 / 0, "failed on .*: ZeroDivisionError"),
+                     (lambda launch: float("nan"), "by nan")):
+    group_norm._checked.cache_clear()
+    monkeypatch.setattr(group_norm, "max_error", error)
+    caplog.clear()
+    assert config_lib.group_norm_launch(config) == "xla"
+    assert re.search(f"execution.group_norm='auto': XLA's GroupNorm, not the Pallas kernels: .*{why}",
+                     caplog.text)
+  jax.jit(lambda x: assert_inside(group_norm.unavailable(), "inside a traced function"))(0)
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  assert group_norm.unavailable() == "8 devices (the kernels are not split over the batch)"
+  group_norm._checked.cache_clear()
+
+
+def test_scan_unroll_zero_unrolls_every_stack_on_gpus_only(monkeypatch):
+  config = cifar10.get_config()
+  config.execution.scan_unroll = 0
+  config_lib.validate(config)
+  assert config_lib.resolve_scan_unroll(config) == 1  # on this CPU
+  assert config_lib.build_model(config).network.scan_unroll == 1
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert config_lib.resolve_scan_unroll(config) == config.model.network.num_blocks + 1  # the up stacks' length
+  config.execution.scan_unroll = 2
+  assert config_lib.resolve_scan_unroll(config) == 2

@@ -243,7 +243,7 @@ def test_validation_names_the_field():
   with pytest.raises(config_lib.ConfigError, match="config.model.schedule.name: expected one of"):
     config_lib.validate(config)
   for field, value, expected in [("dropout_rng", "xorshift", r"one of \('threefry', 'philox', 'rbg', 'packed'\), got 'xorshift'"),
-                                 ("scan_unroll", 0, "a positive integer"),
+                                 ("scan_unroll", -1, r"an integer ≥ 0 \(1 = one block per loop iteration, 0 = automatic\)"),
                                  ("threefry_gpu_kernel", None, "True or False, got None"),
                                  ("skip_concat", "after", r"one of \('before_norm', 'after_norm'\)")]:
     config = smoke.get_config()

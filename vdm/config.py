@@ -6,6 +6,7 @@ compilation.
 
 import functools
 import importlib.util
+import logging
 import os
 import sys
 
@@ -121,8 +122,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          ex.skip_concat)
   _check(isinstance(ex.float32_residuals, bool), "execution.float32_residuals", "True or False",
          ex.float32_residuals)
-  _check(ex.group_norm in group_norm.KERNELS, "execution.group_norm", f"one of {group_norm.KERNELS}",
-         ex.group_norm)
+  _check(ex.group_norm in group_norm.KERNELS + ("auto",), "execution.group_norm",
+         f"one of {group_norm.KERNELS + ('auto',)}", ex.group_norm)
   _check(ex.group_norm != "pallas" or jax.default_backend() != "tpu", "execution.group_norm",
          "'xla' on TPUs (the 'pallas' kernels are written for GPUs' Triton)", ex.group_norm)
   _check(ex.pallas_num_warps in (1, 2, 4, 8, 16, 32), "execution.pallas_num_warps", "1, 2, 4, 8, 16 or 32",
@@ -133,8 +134,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"one of {group_norm.ACCUMULATE}", ex.pallas_accumulate)
   _check(isinstance(ex.threefry_gpu_kernel, bool), "execution.threefry_gpu_kernel", "True or False",
          ex.threefry_gpu_kernel)
-  _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 1, "execution.scan_unroll",
-         "a positive integer (1 = one block per loop iteration)", ex.scan_unroll)
+  _check(isinstance(ex.scan_unroll, int) and ex.scan_unroll >= 0, "execution.scan_unroll",
+         "an integer ≥ 0 (1 = one block per loop iteration, 0 = automatic)", ex.scan_unroll)
   _check(ex.matmul_precision in MATMUL_PRECISIONS, "execution.matmul_precision", f"one of {MATMUL_PRECISIONS}",
          ex.matmul_precision)
   for field in ("num_steps", "batch_size", "grad_accum_steps", "steps_per_call", "log_every", "checkpoint_every",
@@ -201,7 +202,7 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
   ``config.eval.full_precision`` that is float32 activations and "highest"
   matmul precision (same parameters, same function up to rounding).
   ``forward_mode``: a network that ``jax.jvp`` can differentiate (XLA's own
-  convolution derivatives; the ODE likelihood's divergence needs them).
+  convolution derivatives and norms; the ODE likelihood's divergence needs them).
   """
   m, sched, ex = config.model, config.model.schedule, config.execution
   dtype, precision = ex.dtype, ex.matmul_precision
@@ -213,8 +214,9 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
                  channel_mult=tuple(m.network.channel_mult))
   network = networks.ScoreUNet(
       **network, gamma_min=sched.gamma_min, gamma_max=sched.gamma_max,
-      remat=ex.remat, remat_policy=ex.remat_policy, scan_unroll=ex.scan_unroll, skip_concat=ex.skip_concat,
-      group_norm=group_norm_launch(config),
+      remat=ex.remat, remat_policy=ex.remat_policy, scan_unroll=resolve_scan_unroll(config),
+      skip_concat=ex.skip_concat,
+      group_norm="xla" if forward_mode else group_norm_launch(config),  # the kernels have no forward mode
       dtype=DTYPES[resolve_dtype(dtype)], float32_residuals=ex.float32_residuals,
       conv_grad="xla" if forward_mode else resolve_conv_grad(ex.conv_grad, m.network.scan_blocks),
       matmul_precision=precision,
@@ -232,12 +234,40 @@ def build_model(config: ml_collections.ConfigDict, *, for_eval: bool = False,
 
 def group_norm_launch(config: ml_collections.ConfigDict) -> networks.GroupNormKernel:
   """``execution.group_norm`` as the network takes it: "xla", or the Pallas kernels launched as
-  ``execution.pallas_num_warps``, ``pallas_programs`` and ``pallas_accumulate`` say."""
+  ``execution.pallas_num_warps``, ``pallas_programs`` and ``pallas_accumulate`` say.
+
+  "auto": the kernels where :func:`vdm.group_norm.unavailable` finds nothing against them (one GPU, where
+  they match the reference; checked once per process), else "xla", saying why on a GPU.
+  """
   ex = config.execution
-  if ex.group_norm != "pallas":
-    return ex.group_norm
-  return group_norm.Launch(num_warps=ex.pallas_num_warps, programs=ex.pallas_programs,
-                           accumulate=ex.pallas_accumulate)
+  if ex.group_norm == "xla":
+    return "xla"
+  launch = group_norm.Launch(num_warps=ex.pallas_num_warps, programs=ex.pallas_programs,
+                             accumulate=ex.pallas_accumulate)
+  if ex.group_norm == "pallas":
+    return launch
+  why = group_norm.unavailable(launch)
+  if why is None:
+    return launch
+  if jax.default_backend() == "gpu":
+    _warn_once(f"execution.group_norm='auto': XLA's GroupNorm, not the Pallas kernels: {why}")
+  return "xla"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  logging.warning(message)
+
+
+def resolve_scan_unroll(config: ml_collections.ConfigDict) -> int:
+  """``execution.scan_unroll=0`` (automatic): every block of a stack in one iteration (no loop) on GPUs,
+  where compiled for an H200 that moves 0.54-0.70x the bytes a step (README, Performance), at the price of
+  a longer compilation; one block an iteration elsewhere (on CPUs the unrolled step compiles slower and
+  runs no faster)."""
+  unroll = config.execution.scan_unroll
+  if unroll:
+    return unroll
+  return config.model.network.num_blocks + 1 if jax.default_backend() == "gpu" else 1
 
 
 def resolve_gamma_path(config: ml_collections.ConfigDict) -> str:

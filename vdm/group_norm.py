@@ -43,6 +43,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
@@ -452,3 +453,84 @@ class GroupNormSwish(nn.Module):
     keep, keep_prob = dropout if dropout is not None else (None, 1.0)
     return group_norm(x, scale, bias, self.num_groups, self.swish, self.epsilon, self.dtype, shift=shift,
                       keep=keep, keep_prob=keep_prob, launch=self.launch)
+
+
+# execution.group_norm="auto": the kernels where they were checked to run, XLA's norm elsewhere.
+
+def _reference(parts, scale, bias, groups: int, shift, keep, keep_prob: float, epsilon: float) -> jax.Array:
+  """``dropout(swish(GroupNorm(concat(parts) + shift)))`` in plain JAX, flax's variance (E[x²] − E[x]²)."""
+  x = jnp.concatenate(parts, axis=-1).astype(scale.dtype) + shift[:, None, None, :]
+  b, h, w, c = x.shape
+  xg = x.reshape(b, h * w, groups, c // groups)
+  mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+  var = jnp.maximum(jnp.mean(xg * xg, axis=(1, 3), keepdims=True) - mean * mean, 0.0)
+  y = ((xg - mean) * lax.rsqrt(var + epsilon)).reshape(x.shape) * scale + bias
+  return jnp.where(keep, nn.swish(y) / keep_prob, 0.0)
+
+
+def max_error(launch: Launch = Launch(), interpret: bool = False) -> float:
+  """The kernels against :func:`_reference` on this machine's default device, in float32: the largest
+  difference of value and gradients (of every input), relative to each one's largest magnitude.
+
+  Two small cases between them use every path of the kernels: an up block's two parts (as 32 groups of 4
+  channels) and one part of 64 channels in 16 groups, each with a shift and a dropout mask.
+  """
+  worst = 0.0
+  for widths, groups in (((64, 64), 32), ((64,), 16)):
+    keys = jax.random.split(jax.random.PRNGKey(len(widths)), len(widths) + 6)
+    c = sum(widths)
+    parts = tuple(jax.random.normal(k, (2, 8, 8, w)) * 2.0 + 0.5 for k, w in zip(keys, widths))
+    scale = 1.0 + 0.3 * jax.random.normal(keys[-6], (c,))
+    bias = 0.3 * jax.random.normal(keys[-5], (c,))
+    shift = jax.random.normal(keys[-4], (2, c))
+    keep = jax.random.bernoulli(keys[-3], 0.9, (2, 8, 8, c))
+    dy = jax.random.normal(keys[-2], (2, 8, 8, c))
+
+    def kernels(parts, scale, bias, shift):
+      return group_norm(parts, scale, bias, groups, shift=shift, keep=keep, keep_prob=0.9, launch=launch,
+                        interpret=interpret)
+
+    def reference(parts, scale, bias, shift):
+      return _reference(parts, scale, bias, groups, shift, keep, 0.9, 1e-6)
+
+    got, want = (jax.vjp(f, parts, scale, bias, shift) for f in (kernels, reference))
+    pairs = [(got[0], want[0])] + list(zip(jax.tree.leaves(got[1](dy)), jax.tree.leaves(want[1](dy))))
+    for a, b in pairs:
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)))
+  return worst
+
+
+TOLERANCE = 1e-4  # float32: the kernels sum in another order than XLA (measured on CPU: ~1e-7)
+
+
+@functools.cache
+def _checked(launch: Launch) -> Optional[str]:
+  device = jax.devices()[0].device_kind
+  try:
+    error = max_error(launch)
+  except Exception as e:  # a lowering or launch failure: this GPU's Triton does not take them
+    return f"the Pallas GroupNorm kernels failed on {device}: {type(e).__name__}: {str(e)[:300]}"
+  if not error <= TOLERANCE:
+    return (f"the Pallas GroupNorm kernels differ from the reference on {device} by {error:.2g} "
+            f"(relative, tolerance {TOLERANCE:g})")
+  return None
+
+
+def unavailable(launch: Launch = Launch()) -> Optional[str]:
+  """Why ``execution.group_norm="auto"`` uses XLA's norm here, or None where it uses the kernels.
+
+  The kernels are for one GPU: elsewhere they would run in Pallas's
+  interpreter, and with several devices XLA cannot split a custom call
+  over the batch (each device would normalise the whole batch). On a GPU
+  they run once on small inputs against the reference first (:func:`max_error`,
+  a second or two, once per process and launch), so a GPU whose Triton
+  does not take them still trains.
+  """
+  if jax.default_backend() != "gpu":
+    return f"the default backend is {jax.default_backend()!r}, not a GPU"
+  if jax.device_count() > 1:
+    return f"{jax.device_count()} devices (the kernels are not split over the batch)"
+  if isinstance(jnp.zeros(()), jax.core.Tracer):
+    return "the model is built inside a traced function, where the kernels cannot be checked"
+  return _checked(launch)
