@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm import dropout
+from configs import smoke
+from vdm import dropout, training
 
 
 def _threefry(key, counters):
@@ -159,3 +160,33 @@ def test_the_environment_can_turn_the_mask_kernel_off(monkeypatch):
   monkeypatch.setenv("VDM_DROPOUT_KERNEL", "0")
   assert not dropout.kernel_enabled() and "pallas_call" not in program()
   assert dropout.keep_bytes(key, 0.9, (4, 1024)).dtype == jnp.int8
+
+
+def test_the_mask_kernel_is_checked_once_and_turned_off_where_it_is_wrong(monkeypatch):
+  # What training.setup runs on one GPU, here in the interpreter: the kernel against the traced mask.
+  monkeypatch.setattr(dropout, "_checked", [])
+  monkeypatch.setattr(dropout, "_failures", [])
+  assert dropout.check_kernel(interpret=True) is None and dropout.kernel_enabled()
+  assert dropout.check_kernel() is None  # off GPUs: nothing to check, the traced mask runs anyway
+  right = dropout.mask_kernel
+  for wrong, why in ((lambda *a, **k: 1 - right(*a, **k), "differ from the traced mask"),
+                     (lambda *a, **k: 1 / 0, "ZeroDivisionError")):
+    monkeypatch.setattr(dropout, "_checked", [])
+    monkeypatch.setattr(dropout, "_failures", [])
+    monkeypatch.setattr(dropout, "mask_kernel", wrong)
+    failure = dropout.check_kernel(interpret=True)
+    assert why in failure and failure.endswith("the traced mask instead"), failure
+    assert not dropout.kernel_enabled() and dropout.check_kernel() == failure
+    key = dropout.packed_key(jax.random.key(0))
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda k: dropout.keep_bytes(k, 0.9, (4, 1024)))(key))
+
+
+def test_setup_checks_the_mask_kernel_for_packed_masks_only(monkeypatch):
+  calls = []
+  monkeypatch.setattr(dropout, "check_kernel", lambda: calls.append(1) or "the kernel is wrong")
+  for rng, rate, checked in (("packed", 0.1, True), ("packed", 0.0, False), ("threefry", 0.1, False)):
+    config = smoke.get_config()
+    config.execution.dropout_rng, config.model.network.dropout = rng, rate
+    calls.clear()
+    training.setup(config, (8, 8, 1))
+    assert calls == ([1] if checked else [])

@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.extend.random as jex_random
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
@@ -114,8 +115,42 @@ def traced_mask(k0: jax.Array, k1: jax.Array, shape: tuple, threshold: int) -> j
 def kernel_enabled() -> bool:
   """Whether :func:`keep_bytes` may use :func:`mask_kernel` on a GPU: unless the environment sets
   ``VDM_DROPOUT_KERNEL=0`` (the traced form everywhere: the same bits; a way out should the kernel fail to
-  compile with some JAX version, and the device check's when ``benchmarks/pallas_check.py`` finds it wrong)."""
-  return os.environ.get("VDM_DROPOUT_KERNEL", "1") != "0"
+  compile with some JAX version, and the device check's when ``benchmarks/pallas_check.py`` finds it wrong)
+  or :func:`check_kernel` found it wrong here."""
+  return os.environ.get("VDM_DROPOUT_KERNEL", "1") != "0" and not _failures
+
+
+_failures: list[str] = []  # why check_kernel turned the kernel off in this process, if it did
+_checked: list[bool] = []
+
+
+def check_kernel(interpret: bool = False) -> Optional[str]:
+  """Runs :func:`mask_kernel` once against :func:`traced_mask` where :func:`keep_bytes` would use it (one
+  GPU, the kernel not turned off; ``interpret``: here too, in Pallas's interpreter, for tests): two
+  programs' bits compared byte for byte. None if they agree, or where the kernel is not used; else why,
+  and from then on :func:`kernel_enabled` is False in this process (the traced mask: the same bits, the
+  step XLA's as before the kernel). :func:`vdm.training.setup` runs it for configs with packed masks, so
+  a GPU whose Triton does not take the kernel still trains.
+  """
+  if _failures:
+    return _failures[0]
+  if _checked or not kernel_enabled() or not interpret and (
+      jax.default_backend() != "gpu" or jax.device_count() > 1):
+    return None
+  _checked.append(True)
+  k0, k1 = jnp.uint32(0x12345678), jnp.uint32(0x9ABCDEF0)
+  calls, threshold = 2 * KERNEL_CALLS, keep_threshold(0.9)
+  try:
+    got = np.asarray(mask_kernel(k0, k1, calls, threshold, interpret=interpret))
+    want = np.asarray(traced_mask(k0, k1, (calls, 4), threshold)).astype(np.int8)
+    wrong = int(np.sum(got != want))
+    why = None if wrong == 0 else f"{wrong} of its {want.size} mask bytes differ from the traced mask"
+  except Exception as e:  # a lowering or launch failure: this GPU's Triton does not take it
+    why = f"{type(e).__name__}: {str(e)[:300]}"
+  if why is not None:
+    _failures.append(f"the dropout mask kernel on {jax.devices()[0].device_kind}: {why}; the traced mask instead")
+    return _failures[0]
+  return None
 
 
 KERNEL_CALLS = 1024  # Threefry calls per program of :func:`mask_kernel` (4,096 activations)

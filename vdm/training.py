@@ -18,7 +18,8 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from vdm import checkpoints, evaluation, files, images, input_pipeline, preemption, reference, sampling, sharding
+from vdm import checkpoints, dropout, evaluation, files, images, input_pipeline, preemption, reference, sampling
+from vdm import sharding
 from vdm import config as config_lib
 from vdm.metric_writers import MetricWriter
 from vdm.preemption import Preempted
@@ -110,6 +111,10 @@ def setup(config: ml_collections.ConfigDict, image_shape, mesh: Optional[Mesh] =
   config_lib.check_image_shape(config, image_shape)
   # Read when a program is lowered for a GPU (elsewhere it changes nothing): the same bits either way.
   jax.config.update("jax_threefry_gpu_kernel_lowering", config.execution.threefry_gpu_kernel)
+  if config.execution.dropout_rng == "packed" and config.model.network.dropout > 0:
+    failure = dropout.check_kernel()  # on one GPU: the mask kernel against the traced mask, once
+    if failure:
+      _echo(f"warning: {failure}")
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch(config.training.batch_size // config.training.grad_accum_steps,
                        "training.batch_size (per micro-batch: batch_size / grad_accum_steps)")
