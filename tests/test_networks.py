@@ -220,6 +220,25 @@ def test_written_out_conv_gradient_equals_xlas_in_float64(padding, kernel):
       np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("conv_grad", ["dot", "xla"])
+def test_a_conv_with_its_bias_apart_is_flaxs_conv_bit_for_bit(conv_grad):
+  # ResnetBlock's Conv_0 leaves its bias to the next norm's shift: the same parameters (names, init) as
+  # nn.Conv, and output + bias is nn.Conv's output, in float32 and bf16.
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    flax_conv = networks.nn.Conv(32, (3, 3), dtype=dtype, conv_general_dilated=convolution.conv_dot_grad
+                                 if conv_grad == "dot" else None)
+    apart = networks._ConvBiasApart(32, dtype, conv_grad)
+    params = flax_conv.init(jax.random.key(1), x)
+    init = apart.init(jax.random.key(1), x)
+    assert jax.tree.structure(init) == jax.tree.structure(params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(params)))
+    params = perturbed(params)
+    y, bias = apart.apply(params, x)
+    assert y.dtype == bias.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(y + bias, np.float32), np.asarray(flax_conv.apply(params, x), np.float32))
+
+
 def test_conv_grad_choice_gives_the_same_network_gradient():
   z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   gamma = jnp.array([-10.0, 2.0])

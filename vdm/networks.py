@@ -88,6 +88,28 @@ def _conv(features: int, dtype: Dtype, conv_grad: str, zero_init: bool = False,
                  conv_general_dilated=convolution.conv_dot_grad if conv_grad == "dot" else None, **extra)
 
 
+class _ConvBiasApart(nn.Module):
+  """``nn.Conv(features, (3, 3))`` (the same parameters, initialisers and computation) that returns its
+  output without the bias, and the bias: for a block that adds the bias to its conditioning inside the
+  next norm. The bias's gradient is then the norm's per-example shift gradient summed over the batch, not
+  a reduction over every activation's gradient (compiled for an H200: 130 kernels and 2.4 GB a step fewer
+  with the Pallas norms; README, Performance)."""
+  features: int
+  dtype: Dtype
+  conv_grad: str
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    conv = convolution.conv_dot_grad if self.conv_grad == "dot" else lax.conv_general_dilated
+    y = conv(x, kernel, (1, 1), "SAME", lhs_dilation=(1, 1), rhs_dilation=(1, 1),
+             dimension_numbers=lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)),
+             feature_group_count=1, precision=None)
+    return y, bias
+
+
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
   """Sinusoidal embedding of ``t`` ``[B]`` (any scale) → ``[B, dim]``."""
   half = dim // 2
@@ -206,10 +228,12 @@ class ResnetBlock(nn.Module):
     else:
       x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else x
       h = _norm(x, self.dtype, self.norm_groups, self.group_norm, "GroupNorm_0")
-    h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, name="Conv_0")(h), "conv")
+    h, conv_bias = _ConvBiasApart(self.channels, self.dtype, self.conv_grad, name="Conv_0")(h)
+    h = checkpoint_name(h, "conv")
     if shift is None:  # the conditioning, [B, C]
       shift = nn.Dense(self.channels, use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                        name="Dense_0")(cond)
+    shift = shift + conv_bias  # Conv_0's bias, added with the conditioning inside the norm
     h = _norm(h, self.dtype, self.norm_groups, self.group_norm, "GroupNorm_1", shift=shift,
               dropout=(dropout_lib.Dropout(self.dropout, name="Dropout_0"), deterministic))
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True, name="Conv_1")(h), "conv")
