@@ -157,13 +157,14 @@ def _summed_loop(steps: int, terms, count: int, shape: tuple, dtype, elementwise
 
 
 def _split(refs, parts: int, shifted: bool, keep_prob: Optional[float]):
-  """A kernel's refs: the parts' activations, scale and bias, the shift and the mask where there are
-  (else None), the rest."""
+  """A kernel's refs: the parts' activations, scale and bias stacked ``[2, G_b, S]`` (one input: one slice
+  of a stack of blocks' parameters to materialise for the call, not two), the shift and the mask where
+  there are (else None), the rest."""
   refs = list(refs)
-  xs, (scale, bias), refs = refs[:parts], refs[parts:parts + 2], refs[parts + 2:]
+  xs, params, refs = refs[:parts], refs[parts], refs[parts + 1:]
   shift = refs.pop(0) if shifted else None
   keep = refs.pop(0) if keep_prob is not None else None
-  return xs, scale, bias, shift, keep, refs
+  return xs, params, shift, keep, refs
 
 
 def _each_part(owners: tuple, body, *refs_per_part) -> None:
@@ -182,9 +183,9 @@ def _forward_kernel(*refs, owners, rows, epsilon, swish, shifted, keep_prob, ele
   # owner's is read), scale, bias and (if shifted) the example's shift [G_b, S]; with dropout
   # (keep_prob not None) the example's mask as int8 [P, G_b, S]; out: y [P, G_b, S], mean and rstd [G_b].
   # Arithmetic in scale's dtype (float32).
-  x_refs, scale_ref, bias_ref, shift_ref, keep_ref, (y_ref, mean_ref, rstd_ref) = _split(
+  x_refs, params_ref, shift_ref, keep_ref, (y_ref, mean_ref, rstd_ref) = _split(
       refs, len(owners), shifted, keep_prob)
-  dtype = scale_ref.dtype
+  dtype = params_ref.dtype
   shift = 0.0 if shift_ref is None else shift_ref[...].astype(dtype)[None]
 
   def normalise(x_ref):
@@ -198,8 +199,8 @@ def _forward_kernel(*refs, owners, rows, epsilon, swish, shifted, keep_prob, ele
     mean = jnp.sum(s1, axis=1) / n  # [G_b]
     var = jnp.maximum(jnp.sum(s2, axis=1) / n - mean * mean, 0.0)  # as flax: E[x²] − E[x]², clipped at 0
     rstd = lax.rsqrt(var + epsilon)
-    mul = scale_ref[...] * rstd[:, None]  # [G_b, S]
-    bias = bias_ref[...]
+    mul = params_ref[0, :, :] * rstd[:, None]  # scale / σ, [G_b, S]
+    bias = params_ref[1, :, :]
 
     def write(i, carry):
       u = (_chunk(x_ref, i, rows, dtype) + shift - mean[None, :, None]) * mul[None] + bias[None]
@@ -219,16 +220,16 @@ def _backward_kernel(*refs, owners, rows, swish, shifted, keep_prob, elementwise
   # ∂scale = Σ du·x̂, ∂x = r·(du·scale − mean_g(du·scale) − x̂·mean_g(du·scale·x̂)) (means over the n values
   # of a group) and ∂shift = Σ ∂x over the pixels. With dropout, dy is first masked and divided as y was.
   # Refs (blocks as in the forward kernel): its inputs, mean and rstd, dy [P, G_b, S]; out: each part's
-  # ∂x [P, G_b, S] (only the owner's written), then (if shifted) ∂shift, and ∂scale, ∂bias [G_b, S] (the
-  # example's).
-  x_refs, scale_ref, bias_ref, shift_ref, keep_ref, refs = _split(refs, len(owners), shifted, keep_prob)
+  # ∂x [P, G_b, S] (only the owner's written), then (if shifted) ∂shift, and ∂scale, ∂bias stacked
+  # [2, G_b, S] (the example's).
+  x_refs, params_ref, shift_ref, keep_ref, refs = _split(refs, len(owners), shifted, keep_prob)
   (mean_ref, rstd_ref, dy_ref), refs = refs[:3], refs[3:]
   dx_refs, refs = refs[:len(owners)], refs[len(owners):]
-  dshift_ref, (dscale_ref, dbias_ref) = (refs[0], refs[1:]) if shifted else (None, refs)
-  dtype = scale_ref.dtype
+  dshift_ref, dparams_ref = refs if shifted else (None, refs[0])
+  dtype = params_ref.dtype
   mean = mean_ref[...][None, :, None]  # [1, G_b, 1]
   rstd = rstd_ref[...][None, :, None]
-  scale, bias = scale_ref[...], bias_ref[...]  # [G_b, S]
+  scale, bias = params_ref[0, :, :], params_ref[1, :, :]  # [G_b, S]
   shift = 0.0 if shift_ref is None else shift_ref[...].astype(dtype)[None]
 
   def differentiate(x_ref, dx_ref):
@@ -257,8 +258,8 @@ def _backward_kernel(*refs, owners, rows, swish, shifted, keep_prob, elementwise
     dshift = _summed_loop(steps, write, int(shifted), chunk, dtype, elementwise)
     if shifted:
       dshift_ref[...] = dshift[0].astype(dshift_ref.dtype)
-    dscale_ref[...] = dscale
-    dbias_ref[...] = dbias
+    dparams_ref[0, :, :] = dscale
+    dparams_ref[1, :, :] = dbias
 
   _each_part(owners, differentiate, x_refs, dx_refs)
 
@@ -384,7 +385,8 @@ def _inputs(parts, scale, bias, shift, keep, layout: _Layout) -> tuple:
   b, pixels, g, s = layout.shape
   views = tuple((part.reshape(b, pixels, count, s), _spec((b, pixels, count, s), 2, layout.block, first=first))
                 for part, (first, count) in zip(parts, layout.spans))
-  params = tuple((p.reshape(g, s), _spec((g, s), 0, layout.block, batched=False)) for p in (scale, bias))
+  params = jnp.stack([scale.reshape(g, s), bias.reshape(g, s)])  # [2, G, S]
+  params = ((params, _spec(params.shape, 1, layout.block, batched=False)),)
   return (views + params
           + (() if shift is None else ((shift.reshape(b, g, s), _spec((b, g, s), 1, layout.block)),))
           + (() if keep is None else ((keep.reshape(layout.shape), _spec(layout.shape, 2, layout.block)),)))
@@ -411,19 +413,21 @@ def _backward(groups, swish, epsilon, dtype, keep_prob, launch, interpret, resid
   kernel = functools.partial(_backward_kernel, owners=layout.owners, rows=layout.rows, swish=swish,
                              shifted=shift is not None, keep_prob=keep_prob,
                              elementwise=launch.accumulate == "elementwise")
-  out_dtypes = (scale.dtype,) * 2 if shift is None else (shift.dtype, scale.dtype, scale.dtype)
   dxs = tuple((jax.ShapeDtypeStruct((b, pixels, count, s), part.dtype),
                _spec((b, pixels, count, s), 2, layout.block, first=first))
               for part, (first, count) in zip(parts, layout.spans))
-  sums = tuple((jax.ShapeDtypeStruct((b, g, s), out_dtype), _spec((b, g, s), 1, layout.block))
-               for out_dtype in out_dtypes)
+  # Per example: ∂shift (if shifted), and ∂scale and ∂bias stacked (one sum over the batch for both).
+  shift_sums = () if shift is None else (
+      (jax.ShapeDtypeStruct((b, g, s), shift.dtype), _spec((b, g, s), 1, layout.block)),)
+  sums = shift_sums + ((jax.ShapeDtypeStruct((b, 2, g, s), scale.dtype), _spec((b, 2, g, s), 2, layout.block)),)
   stat_spec = _spec((b, g), 1, layout.block)
   ins = _inputs(parts, scale, bias, shift, keep, layout) + (
       (mean, stat_spec), (rstd, stat_spec), (dy.reshape(layout.shape), _spec(layout.shape, 2, layout.block)))
-  *dxs, dscale, dbias = _call(kernel, ins, dxs + sums, layout.programs, launch, interpret)
+  *dxs, dparams = _call(kernel, ins, dxs + sums, layout.programs, launch, interpret)
   dshift = None if shift is None else dxs.pop().reshape(shift.shape)
+  dscale, dbias = dparams.sum(0)
   return (tuple(dx.reshape(part.shape) for dx, part in zip(dxs, parts)), dshift,
-          dscale.sum(0).reshape(scale.shape), dbias.sum(0).reshape(bias.shape), None)
+          dscale.reshape(scale.shape), dbias.reshape(bias.shape), None)
 
 
 _group_norm.defvjp(_forward, _backward)
