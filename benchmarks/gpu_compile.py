@@ -191,11 +191,15 @@ def summarize(found: list[dict], top: int) -> dict:
 
 
 def _as_on_gpu(config) -> None:
-  """The ``"auto"`` execution fields as a GPU resolves them (vdm.config.resolve_dtype / resolve_conv_grad)."""
-  if config.execution.dtype == "auto":
-    config.execution.dtype = "bfloat16"
-  if config.execution.conv_grad == "auto":
-    config.execution.conv_grad = "xla"
+  """The ``"auto"`` execution fields as one GPU resolves them (vdm.config's resolve_* and group_norm_launch;
+  the Pallas kernels as if they passed the check that "auto" runs on the device first)."""
+  ex = config.execution
+  for field, on_gpu in (("dtype", "bfloat16"), ("conv_grad", "xla"), ("skip_projection", "conv"),
+                        ("group_norm", "pallas")):
+    if ex[field] == "auto":
+      ex[field] = on_gpu
+  if ex.scan_unroll == 0:
+    ex.scan_unroll = config.model.network.num_blocks + 1
 
 
 def compile_step(config, mesh, batch_size: int, image_shape) -> tuple[str, float, Optional[int]]:

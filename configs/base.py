@@ -94,6 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
   # "after_norm" (normalise input and skip apart, concatenate the normalised: the same function and
   # parameters, without storing the concatenated inputs).
   config.execution.skip_concat = "before_norm"
+  # With "after_norm": the up blocks' projections of input and skip, "dense" (a matmul each), "conv" (a 1×1
+  # convolution each: on GPUs cuDNN fuses the additions around them) or "auto" (conv on GPUs). The same function.
+  config.execution.skip_projection = "auto"
   # With dtype bfloat16: carry the blocks' residual stream (and the skips) in float32, the blocks'
   # insides in bf16 (more memory traffic; a smaller likelihood cost of bf16).
   config.execution.float32_residuals = False

@@ -265,6 +265,22 @@ def test_recipes_summary_averages_each_training_seeds_mean_over_sample_seeds(tmp
   assert [(g["fd_ratio_mean"], g["label_accuracy_mean"]) for g in got[3:]] == [(3.0, 0.8), (3.5, 0.9)]
 
 
+def test_gpu_compile_resolves_the_auto_fields_as_one_gpu_would():
+  from benchmarks import gpu_compile
+  from configs import cifar10
+  config = cifar10.get_config()
+  config.execution.update(group_norm="auto", scan_unroll=0)
+  gpu_compile._as_on_gpu(config)
+  ex = config.execution
+  assert (ex.dtype, ex.conv_grad, ex.skip_projection, ex.group_norm, ex.scan_unroll) == (
+      "bfloat16", "xla", "conv", "pallas", config.model.network.num_blocks + 1)
+  config = cifar10.get_config()
+  config.execution.update(dtype="float32", skip_projection="dense", scan_unroll=2)  # set ones stay
+  gpu_compile._as_on_gpu(config)
+  assert (config.execution.dtype, config.execution.skip_projection, config.execution.group_norm,
+          config.execution.scan_unroll) == ("float32", "dense", "xla", 2)
+
+
 def test_gpu_compile_reads_the_pallas_kernels_registers_and_spills_from_ptxas():
   from benchmarks import gpu_compile
   output = """ptxas info    : 0 bytes gmem
@@ -334,6 +350,7 @@ def test_train_step_records_a_variant_that_fails_and_measures_the_next(tmp_path)
   assert measured["step_ms_median"] > 0 and "error" not in measured
   # The "auto" fields as they resolved on this CPU.
   assert measured["group_norm_kernel"] == "xla" and measured["blocks_per_iteration"] == 1
+  assert measured["skip_projection"] == "dense"
   assert np.isfinite(measured["first_step_bpd"]) and measured["first_step_grad_norm"] > 0
   assert run("execution.group_norm=bogus").returncode == 1  # nothing measured: a failure
 

@@ -259,6 +259,18 @@ def test_auto_uses_the_kernels_only_on_one_gpu_where_they_pass_the_check(monkeyp
   group_norm._checked.cache_clear()
 
 
+def test_skip_projection_auto_is_convolutions_on_gpus_only(monkeypatch):
+  config = cifar10.get_config()
+  assert config.execution.skip_projection == "auto"
+  assert config_lib.build_model(config).network.skip_projection == "dense"  # on this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert config_lib.resolve_skip_projection("auto") == "conv" and config_lib.resolve_skip_projection("dense") == "dense"
+  config.execution.skip_projection = "matmul"
+  with pytest.raises(config_lib.ConfigError, match=r"execution.skip_projection: expected one of \('dense', 'conv', "
+                                                   r"'auto'\), got 'matmul'"):
+    config_lib.validate(config)
+
+
 def test_scan_unroll_zero_unrolls_every_stack_on_gpus_only(monkeypatch):
   config = cifar10.get_config()
   config.execution.scan_unroll = 0

@@ -292,12 +292,12 @@ def test_remat_policies_give_the_same_gradient_and_convs_recomputes_no_convoluti
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("conv_grad", ["dot", "xla"])  # "xla": the skip projections as 1×1 convolutions
-def test_skips_joined_after_the_norm_are_the_same_function_of_the_same_parameters(conv_grad):
+@pytest.mark.parametrize("projection", ["dense", "conv"])
+def test_skips_joined_after_the_norm_are_the_same_function_of_the_same_parameters(projection):
   """execution.skip_concat="after_norm": input and skip normalised apart, then concatenated. Same init, same
   output and gradient (computed in float64); with one norm group (it straddles both parts) the paper's order
   is used: the same program."""
-  net = lambda **kw: _tiny(dropout=0.3, dtype=jnp.float64, conv_grad=conv_grad, **kw)  # noqa: E731
+  net = lambda **kw: _tiny(dropout=0.3, dtype=jnp.float64, skip_projection=projection, **kw)  # noqa: E731
   forms = networks.SKIP_CONCATS
   with jax.enable_x64(True):
     z = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.float64)
@@ -315,7 +315,7 @@ def test_skips_joined_after_the_norm_are_the_same_function_of_the_same_parameter
 
     programs = {form: lowered(form) for form in forms}
     convs = {form: programs[form].as_text().count("stablehlo.convolution") for form in forms}
-    assert (convs["after_norm"] > convs["before_norm"]) == (conv_grad == "xla")  # the projections' 1×1s
+    assert (convs["after_norm"] > convs["before_norm"]) == (projection == "conv")  # the projections' 1×1s
     (loss, grads), (loss_after, grads_after) = (programs[form].compile()(params) for form in forms)
     np.testing.assert_allclose(loss_after, loss, rtol=1e-6)  # to the rounding of ε̂, which is float32
     for a, b in zip(jax.tree.leaves(grads_after), jax.tree.leaves(grads)):
@@ -326,6 +326,8 @@ def test_skips_joined_after_the_norm_are_the_same_function_of_the_same_parameter
     assert lowered("after_norm", norm_groups=1).as_text() == lowered("before_norm", norm_groups=1).as_text()
   with pytest.raises(ValueError, match="skip_concat: expected one of"):
     _tiny(skip_concat="after").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros(1))
+  with pytest.raises(ValueError, match=r"skip_projection: expected one of \('dense', 'conv'\), got 'gemm'"):
+    _tiny(skip_projection="gemm").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros(1))
 
 
 @pytest.mark.parametrize("precision,expected", [("highest", "HIGHEST"), ("default", "DEFAULT")])

@@ -176,6 +176,7 @@ LATER_FIELDS = {
     "execution.dropout_rng": "threefry",
     "execution.scan_unroll": 1,
     "execution.skip_concat": "before_norm",
+    "execution.skip_projection": "dense",
     "execution.float32_residuals": False,
     "execution.group_norm": "xla",
     "execution.pallas_num_warps": 8,

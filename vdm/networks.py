@@ -45,6 +45,7 @@ REMAT_POLICIES = {
 
 
 SKIP_CONCATS = ("before_norm", "after_norm")  # where the up path's skips join, see ResnetBlock
+SKIP_PROJECTIONS = ("dense", "conv")  # how an up block projects its input and skip apart, see _PartsDense
 
 
 def _num_groups(channels: int, groups: int = 0) -> int:
@@ -176,14 +177,14 @@ class _PartsDense(nn.Module):
   """``nn.Dense`` of ``concatenate(parts, -1)`` as a sum of one matmul per part (same parameters).
 
   Parameters are float32 and initialised as ``nn.Dense``'s, whatever the computation dtype. With
-  ``conv_grad="xla"`` (GPUs, TPUs) each matmul is a 1×1 convolution of the ``[B, H, W, C]`` part: on a
-  GPU cuDNN adds the other part's projection in as a side input, and its backward pass the other
-  gradients of the part, where matmuls each write their result for an addition to read (compiled for an
-  H200, the unrolled Pallas step moves 2.1 GB fewer; README, Performance). The same function.
+  ``as_convs`` each matmul is a 1×1 convolution of the ``[B, H, W, C]`` part: on a GPU cuDNN then adds
+  the other part's projection in as a side input, and in the backward pass the part's other gradients,
+  where matmuls each write their result for an addition to read (``execution.skip_projection``; README,
+  Performance). The same function.
   """
   features: int
   dtype: Dtype = jnp.float32
-  conv_grad: str = "dot"
+  as_convs: bool = False
 
   @nn.compact
   def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
@@ -194,7 +195,7 @@ class _PartsDense(nn.Module):
     for part in parts:
       c = part.shape[-1]
       x, w = part.astype(self.dtype), kernel[start:start + c].astype(self.dtype)
-      if self.conv_grad == "xla" and x.ndim == 4:
+      if self.as_convs and x.ndim == 4:
         out = out + lax.conv_general_dilated(x, w[None, None], (1, 1), "VALID",
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
       else:
@@ -222,6 +223,7 @@ class ResnetBlock(nn.Module):
   norm_groups: int = 0
   skip_concat: str = "before_norm"
   group_norm: GroupNormKernel = "xla"
+  skip_projection: str = "dense"
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool,
@@ -248,9 +250,11 @@ class ResnetBlock(nn.Module):
               dropout=(dropout_lib.Dropout(self.dropout, name="Dropout_0"), deterministic))
     h = checkpoint_name(_conv(self.channels, self.dtype, self.conv_grad, zero_init=True, name="Conv_1")(h), "conv")
     if width != self.channels:
-      x = (_PartsDense(self.channels, self.dtype, self.conv_grad, name="skip")(parts) if split
+      x = (_PartsDense(self.channels, self.dtype, self.skip_projection == "conv", name="skip")(parts) if split
            else nn.Dense(self.channels, dtype=self.dtype, name="skip")(x)).astype(parts[0].dtype)
-    return x + h
+    # h first: cuDNN's rewriter lets the convolution of the first addend take the second as a side input
+    # (XLA tries that order only), and a projection of parts as convolutions has taken one already.
+    return h + x
 
 
 class AttnBlock(nn.Module):
@@ -289,12 +293,13 @@ class _Layer(nn.Module):
   norm_groups: int = 0
   skip_concat: str = "before_norm"
   group_norm: GroupNormKernel = "xla"
+  skip_projection: str = "dense"
 
   @nn.compact
   def __call__(self, h, skip, cond, shift=None):
     h_in = h
     h = ResnetBlock(self.channels, self.dropout, self.dtype, self.conv_grad, self.norm_groups, self.skip_concat,
-                    self.group_norm, name="resnet")(h, cond, self.deterministic, skip, shift)
+                    self.group_norm, self.skip_projection, name="resnet")(h, cond, self.deterministic, skip, shift)
     if self.attention:
       h = AttnBlock(dtype=self.dtype, norm_groups=self.norm_groups, group_norm=self.group_norm, name="attn")(h)
     return h, (h_in if skip is None else None)
@@ -332,6 +337,10 @@ class ScoreUNet(nn.Module):
     skip_concat: where the up path's skips join (see :class:`ResnetBlock`):
       "before_norm" (the paper's code) or "after_norm" (the same function
       without storing the concatenated inputs).
+    skip_projection: with "after_norm", how an up block projects its input
+      and skip for the residual: "dense" (a matmul each) or "conv" (a 1×1
+      convolution each, whose additions cuDNN fuses on GPUs). The same
+      function and parameters.
     group_norm: the GroupNorms' kernels: "xla" (``nn.GroupNorm``, fused by
       XLA), "pallas" (:mod:`vdm.group_norm`'s, where they take the shape) or
       a :class:`vdm.group_norm.Launch` (those, launched as it says). The
@@ -380,6 +389,7 @@ class ScoreUNet(nn.Module):
   scan_unroll: int = 1
   skip_concat: str = "before_norm"
   group_norm: GroupNormKernel = "xla"
+  skip_projection: str = "dense"
   dtype: Dtype = jnp.float32
   float32_residuals: bool = False
   conv_grad: str = "dot"
@@ -425,6 +435,8 @@ class ScoreUNet(nn.Module):
       h = jnp.concatenate([h, fourier_features(h, self.fourier_exponents)], axis=-1)
     if self.skip_concat not in SKIP_CONCATS:
       raise ValueError(f"skip_concat: expected one of {SKIP_CONCATS}, got {self.skip_concat!r}")
+    if self.skip_projection not in SKIP_PROJECTIONS:
+      raise ValueError(f"skip_projection: expected one of {SKIP_PROJECTIONS}, got {self.skip_projection!r}")
     group_norm_lib.launch(self.group_norm)  # a ValueError unless "xla", "pallas" or a Launch
     levels, factor = len(self.channel_mult), size_divisor(self.channel_mult, self.patch_size)
     if z.shape[1] % factor or z.shape[2] % factor:
@@ -475,7 +487,7 @@ class ScoreUNet(nn.Module):
     layer = (nn.remat(_Layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_blocks)
              if self.remat else _Layer)
     args = (channels, self.dropout, self.attention_everywhere, deterministic, self.dtype,
-            self.conv_grad, self.norm_groups, self.skip_concat, self.group_norm)
+            self.conv_grad, self.norm_groups, self.skip_concat, self.group_norm, self.skip_projection)
     if self.scan_blocks:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast if skips is None else 0, nn.broadcast, 0), length=length,
