@@ -72,8 +72,8 @@ cat "$OUT/env.json" | tee -a "$LOG"
 # As shipped (bf16 blocks on accelerators, "packed" masks, skips after the norm), then the variants that matter:
 # the Pallas GroupNorm–swish kernels (vdm/group_norm.py), and those with every stack's loop unrolled
 # (execution.scan_unroll at least a stack's length: straight-line code; compiled for an H200 without one,
-# 0.51× the kernels and 0.64× the bytes of the scanned Pallas step, and the remat's recomputation merges
-# with the forward pass; compilation 1.8× as long there). XLA's norms unrolled run in a process of their own
+# 0.46× the kernels and 0.62× the bytes of the scanned Pallas step, and the remat's recomputation merges
+# with the forward pass; compilation 1.9× as long there). XLA's norms unrolled run in a process of their own
 # (their compilation is longer: 46 s for an H200 on 2 CPU cores; a time limit then loses only that row).
 # The third row is the candidate default, as the "auto" fields resolve it on one GPU: the Pallas kernels (once
 # they pass the check that "auto" runs first) with every stack unrolled; its records name what it resolved to

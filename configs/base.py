@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.execution.dropout_rng = "threefry"
   # Identical blocks per loop iteration of a scanned stack (nn.scan's unroll): fewer, larger
   # iterations; 1 compiles fastest; at least a stack's length (e.g. 64): no loop, straight-line code
-  # (for a GPU 0.55-0.70x the bytes moved and 1.8-3.7x the compilation; README, Performance); 0 = automatic:
+  # (for a GPU 0.6-0.7x the bytes moved and 2-4.6x the compilation; README, Performance); 0 = automatic:
   # no loop on GPUs, one block an iteration elsewhere.
   config.execution.scan_unroll = 1
   # Where the up path's skips join: "before_norm" (concatenate the inputs, as the paper's code) or

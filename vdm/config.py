@@ -272,7 +272,7 @@ def resolve_skip_projection(projection: str) -> str:
 
 def resolve_scan_unroll(config: ml_collections.ConfigDict) -> int:
   """``execution.scan_unroll=0`` (automatic): every block of a stack in one iteration (no loop) on GPUs,
-  where compiled for an H200 that moves 0.54-0.70x the bytes a step (README, Performance), at the price of
+  where compiled for an H200 that moves 0.6-0.7x the bytes a step (README, Performance), at the price of
   a longer compilation; one block an iteration elsewhere (on CPUs the unrolled step compiles slower and
   runs no faster)."""
   unroll = config.execution.scan_unroll

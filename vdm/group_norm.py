@@ -180,8 +180,9 @@ def _each_part(owners: tuple, body, *refs_per_part) -> None:
 
 def _forward_kernel(*refs, owners, rows, epsilon, swish, shifted, keep_prob, elementwise):
   # Refs, each a program's block of G_b groups (S channels each): each part's x [P, G_b, S] (only the
-  # owner's is read), scale, bias and (if shifted) the example's shift [G_b, S]; with dropout
-  # (keep_prob not None) the example's mask as int8 [P, G_b, S]; out: y [P, G_b, S], mean and rstd [G_b].
+  # owner's is read), scale and bias stacked [2, G_b, S] and (if shifted) the example's shift [G_b, S];
+  # with dropout (keep_prob not None) the example's mask as int8 [P, G_b, S]; out: y [P, G_b, S], mean and
+  # rstd [G_b].
   # Arithmetic in scale's dtype (float32).
   x_refs, params_ref, shift_ref, keep_ref, (y_ref, mean_ref, rstd_ref) = _split(
       refs, len(owners), shifted, keep_prob)
