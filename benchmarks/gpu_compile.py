@@ -195,7 +195,7 @@ def _as_on_gpu(config) -> None:
   the Pallas kernels as if they passed the check that "auto" runs on the device first)."""
   ex = config.execution
   for field, on_gpu in (("dtype", "bfloat16"), ("conv_grad", "xla"), ("skip_projection", "conv"),
-                        ("group_norm", "pallas")):
+                        ("attention", "cudnn"), ("group_norm", "pallas")):
     if ex[field] == "auto":
       ex[field] = on_gpu
   if ex.scan_unroll == 0:

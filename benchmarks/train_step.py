@@ -84,6 +84,7 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
           "group_norm_kernel": "xla" if config_lib.group_norm_launch(config) == "xla" else "pallas",
           "blocks_per_iteration": config_lib.resolve_scan_unroll(config),
           "skip_projection": config_lib.resolve_skip_projection(config.execution.skip_projection),
+          "attention": config_lib.resolve_attention(config.execution.attention),
           "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
           "argument_bytes": getattr(memory, "argument_size_in_bytes", None)}
   if compile_only:

@@ -97,6 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
   # With "after_norm": the up blocks' projections of input and skip, "dense" (a matmul each), "conv" (a 1×1
   # convolution each: on GPUs cuDNN fuses the additions around them) or "auto" (conv on GPUs). The same function.
   config.execution.skip_projection = "auto"
+  # The attention blocks: "xla" (flax's: the attention weights formed), "cudnn" (cuDNN's fused attention for
+  # bf16/fp16 activations; flax's otherwise) or "auto" (cudnn on GPUs of compute capability ≥ 8). Same function.
+  config.execution.attention = "auto"
   # With dtype bfloat16: carry the blocks' residual stream (and the skips) in float32, the blocks'
   # insides in bf16 (more memory traffic; a smaller likelihood cost of bf16).
   config.execution.float32_residuals = False

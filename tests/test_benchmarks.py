@@ -272,8 +272,8 @@ def test_gpu_compile_resolves_the_auto_fields_as_one_gpu_would():
   config.execution.update(group_norm="auto", scan_unroll=0)
   gpu_compile._as_on_gpu(config)
   ex = config.execution
-  assert (ex.dtype, ex.conv_grad, ex.skip_projection, ex.group_norm, ex.scan_unroll) == (
-      "bfloat16", "xla", "conv", "pallas", config.model.network.num_blocks + 1)
+  assert (ex.dtype, ex.conv_grad, ex.skip_projection, ex.attention, ex.group_norm, ex.scan_unroll) == (
+      "bfloat16", "xla", "conv", "cudnn", "pallas", config.model.network.num_blocks + 1)
   config = cifar10.get_config()
   config.execution.update(dtype="float32", skip_projection="dense", scan_unroll=2)  # set ones stay
   gpu_compile._as_on_gpu(config)
@@ -350,7 +350,7 @@ def test_train_step_records_a_variant_that_fails_and_measures_the_next(tmp_path)
   assert measured["step_ms_median"] > 0 and "error" not in measured
   # The "auto" fields as they resolved on this CPU.
   assert measured["group_norm_kernel"] == "xla" and measured["blocks_per_iteration"] == 1
-  assert measured["skip_projection"] == "dense"
+  assert measured["skip_projection"] == "dense" and measured["attention"] == "xla"
   assert np.isfinite(measured["first_step_bpd"]) and measured["first_step_grad_norm"] > 0
   assert run("execution.group_norm=bogus").returncode == 1  # nothing measured: a failure
 

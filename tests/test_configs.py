@@ -190,6 +190,7 @@ def test_a_first_version_checkpoint_config_migrates_to_the_model_it_trained(tmp_
   want.execution.dtype = "float32"  # saved then; "auto" came later …
   want.execution.dropout_rng, want.execution.skip_concat = "threefry", "before_norm"  # … and these fields
   want.execution.skip_projection = "dense"  # matmuls, as then (the same function)
+  want.execution.attention = "xla"  # flax's attention, as then
   want.training.minimize_variance = False  # those runs' monotone_net interior followed the ELBO
   want.optimizer.schedule_lr_scale = 1.0  # … at the network's learning rate
   want.eval.gamma_path = "schedule"  # evaluated along the schedule's own path, as then

@@ -1,5 +1,7 @@
 """The score U-Net: shapes, ε̂ = z at init, scanned ≡ unrolled, size."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -380,3 +382,40 @@ def test_bfloat16_stacks_cast_their_weights_once_and_compute_the_same(monkeypatc
   assert float(jnp.abs(got[0])) > 0
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_attention_with_the_cudnn_kernel_is_flaxs_where_cudnn_does_not_apply(caplog):
+  # Here no cuDNN: in float32 the kernel is not asked for, in bf16 it refuses when traced (logged once); both
+  # give flax's attention, bit for bit. On a GPU the device check compares the two.
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    blocks = [networks.AttnBlock(dtype=dtype, kernel=kernel) for kernel in networks.ATTENTION_KERNELS]
+    params = perturbed(blocks[0].init(jax.random.key(1), x))
+    assert jax.tree.structure(blocks[1].init(jax.random.key(1), x)) == jax.tree.structure(params)
+    caplog.clear()
+    networks._warn_once.cache_clear()
+    want, got = (block.apply(params, x) for block in blocks)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    warned = "attention: flax's, not cuDNN's fused kernel: RuntimeError: cuDNN is not detected" in caplog.text
+    assert warned == (dtype == jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"attention_kernel: expected one of \('xla', 'cudnn'\), got 'flash'"):
+    _tiny(attention_kernel="flash").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros(1))
+
+
+def test_attention_auto_is_cudnn_on_gpus_that_have_it(monkeypatch):
+  from configs import cifar10
+  from vdm import config as config_lib
+  config = cifar10.get_config()
+  assert config.execution.attention == "auto" and config_lib.resolve_attention("auto") == "xla"  # this CPU
+  assert config_lib.build_model(config).network.attention_kernel == "xla"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  for capability, kernel in (("9.0", "cudnn"), ("8.0", "cudnn"), ("7.5", "xla")):
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(compute_capability=capability)])
+    assert config_lib.resolve_attention("auto") == kernel
+  assert config_lib.resolve_attention("xla") == "xla"
+  # cuDNN's attention has a backward pass, not a forward mode: a network for jax.jvp keeps XLA's.
+  assert config_lib.build_model(config, for_eval=True, forward_mode=True).network.attention_kernel == "xla"
+  config.execution.attention = "flash"
+  with pytest.raises(config_lib.ConfigError, match=r"execution.attention: expected one of \('xla', 'cudnn', "
+                                                   r"'auto'\), got 'flash'"):
+    config_lib.validate(config)

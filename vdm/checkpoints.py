@@ -177,6 +177,7 @@ LATER_FIELDS = {
     "execution.scan_unroll": 1,
     "execution.skip_concat": "before_norm",
     "execution.skip_projection": "dense",
+    "execution.attention": "xla",
     "execution.float32_residuals": False,
     "execution.group_norm": "xla",
     "execution.pallas_num_warps": 8,

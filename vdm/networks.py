@@ -20,6 +20,8 @@ unrolled form is kept for comparison and gives the same function of the same
 weights (see :func:`unstack_params`).
 """
 
+import functools
+import logging
 import math
 from typing import Any, Optional, Sequence, Union
 
@@ -46,6 +48,7 @@ REMAT_POLICIES = {
 
 SKIP_CONCATS = ("before_norm", "after_norm")  # where the up path's skips join, see ResnetBlock
 SKIP_PROJECTIONS = ("dense", "conv")  # how an up block projects its input and skip apart, see _PartsDense
+ATTENTION_KERNELS = ("xla", "cudnn")  # the attention blocks' softmax(q·kᵀ)·v, see AttnBlock
 
 
 def _num_groups(channels: int, groups: int = 0) -> int:
@@ -258,20 +261,47 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Single-head self-attention over all positions, residual."""
+  """Single-head self-attention over all positions, residual.
+
+  ``kernel``: "xla" (flax's attention: the ``[B, heads, HW, HW]`` weights
+  formed, ~5 GB of traffic a training step at the paper's CIFAR-10 shapes
+  on a GPU) or "cudnn" (cuDNN's fused attention, ``jax.nn.dot_product_attention``:
+  the weights never stored; 0.5 GB compiled for an H200) where the
+  activations are bf16 or float16, and cuDNN takes them; elsewhere, or if
+  cuDNN refuses when traced, flax's (logged). The same parameters and
+  function (cuDNN's softmax in float32, flax's in the activations' dtype).
+  """
   num_heads: int = 1
   dtype: Dtype = jnp.float32
   norm_groups: int = 0
   group_norm: GroupNormKernel = "xla"
+  kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, height, width, c = x.shape
     h = _norm(x, self.dtype, self.norm_groups, self.group_norm, "GroupNorm_0", swish=False)
     h = h.reshape(b, height * width, c)
-    h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
+    attend = _cudnn_attention if self.kernel == "cudnn" else nn.dot_product_attention
+    h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, attention_fn=attend,
                                         out_kernel_init=nn.initializers.zeros)(h, h)
     return x + h.reshape(x.shape)
+
+
+def _cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: Dtype = None,
+                     precision=None) -> jax.Array:
+  """flax's attention function as cuDNN's fused kernel (``[B, T, heads, D]`` in and out), where it applies."""
+  if query.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+    except (RuntimeError, ValueError, NotImplementedError) as e:  # e.g. no cuDNN, or one too old
+      _warn_once(f"attention: flax's, not cuDNN's fused kernel: {type(e).__name__}: {e}")
+  return nn.dot_product_attention(query, key, value, dtype=dtype, precision=precision)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  logging.warning(message)
 
 
 class _Layer(nn.Module):
@@ -294,6 +324,7 @@ class _Layer(nn.Module):
   skip_concat: str = "before_norm"
   group_norm: GroupNormKernel = "xla"
   skip_projection: str = "dense"
+  attention_kernel: str = "xla"
 
   @nn.compact
   def __call__(self, h, skip, cond, shift=None):
@@ -301,7 +332,8 @@ class _Layer(nn.Module):
     h = ResnetBlock(self.channels, self.dropout, self.dtype, self.conv_grad, self.norm_groups, self.skip_concat,
                     self.group_norm, self.skip_projection, name="resnet")(h, cond, self.deterministic, skip, shift)
     if self.attention:
-      h = AttnBlock(dtype=self.dtype, norm_groups=self.norm_groups, group_norm=self.group_norm, name="attn")(h)
+      h = AttnBlock(dtype=self.dtype, norm_groups=self.norm_groups, group_norm=self.group_norm,
+                    kernel=self.attention_kernel, name="attn")(h)
     return h, (h_in if skip is None else None)
 
 
@@ -341,6 +373,8 @@ class ScoreUNet(nn.Module):
       and skip for the residual: "dense" (a matmul each) or "conv" (a 1×1
       convolution each, whose additions cuDNN fuses on GPUs). The same
       function and parameters.
+    attention_kernel: the attention blocks' kernel, "xla" or "cudnn" (see
+      :class:`AttnBlock`).
     group_norm: the GroupNorms' kernels: "xla" (``nn.GroupNorm``, fused by
       XLA), "pallas" (:mod:`vdm.group_norm`'s, where they take the shape) or
       a :class:`vdm.group_norm.Launch` (those, launched as it says). The
@@ -390,6 +424,7 @@ class ScoreUNet(nn.Module):
   skip_concat: str = "before_norm"
   group_norm: GroupNormKernel = "xla"
   skip_projection: str = "dense"
+  attention_kernel: str = "xla"
   dtype: Dtype = jnp.float32
   float32_residuals: bool = False
   conv_grad: str = "dot"
@@ -437,6 +472,8 @@ class ScoreUNet(nn.Module):
       raise ValueError(f"skip_concat: expected one of {SKIP_CONCATS}, got {self.skip_concat!r}")
     if self.skip_projection not in SKIP_PROJECTIONS:
       raise ValueError(f"skip_projection: expected one of {SKIP_PROJECTIONS}, got {self.skip_projection!r}")
+    if self.attention_kernel not in ATTENTION_KERNELS:
+      raise ValueError(f"attention_kernel: expected one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}")
     group_norm_lib.launch(self.group_norm)  # a ValueError unless "xla", "pallas" or a Launch
     levels, factor = len(self.channel_mult), size_divisor(self.channel_mult, self.patch_size)
     if z.shape[1] % factor or z.shape[2] % factor:
@@ -460,7 +497,7 @@ class ScoreUNet(nn.Module):
 
     mid_layer = lambda name, attention: _Layer(  # noqa: E731
         widths[-1], self.dropout, attention, deterministic, self.dtype, self.conv_grad, self.norm_groups,
-        group_norm=self.group_norm, name=name)
+        group_norm=self.group_norm, attention_kernel=self.attention_kernel, name=name)
     h, _ = mid_layer("mid_0", self.mid_attention or self.attention_everywhere)(h, None, cond)
     h, _ = mid_layer("mid_1", False)(h, None, cond)
 
@@ -487,7 +524,8 @@ class ScoreUNet(nn.Module):
     layer = (nn.remat(_Layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_blocks)
              if self.remat else _Layer)
     args = (channels, self.dropout, self.attention_everywhere, deterministic, self.dtype,
-            self.conv_grad, self.norm_groups, self.skip_concat, self.group_norm, self.skip_projection)
+            self.conv_grad, self.norm_groups, self.skip_concat, self.group_norm, self.skip_projection,
+            self.attention_kernel)
     if self.scan_blocks:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast if skips is None else 0, nn.broadcast, 0), length=length,
