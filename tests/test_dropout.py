@@ -165,14 +165,13 @@ def test_the_environment_can_turn_the_mask_kernel_off(monkeypatch):
 def test_the_mask_kernel_is_checked_once_and_turned_off_where_it_is_wrong(monkeypatch):
   # What training.setup runs on one GPU, here in the interpreter: the kernel against the traced mask.
   monkeypatch.setattr(dropout, "_checked", [])
-  monkeypatch.setattr(dropout, "_failures", [])
   assert dropout.check_kernel(interpret=True) is None and dropout.kernel_enabled()
+  monkeypatch.setattr(dropout, "_checked", [])
   assert dropout.check_kernel() is None  # off GPUs: nothing to check, the traced mask runs anyway
   right = dropout.mask_kernel
   for wrong, why in ((lambda *a, **k: 1 - right(*a, **k), "differ from the traced mask"),
                      (lambda *a, **k: 1 / 0, "ZeroDivisionError")):
     monkeypatch.setattr(dropout, "_checked", [])
-    monkeypatch.setattr(dropout, "_failures", [])
     monkeypatch.setattr(dropout, "mask_kernel", wrong)
     failure = dropout.check_kernel(interpret=True)
     assert why in failure and failure.endswith("the traced mask instead"), failure

@@ -117,11 +117,10 @@ def kernel_enabled() -> bool:
   ``VDM_DROPOUT_KERNEL=0`` (the traced form everywhere: the same bits; a way out should the kernel fail to
   compile with some JAX version, and the device check's when ``benchmarks/pallas_check.py`` finds it wrong)
   or :func:`check_kernel` found it wrong here."""
-  return os.environ.get("VDM_DROPOUT_KERNEL", "1") != "0" and not _failures
+  return os.environ.get("VDM_DROPOUT_KERNEL", "1") != "0" and not any(_checked)
 
 
-_failures: list[str] = []  # why check_kernel turned the kernel off in this process, if it did
-_checked: list[bool] = []
+_checked: list[Optional[str]] = []  # check_kernel's finding in this process, once it ran: None, or why not
 
 
 def check_kernel(interpret: bool = False) -> Optional[str]:
@@ -132,12 +131,10 @@ def check_kernel(interpret: bool = False) -> Optional[str]:
   step XLA's as before the kernel). :func:`vdm.training.setup` runs it for configs with packed masks, so
   a GPU whose Triton does not take the kernel still trains.
   """
-  if _failures:
-    return _failures[0]
-  if _checked or not kernel_enabled() or not interpret and (
-      jax.default_backend() != "gpu" or jax.device_count() > 1):
+  if _checked:
+    return _checked[0]
+  if not kernel_enabled() or not interpret and (jax.default_backend() != "gpu" or jax.device_count() > 1):
     return None
-  _checked.append(True)
   k0, k1 = jnp.uint32(0x12345678), jnp.uint32(0x9ABCDEF0)
   calls, threshold = 2 * KERNEL_CALLS, keep_threshold(0.9)
   try:
@@ -148,9 +145,9 @@ def check_kernel(interpret: bool = False) -> Optional[str]:
   except Exception as e:  # a lowering or launch failure: this GPU's Triton does not take it
     why = f"{type(e).__name__}: {str(e)[:300]}"
   if why is not None:
-    _failures.append(f"the dropout mask kernel on {jax.devices()[0].device_kind}: {why}; the traced mask instead")
-    return _failures[0]
-  return None
+    why = f"the dropout mask kernel on {jax.devices()[0].device_kind}: {why}; the traced mask instead"
+  _checked.append(why)
+  return why
 
 
 KERNEL_CALLS = 1024  # Threefry calls per program of :func:`mask_kernel` (4,096 activations)

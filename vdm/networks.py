@@ -198,7 +198,7 @@ class _PartsDense(nn.Module):
     for part in parts:
       c = part.shape[-1]
       x, w = part.astype(self.dtype), kernel[start:start + c].astype(self.dtype)
-      if self.as_convs and x.ndim == 4:
+      if self.as_convs:
         out = out + lax.conv_general_dilated(x, w[None, None], (1, 1), "VALID",
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
       else:
