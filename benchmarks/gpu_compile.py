@@ -29,7 +29,6 @@ bytes, from ``ptxas -v`` on the PTX that XLA writes: what decides how many
 of its programs an SM holds); with several, a last line of ratios.
 """
 
-import collections
 import copy
 import glob
 import importlib.util
@@ -39,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Optional
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs JAX; the GPU is only a compilation target
@@ -53,8 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common, profile  # noqa: E402
-from vdm import sharding, train_step, training  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks import compiled as compiled_lib  # noqa: E402
 
 # XLA's GpuTargetConfig for the devices compiled for (their published figures; dnn/runtime versions of CUDA 12).
 _DEVICE = """gpu_device_info {{
@@ -88,132 +86,11 @@ _REGISTERS = flags.DEFINE_bool("registers", False, "Also each Pallas (Triton) ke
                                "nvidia-cuda-nvcc).")
 flags.mark_flag_as_required("config")
 
-_SHAPES = re.compile(r"\b(pred|[su](?:8|16|32|64)|bf16|f16|f32|f64)\[([0-9,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8}
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
-_COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+) .*\{\s*$")
-# Instructions that launch nothing: bookkeeping, control flow (its bodies are walked), in-place views.
-_NO_KERNEL = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call", "conditional",
-              "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "copy-start",
-              "copy-done", "async-start", "async-done", "get-dimension-size"}
-
-
-def nbytes(type_text: str) -> int:
-  """Bytes of every array in an HLO type (a tuple's summed): ``bf16[2,3]{1,0}`` → 12."""
-  return sum(_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d])) for dtype, dims
-             in _SHAPES.findall(type_text))
-
-
-def kernels(hlo_text: str) -> list[dict]:
-  """Every kernel of a compiled, scheduled HLO module, once per launch in one execution.
-
-  Each: ``name``, ``family`` (the name without its number), ``launches``
-  (loop bodies times their known trip count), ``out_bytes`` and
-  ``operand_bytes`` (each operand's array; in a loop, a stacked array's
-  slice, :func:`_per_iteration`, and so is the stacked output of an update
-  in place), ``target`` (a custom call's, e.g. ``__cudnn$convForward``)
-  and the instruction's ``op_name``.
-  """
-  computations, entry, current = {}, None, None
-  for line in hlo_text.splitlines():
-    match = _COMPUTATION.match(line)
-    if match:
-      current = match.group(2)
-      computations[current] = []
-      entry = current if match.group(1) else entry
-    elif line.startswith("}"):
-      current = None
-    elif current and (match := _INSTRUCTION.match(line)):
-      computations[current].append(match.groups())
-  types = {name: text for body in computations.values() for name, text, _, _ in body}
-  found = []
-
-  def walk(computation: str, launches: int, trips: int) -> None:
-    for name, type_text, op, rest in computations[computation]:
-      if op == "while":
-        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-        n = int(known.group(1)) if known else 1
-        walk(re.search(r"body=%([\w.\-]+)", rest).group(1), launches * n, n)
-      elif op in ("call", "conditional"):
-        for called in re.findall(r"(?:to_apply=|computations=\{|computation=)%([\w.\-]+)", rest):
-          walk(called, launches, trips)
-      elif op not in _NO_KERNEL:
-        operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-        target = re.search(r'custom_call_target="([^"]+)"', rest)
-        source = re.search(r'op_name="([^"]+)"', rest)
-        found.append({"name": name, "family": re.sub(r"[._]\d+$", "", name), "launches": launches,
-                      "out_bytes": (_per_iteration(type_text, trips) if re.search("update.slice", name)
-                                    else nbytes(type_text)),
-                      "operand_bytes": [_per_iteration(types.get(o, ""), trips) for o in operands],
-                      "target": target.group(1) if target else "", "op_name": source.group(1) if source else ""})
-
-  walk(entry, 1, 1)
-  return found
-
-
-def _per_iteration(type_text: str, trips: int) -> int:
-  """An operand's bytes; inside a loop of ``trips`` iterations, a stacked one (leading dimension ``trips``
-  or one more: the scanned blocks' parameters, activations and skips) counts as the one slice read."""
-  shape = _SHAPES.search(type_text)
-  leading = shape and shape.group(2).split(",")[0]
-  if trips > 1 and leading and int(leading) in (trips, trips + 1) and type_text.lstrip()[:1] != "(":
-    return nbytes(type_text) // int(leading)
-  return nbytes(type_text)
-
-
-def traffic(kernel: dict) -> int:
-  """Bytes one launch reads and writes (operands and output as :func:`kernels` counts them)."""
-  return sum(kernel["operand_bytes"]) + kernel["out_bytes"]
-
-
-def kind(kernel: dict) -> str:
-  """profile.py's kinds of work, with custom calls (cuDNN, cuBLAS) as matmul/conv."""
-  return "matmul/conv" if kernel["target"] else profile._kind(kernel["family"])
-
-
-def summarize(found: list[dict], top: int) -> dict:
-  """Kernels per step and gigabytes moved: in all, by kind, the ``top`` families and sources."""
-  by = {"kind": collections.defaultdict(lambda: [0, 0.0]), "family": collections.defaultdict(lambda: [0, 0.0]),
-        "source": collections.defaultdict(lambda: [0, 0.0])}
-  for k in found:
-    moved = k["launches"] * traffic(k) / 1e9
-    for key, value in (("kind", kind(k)), ("family", k["target"] or k["family"]),
-                       ("source", profile.source(k["op_name"]) if k["op_name"] else k["name"])):
-      by[key][value][0] += k["launches"]
-      by[key][value][1] += moved
-  table = lambda d, n=None: {name: {"kernels": c, "gb": round(g, 2)} for name, (c, g)  # noqa: E731
-                             in sorted(d.items(), key=lambda kv: -kv[1][1])[:n]}
-  return {"kernels_per_step": sum(k["launches"] for k in found),
-          "gb_per_step": round(sum(k["launches"] * traffic(k) for k in found) / 1e9, 2),
-          "by_kind": table(by["kind"]), "top_families": table(by["family"], top),
-          "top_sources": table(by["source"], top)}
-
-
-def _as_on_gpu(config) -> None:
-  """The ``"auto"`` execution fields as one GPU resolves them (vdm.config's resolve_* and group_norm_launch;
-  the Pallas kernels as if they passed the check that "auto" runs on the device first)."""
-  ex = config.execution
-  for field, on_gpu in (("dtype", "bfloat16"), ("conv_grad", "xla"), ("skip_projection", "conv"),
-                        ("attention", "cudnn"), ("group_norm", "pallas")):
-    if ex[field] == "auto":
-      ex[field] = on_gpu
-  if ex.scan_unroll == 0:
-    ex.scan_unroll = config.model.network.num_blocks + 1
-
 
 def compile_step(config, mesh, batch_size: int, image_shape) -> tuple[str, float, Optional[int]]:
   """The compiled train step's HLO text for the devices of ``mesh``, the seconds it took and XLA's temporary
   bytes (activations and scratch; None where the memory analysis is missing)."""
-  config.training.batch_size = batch_size
-  model, optimizer, mesh, init = training.setup(config, image_shape, mesh=mesh)
-  rep = sharding.replicated(mesh)
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), jax.eval_shape(init))
-  batch = jax.ShapeDtypeStruct((1, batch_size) + tuple(image_shape), np.uint8,
-                               sharding=sharding.batch_sharding(mesh, 1))
-  start = time.perf_counter()
-  compiled = train_step.make_train_fn(config, model, optimizer, mesh).lower(state, batch).compile()
-  seconds = time.perf_counter() - start
+  compiled, seconds = compiled_lib.compile_train_step(config, mesh, batch_size, image_shape)
   return compiled.as_text(), seconds, getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
 
 
@@ -289,7 +166,7 @@ def main(argv):
     config = copy.deepcopy(_CONFIG.value)
     for field, value in fields.items():
       common.set_field(config, field, value)
-    _as_on_gpu(config)
+    compiled_lib.as_on_gpu(config)
     before = set(glob.glob(os.path.join(dump, "*.ptx"))) if dump else set()
     hlo, seconds, temp_bytes = compile_step(config, mesh, _BATCH.value, shape)
     if _SAVE.value:
@@ -298,7 +175,7 @@ def main(argv):
         f.write(hlo)
     result = {"benchmark": "gpu_compile", "target": TARGETS[_TARGET.value]["name"], "variant": fields,
               "batch_size": _BATCH.value, "image_shape": list(shape), "jax": jax.__version__, "compile_s": seconds,
-              "temp_gb": temp_bytes / 1e9 if temp_bytes is not None else None, **summarize(kernels(hlo), _TOP.value)}
+              "temp_gb": temp_bytes / 1e9 if temp_bytes is not None else None, **compiled_lib.summarize(compiled_lib.kernels(hlo), _TOP.value)}
     if dump:
       ptx = sorted(set(glob.glob(os.path.join(dump, "*.ptx"))) - before)
       result["pallas_registers"] = registers_of([p for p in ptx if _holds_pallas_kernels(p)])

@@ -6,8 +6,10 @@ summary of records made under other XLA flags."""
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -204,8 +206,8 @@ def test_plot_gamma_draws_each_curve_where_it_lies(tmp_path):
   assert plot_gamma._split("a = 1=runs/x", "run") == ("a = 1", "runs/x")
 
 
-def test_gpu_compile_counts_each_launch_and_the_bytes_of_a_loops_slice():
-  from benchmarks import gpu_compile
+def test_compiled_counts_each_launch_and_the_bytes_of_a_loops_slice():
+  from benchmarks import compiled
 
   def scanned(xs, h):
     def body(h, x):
@@ -214,18 +216,29 @@ def test_gpu_compile_counts_each_launch_and_the_bytes_of_a_loops_slice():
     return jax.lax.scan(body, h, xs)
 
   xs, h = jnp.ones((7, 64, 32)), jnp.ones((64, 32))
-  found = gpu_compile.kernels(jax.jit(scanned).lower(xs, h).compile().as_text())
+  found = compiled.kernels(jax.jit(scanned).lower(xs, h).compile().as_text())
   in_loop = [k for k in found if k["launches"] == 7]
   assert in_loop and all(k["launches"] in (1, 7) for k in found)  # the body's kernels, once per iteration
   tanh = next(k for k in in_loop if "tanh" in k["name"])
   assert tanh["out_bytes"] == 64 * 32 * 4 and max(tanh["operand_bytes"]) == 64 * 32 * 4  # x: one slice of xs
   update = next(k for k in in_loop if "update" in k["name"])
   assert update["out_bytes"] == 64 * 32 * 4  # the stacked output, written one slice at a time
-  summary = gpu_compile.summarize(found, top=3)
+  summary = compiled.summarize(found, top=3)
   assert summary["kernels_per_step"] == sum(k["launches"] for k in found)
-  assert summary["gb_per_step"] == pytest.approx(sum(k["launches"] * gpu_compile.traffic(k) for k in found) / 1e9,
+  assert summary["gb_per_step"] == pytest.approx(sum(k["launches"] * compiled.traffic(k) for k in found) / 1e9,
                                                  abs=0.01)
-  assert gpu_compile.nbytes("(bf16[2,3]{1,0}, f32[4]{0}, pred[])") == 12 + 16 + 1
+  assert compiled.nbytes("(bf16[2,3]{1,0}, f32[4]{0}, pred[])") == 12 + 16 + 1
+  assert all(k["cycles"] == 0 for k in found)  # a CPU's kernels carry no cost model's estimate
+
+  # A TPU's loops name no known_trip_count: the count is read from the loop's condition (i < 7) instead.
+  text = jax.jit(scanned).lower(xs, h).compile().as_text()
+  unnamed = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text)
+  assert unnamed != text and [k["launches"] for k in compiled.kernels(unnamed)] == [k["launches"] for k in found]
+  condition = [("c", "s32[]{:T(128)}", "constant", "7), metadata={}"), ("i", "s32[]", "get-tuple-element", "%p)"),
+               ("lt", "pred[]", "compare", "%i, %c), direction=LT")]
+  assert compiled._trip_count(condition) == 7
+  assert compiled._trip_count(condition[:2] + [("ne", "pred[]", "compare", "%i, %c), direction=NE")]) == 1
+  assert compiled._trip_count(condition + [("d", "s32[]", "constant", "3)")]) == 1  # which bound: not known
 
 
 def test_recipes_summary_averages_each_training_seeds_mean_over_sample_seeds(tmp_path):
@@ -266,19 +279,66 @@ def test_recipes_summary_averages_each_training_seeds_mean_over_sample_seeds(tmp
 
 
 def test_gpu_compile_resolves_the_auto_fields_as_one_gpu_would():
-  from benchmarks import gpu_compile
+  from benchmarks import compiled
   from configs import cifar10
   config = cifar10.get_config()
   config.execution.update(group_norm="auto", scan_unroll=0)
-  gpu_compile._as_on_gpu(config)
+  compiled.as_on_gpu(config)
   ex = config.execution
   assert (ex.dtype, ex.conv_grad, ex.skip_projection, ex.attention, ex.group_norm, ex.scan_unroll) == (
       "bfloat16", "xla", "conv", "cudnn", "pallas", config.model.network.num_blocks + 1)
   config = cifar10.get_config()
   config.execution.update(dtype="float32", skip_projection="dense", scan_unroll=2)  # set ones stay
-  gpu_compile._as_on_gpu(config)
+  compiled.as_on_gpu(config)
   assert (config.execution.dtype, config.execution.skip_projection, config.execution.group_norm,
           config.execution.scan_unroll) == ("float32", "dense", "xla", 2)
+
+
+def test_tpu_compile_resolves_the_auto_fields_as_a_tpu_would_and_reads_the_cost_model():
+  from benchmarks import compiled
+  from configs import cifar10
+  config = cifar10.get_config()
+  config.execution.update(group_norm="auto", scan_unroll=0, attention="auto", skip_projection="auto")
+  compiled.as_on_tpu(config)
+  ex = config.execution
+  assert (ex.dtype, ex.conv_grad, ex.skip_projection, ex.attention, ex.group_norm, ex.scan_unroll) == (
+      "bfloat16", "xla", "dense", "xla", "xla", 1)
+  config = cifar10.get_config()
+  config.execution.update(dtype="float32", scan_unroll=4)  # set ones stay
+  compiled.as_on_tpu(config)
+  assert (config.execution.dtype, config.execution.scan_unroll) == ("float32", 4)
+
+  # Each kernel's estimated cycles times its launches; families ranked by them.
+  hlo = """ENTRY %main (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0:T(256)} parameter(0)
+  %fusion.1 = f32[8]{0:T(256)} fusion(%p), kind=kLoop, calls=%f, backend_config={"window_config":{"estimated_cycles":"100"}}
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body
+  ROOT %fusion.2 = f32[8]{0:T(256)} fusion(%fusion.1), kind=kLoop, calls=%g, backend_config={"estimated_cycles":"5"}
+}
+%cond (a: (s32[], f32[8])) -> pred[] {
+  %c = s32[]{:T(128)} constant(3)
+  %i = s32[]{:T(128)} get-tuple-element(%a), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c), direction=LT
+}
+%body (b: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %convolution.7 = f32[8]{0:T(256)} convolution(%x, %y), backend_config={"estimated_cycles":"1000"}
+}
+"""
+  found = compiled.kernels(hlo)
+  assert {k["name"]: (k["launches"], k["cycles"]) for k in found} == {
+      "fusion.1": (1, 100), "fusion.2": (1, 5), "convolution.7": (3, 1000)}
+  assert compiled.cost(found, top=2) == {"cost_model_cycles": 3105,
+                                            "top_families_by_cycles": {"convolution": 3000, "fusion": 105}}
+
+
+def test_tpu_compile_sums_a_devices_memory_and_says_whether_it_fits():
+  from benchmarks import compiled
+  gib = 2 ** 30
+  stats = types.SimpleNamespace(argument_size_in_bytes=2 * gib, output_size_in_bytes=2 * gib,
+                                alias_size_in_bytes=2 * gib - gib // 2, temp_size_in_bytes=13 * gib)
+  got = compiled.memory(stats, hbm_gib=16)
+  assert got == {"arguments_gib": 2.0, "temp_gib": 13.0, "peak_gib": 15.5, "hbm_gib": 16, "fits": True}
+  assert not compiled.memory(stats, hbm_gib=15)["fits"]
 
 
 def test_gpu_compile_reads_the_pallas_kernels_registers_and_spills_from_ptxas():

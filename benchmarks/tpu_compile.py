@@ -1,0 +1,120 @@
+"""The train step as a TPU slice would run it, compiled on a machine without one: memory per chip, and cost.
+
+    pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"   # libtpu; no TPU needed
+    python benchmarks/tpu_compile.py --config=configs/cifar10.py --target=v5e-8
+    python benchmarks/tpu_compile.py --config=configs/cifar10.py --target=v5e-1 --batch_size=128,256
+    python benchmarks/tpu_compile.py --config=configs/cifar10.py --target=v6e-8 \
+        --variant=execution.dropout_rng=packed --variant=execution.dropout_rng=rbg
+
+libtpu compiles for a TPU slice it is only told about (deviceless
+ahead-of-time compilation: ``jax.experimental.topologies``), the same
+compiler and the same memory planning as on the TPU itself. So where no
+TPU is lent this answers: does the step compile for a TPU at all; how
+much of each chip's HBM it takes (XLA's memory analysis: the state and
+batch it is given, its outputs, its temporaries; a program that does not
+fit fails to compile, and the record says so); and what XLA's TPU cost
+model estimates its kernels cost (``cost_model_cycles``: each kernel's
+``estimated_cycles`` times its launches, loop bodies times their trip
+count). The cycles are the compiler's estimate, not a timing: compare
+variants by them (the last line's ratios), not devices.
+
+The ``"auto"`` execution fields resolve as on a TPU (bf16 blocks, XLA's
+norms, attention and convolution gradient, matmul skip projections, one
+block a loop iteration). One JSON record per variant and batch.
+"""
+
+import copy
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs JAX; the TPU is only a compilation target
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # libtpu: no TPU VM's metadata server to ask
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # a second process (a test, a benchmark) may hold it
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from benchmarks import compiled as compiled_lib  # noqa: E402
+
+# name: (libtpu topology, its options, devices JAX sees, each device's HBM in GiB as published).
+TARGETS = {
+    "v4-8": ("v4:2x2x1", {"chip_config_name": "megacore"}, 4, 32),
+    "v5e-1": ("v5e:1x1", {"chips_per_host_bounds": (1, 1, 1)}, 1, 16),
+    "v5e-4": ("v5e:2x2", {}, 4, 16),
+    "v5e-8": ("v5e:2x4", {}, 8, 16),
+    "v5p-8": ("v5p:2x2x1", {}, 4, 95),
+    "v6e-1": ("v6e:1x1", {"chips_per_host_bounds": (1, 1, 1)}, 1, 32),
+    "v6e-8": ("v6e:2x4", {}, 8, 32),
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
+_TARGET = flags.DEFINE_enum("target", "v5e-8", sorted(TARGETS), "The TPU slice compiled for.")
+_BATCH = flags.DEFINE_list("batch_size", ["128"], "Global batch(es), split over the slice's devices.")
+_SHAPE = flags.DEFINE_string("image_shape", "32,32,3", "H,W,C of the images.")
+_SWEEP = flags.DEFINE_string("sweep", "", "FIELD=V1,V2,…: each value of one config field, side by side.")
+_VARIANT = flags.DEFINE_multi_string("variant", [], "FIELD=V[,FIELD=V…]: one variant (repeat the flag).")
+_TOP = flags.DEFINE_integer("top", 8, "Kernel families listed per variant (by estimated cycles).")
+flags.mark_flag_as_required("config")
+
+def target_mesh(target: str) -> jax.sharding.Mesh:
+  """A mesh of a TPU slice's devices that need not be here (one ``data`` axis, as training's)."""
+  from jax.experimental import topologies  # noqa: PLC0415
+  name, options, expected, _ = TARGETS[target]
+  try:
+    devices = topologies.get_topology_desc(name, platform="tpu", **options).devices
+  except Exception as error:  # no libtpu: JAX raises several kinds
+    raise app.UsageError(f"compiling for a TPU needs libtpu (no TPU): pip install \"jax[tpu]=={jax.__version__}\" "
+                         f"({str(error).splitlines()[0]})") from error
+  if len(devices) != expected:
+    raise app.UsageError(f"--target={target}: libtpu gave {len(devices)} devices for {name!r}, expected {expected}")
+  return jax.sharding.Mesh(np.asarray(devices), ("data",))
+
+
+def main(argv):
+  del argv
+  mesh = target_mesh(_TARGET.value)
+  name, _, devices, hbm_gib = TARGETS[_TARGET.value]
+  shape = tuple(int(s) for s in _SHAPE.value.split(","))
+  batches = [int(b) for b in _BATCH.value]
+  for batch in batches:
+    if batch % devices:
+      raise app.UsageError(f"--batch_size={batch}: not a multiple of {_TARGET.value}'s {devices} devices")
+  variants, results = common.variants(_SWEEP.value, _VARIANT.value), []
+  for fields in variants:
+    for batch in batches:
+      config = copy.deepcopy(_CONFIG.value)
+      for field, value in fields.items():
+        common.set_field(config, field, value)
+      compiled_lib.as_on_tpu(config)
+      result = {"benchmark": "tpu_compile", "target": _TARGET.value, "topology": name,
+                "device_kind": mesh.devices.flat[0].device_kind, "devices": devices, "variant": fields,
+                "batch_size": batch, "per_device_batch": batch // devices, "image_shape": list(shape),
+                "jax": jax.__version__}
+      try:
+        compiled, seconds = compiled_lib.compile_train_step(config, mesh, batch, shape)
+      except Exception as error:  # e.g. RESOURCE_EXHAUSTED: the step does not fit in HBM
+        result.update(error=str(error).splitlines()[0][:500], fits=False if "RESOURCE_EXHAUSTED" in str(error)
+                      else None)
+        common.emit(result)
+        continue
+      found = compiled_lib.kernels(compiled.as_text())
+      result.update(compile_s=seconds, **compiled_lib.memory(compiled.memory_analysis(), hbm_gib),
+                    **compiled_lib.cost(found, _TOP.value))
+      results.append(result)
+      common.emit(result)
+  if len(results) > 1:
+    first = results[0]
+    label = lambda r: ",".join([f"{k}={v}" for k, v in r["variant"].items()] + [f"batch={r['batch_size']}"])  # noqa: E731
+    common.emit({"benchmark": "tpu_compile_ratios", "target": _TARGET.value, "baseline": label(first),
+                 "cycles_per_image": {label(r): (r["cost_model_cycles"] / r["batch_size"])
+                                      / (first["cost_model_cycles"] / first["batch_size"]) for r in results}})
+
+
+if __name__ == "__main__":
+  app.run(main)
