@@ -4,6 +4,7 @@ benchmarks/estimator_variance.py, the recipes check's summary over training seed
 summary of records made under other XLA flags."""
 
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -339,6 +340,14 @@ def test_tpu_compile_sums_a_devices_memory_and_says_whether_it_fits():
   got = compiled.memory(stats, hbm_gib=16)
   assert got == {"arguments_gib": 2.0, "temp_gib": 13.0, "peak_gib": 15.5, "hbm_gib": 16, "fits": True}
   assert not compiled.memory(stats, hbm_gib=15)["fits"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed here")
+def test_tpu_compile_without_libtpu_says_what_to_install():
+  done = subprocess.run([sys.executable, "benchmarks/tpu_compile.py", "--config=configs/mnist.py",
+                         f"--results={os.devnull}"], capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert done.returncode == 1 and f'pip install "jax[tpu]=={jax.__version__}"' in done.stderr
 
 
 def test_gpu_compile_reads_the_pallas_kernels_registers_and_spills_from_ptxas():
