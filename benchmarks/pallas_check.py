@@ -182,15 +182,15 @@ def check(case: str, dtype_name: str, launches: list, batch: int, shape: tuple, 
 
 def check_mask(batch: int, shape: tuple, channels: int, repeats: int) -> dict:
   """vdm.dropout's mask kernel (Triton on GPUs, Pallas's interpreter elsewhere) against the traced mask, bit for
-  bit, for a block's activations (rounded up to whole programs) at keep probability 0.9; timed (``repeats`` >
-  0) against the traced form."""
-  calls = -(-batch * math.prod(shape) * channels // (4 * dropout.KERNEL_CALLS)) * dropout.KERNEL_CALLS
-  size = 4 * calls
+  bit, for a block's activations (each example rounded up to whole programs) at keep probability 0.9; timed
+  (``repeats`` > 0) against the traced form."""
+  calls = -(-math.prod(shape) * channels // (4 * dropout.KERNEL_CALLS)) * dropout.KERNEL_CALLS  # per example
+  size = 4 * batch * calls
   k0, k1 = jax.random.key_data(dropout.packed_key(jax.random.key(0))).astype(jnp.uint32)
   threshold = dropout.keep_threshold(0.9)
   interpret = jax.default_backend() != "gpu"
-  kernel = jax.jit(lambda k0, k1: dropout.mask_kernel(k0, k1, calls, threshold, interpret=interpret) != 0)
-  traced = jax.jit(lambda k0, k1: dropout.traced_mask(k0, k1, (calls, 4), threshold))
+  kernel = jax.jit(lambda k0, k1: dropout.mask_kernel(k0, k1, batch, calls, threshold, interpret=interpret) != 0)
+  traced = jax.jit(lambda k0, k1: dropout.traced_mask(k0, k1, (batch, 4, calls), threshold))
   got, want = np.asarray(kernel(k0, k1)), np.asarray(traced(k0, k1))
   record = {"benchmark": "pallas_check", "case": "dropout_mask", "backend": jax.default_backend(),
             "device": jax.devices()[0].device_kind, "jax": jax.__version__, "activations": size,

@@ -113,7 +113,8 @@ def main(argv):
     sys.exit("tpu_compile: nothing compiled (each record above names its error)")
   if len(results) > 1:
     first = results[0]
-    label = lambda r: ",".join([f"{k}={v}" for k, v in r["variant"].items()] + [f"batch={r['batch_size']}"])  # noqa: E731
+    def label(r):
+      return ",".join([f"{k}={v}" for k, v in r["variant"].items()] + [f"batch={r['batch_size']}"])
     common.emit({"benchmark": "tpu_compile_ratios", "target": _TARGET.value, "baseline": label(first),
                  "cycles_per_image": {label(r): (r["cost_model_cycles"] / r["batch_size"])
                                       / (first["cost_model_cycles"] / first["batch_size"]) for r in results}})

@@ -30,13 +30,29 @@ def test_the_generator_gives_random123s_known_answers():
     assert [f"{int(w[0]):08x}" for w in words] == want
 
 
+def _uniforms(key, examples, calls):
+  """[examples, 4, calls]: half q of call b × calls + j at (b, q, j), from JAX's Threefry."""
+  counters = np.arange(examples * calls)
+  w0, w1 = _threefry(np.asarray(jax.random.key_data(key)), [counters, np.zeros_like(counters)])
+  halves = np.stack([w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16])  # [4, calls in all]
+  return halves.reshape(4, examples, calls).transpose(1, 0, 2)
+
+
 def test_each_activation_takes_its_own_16_bits_of_its_call():
   key = dropout.packed_key(jax.random.key(3))
-  shape = (3, 5, 7)  # 105 activations: 27 calls, the last one used in part
-  mask = np.asarray(dropout.keep_mask(key, 0.9, shape)).reshape(-1)
-  words = np.stack(_threefry(np.asarray(jax.random.key_data(key)), [np.arange(27), np.zeros(27)]), axis=-1)  # [27, 2]
-  uniforms = np.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(-1)[:105]  # call c: activations 4c … 4c + 3
-  np.testing.assert_array_equal(mask, uniforms < 58982)
+  # An example of 8 × 3 × 2 = 48 activations: 12 calls each, its quarters (of 2 rows) a call's halves apart.
+  mask = np.asarray(dropout.keep_mask(key, 0.9, (5, 8, 3, 2)))
+  np.testing.assert_array_equal(mask.reshape(5, 4, 12), _uniforms(key, 5, 12) < 58982)
+  assert dropout.quarters((5, 8, 3, 2)) == (5, 12)
+  # Examples of 6 × 3 = 18 activations (the second axis not a multiple of 4, the example is), rank 1, and
+  # 105 activations in no whole quarters (27 calls, the last one used in part): one "example".
+  np.testing.assert_array_equal(np.asarray(dropout.keep_mask(key, 0.9, (2, 6, 2))).reshape(2, 4, 3),
+                                _uniforms(key, 2, 3) < 58982)
+  for shape in [(64,), (3, 5, 7)]:
+    calls = -(-np.prod(shape) // 4)
+    assert dropout.quarters(shape) == (1, calls)
+    want = (_uniforms(key, 1, calls) < 58982).reshape(-1)[:np.prod(shape)].reshape(shape)
+    np.testing.assert_array_equal(np.asarray(dropout.keep_mask(key, 0.9, shape)), want)
   assert dropout.keep_threshold(0.9) == 58982 and dropout.keep_threshold(1.0) == 65536
   with pytest.raises(ValueError, match="keep_prob: expected a probability"):
     dropout.keep_threshold(0.0)
@@ -49,15 +65,16 @@ def test_the_gpu_kernel_draws_the_same_mask_bit_for_bit():
                        ([0x13198A2E, 0x03707344], [0x243F6A88, 0x85A308D3])]:
     words = dropout._threefry(*(jnp.uint32(k) for k in key), *(jnp.asarray([c], jnp.uint32) for c in counter))
     np.testing.assert_array_equal(np.stack(words), np.stack(_threefry(key, [[counter[0]], [counter[1]]])))
-  calls = 2 * dropout.KERNEL_CALLS  # two programs
+  examples, calls = 3, 2 * dropout.KERNEL_CALLS  # two programs an example
   for seed, keep_prob in [(3, 0.9), (4, 0.5), (5, 1.0)]:
     key = dropout.packed_key(jax.random.key(seed))
     k0, k1 = jax.random.key_data(key).astype(jnp.uint32)
     threshold = dropout.keep_threshold(keep_prob)
-    got = dropout.mask_kernel(k0, k1, calls, threshold, interpret=True)
-    assert got.shape == (calls, 4) and got.dtype == jnp.int8
-    want = dropout.keep_mask(key, keep_prob, (2, calls // 2, 4))  # traced off GPUs
+    got = dropout.mask_kernel(k0, k1, examples, calls, threshold, interpret=True)
+    assert got.shape == (examples, 4, calls) and got.dtype == jnp.int8
+    want = dropout.keep_mask(key, keep_prob, (examples, 16, calls // 8, 2))  # traced off GPUs
     np.testing.assert_array_equal(np.asarray(got).reshape(want.shape) != 0, want)
+    np.testing.assert_array_equal(np.asarray(got) != 0, _uniforms(key, examples, calls) < threshold)
     assert abs(float(want.mean()) - threshold / 65536) < 0.02
 
 
@@ -69,8 +86,8 @@ def test_masks_keep_the_rounded_rate_and_neighbours_are_independent():
     mask = np.asarray(dropout.keep_mask(key, keep_prob, (n,)), np.float64)
     assert abs(mask.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
     centred = mask - mask.mean()
-    # Lag 1: the two halves of a word; lag 2: the two words of a call; lag 4: consecutive calls.
-    for lag in (1, 2, 4):
+    # Lag n/4: the halves of one call (one example of n activations); lags 1 and 4: neighbouring calls.
+    for lag in (1, 4, n // 4, n // 2):
       corr = np.mean(centred[:-lag] * centred[lag:]) / mask.var()
       assert abs(corr) < 5 / np.sqrt(n), (keep_prob, lag, corr)
   # Another key, another mask; the same key, the same mask; a packed key splits and folds in as threefry.
@@ -155,11 +172,11 @@ def test_the_environment_can_turn_the_mask_kernel_off(monkeypatch):
   # On one device the GPU branch holds the kernel (traced here, never lowered off GPUs); VDM_DROPOUT_KERNEL=0
   # leaves only the traced mask, and several devices always do (a custom call is not split over the batch).
   key = dropout.packed_key(jax.random.key(0))
-  program = lambda: str(jax.make_jaxpr(lambda k: dropout.keep_bytes(k, 0.9, (4, 1024)))(key))  # noqa: E731
+  program = lambda: str(jax.make_jaxpr(lambda k: dropout.keep_bytes(k, 0.9, (4, 4096)))(key))  # noqa: E731
   assert ("pallas_call" in program()) == (jax.device_count() == 1)
   monkeypatch.setenv("VDM_DROPOUT_KERNEL", "0")
   assert not dropout.kernel_enabled() and "pallas_call" not in program()
-  assert dropout.keep_bytes(key, 0.9, (4, 1024)).dtype == jnp.int8
+  assert dropout.keep_bytes(key, 0.9, (4, 4096)).dtype == jnp.int8
 
 
 def test_the_mask_kernel_is_checked_once_and_turned_off_where_it_is_wrong(monkeypatch):
@@ -177,7 +194,7 @@ def test_the_mask_kernel_is_checked_once_and_turned_off_where_it_is_wrong(monkey
     assert why in failure and failure.endswith("the traced mask instead"), failure
     assert not dropout.kernel_enabled() and dropout.check_kernel() == failure
     key = dropout.packed_key(jax.random.key(0))
-    assert "pallas_call" not in str(jax.make_jaxpr(lambda k: dropout.keep_bytes(k, 0.9, (4, 1024)))(key))
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda k: dropout.keep_bytes(k, 0.9, (4, 4096)))(key))
 
 
 def test_setup_checks_the_mask_kernel_for_packed_masks_only(monkeypatch):

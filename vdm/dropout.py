@@ -75,40 +75,61 @@ def keep_bytes(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
   In the bytes the GroupNorm kernels read (:mod:`vdm.group_norm`) and the mask kernel writes, so no pass
   converts one into the other.
 
-  ``key``: a typed key of two uint32 words (k0, k1). Activation ``i``
-  (row-major in ``shape``) takes bits ``16 (i mod 2)`` to ``16 (i mod 2) +
-  15`` of word ``⌊i / 2⌋ mod 2`` of the Threefry-2x32-20 call with counter
-  (⌊i / 4⌋, 0). On one GPU, where the activations fill whole programs,
-  :func:`mask_kernel` draws it; elsewhere :func:`traced_mask`: the same bits.
+  ``key``: a typed key of two uint32 words (k0, k1). The mask, row-major,
+  viewed as ``[B, 4, M]`` (:func:`quarters`: B the batch, M a quarter of an
+  example's activations): activation ``(b, q, j)`` takes bits ``16 (q mod
+  2)`` to ``16 (q mod 2) + 15`` of word ``⌊q / 2⌋`` of the Threefry-2x32-20
+  call with counter (b M + j, 0). So the four activations of a call lie a
+  quarter of an example apart, not side by side: each quarter is its own
+  contiguous run of the words' halves, which every backend lays out as it
+  lays out the activations (side by side, a TPU's tiled layout padded the
+  calls' 4 halves to 128 lanes and copied them: XLA's TPU cost model put
+  that at half the CIFAR-10 step on one v5e chip). On one GPU, where each
+  example's activations fill whole programs, :func:`mask_kernel` draws it;
+  elsewhere :func:`traced_mask`: the same bits.
   """
   k0, k1 = jax.random.key_data(key).astype(jnp.uint32)
   size = math.prod(shape)
-  calls = -(-size // 4)
-  if calls >= 1 << 32:
+  examples, calls = quarters(shape)
+  if examples * calls >= 1 << 32:
     raise ValueError(f"keep_bytes: {size} activations need more than 2³² counters")
   threshold = keep_threshold(keep_prob)
   traced = lambda k0, k1: traced_mask(k0, k1, shape, threshold).astype(jnp.int8)  # noqa: E731
   # The kernel is one custom call, which XLA cannot split over devices: with several, each would draw the
   # whole batch's mask. The traced form partitions over the batch like any elementwise work.
-  if size != 4 * calls or calls % KERNEL_CALLS or jax.device_count() > 1 or not kernel_enabled():
+  if (size != 4 * examples * calls or calls % KERNEL_CALLS or jax.device_count() > 1
+      or not kernel_enabled()):
     return traced(k0, k1)
-  kernel = lambda k0, k1: mask_kernel(k0, k1, calls, threshold).reshape(shape)  # noqa: E731
+  kernel = lambda k0, k1: mask_kernel(k0, k1, examples, calls, threshold).reshape(shape)  # noqa: E731
   return lax.platform_dependent(k0, k1, cuda=kernel, rocm=kernel, default=traced)
+
+
+def quarters(shape: tuple) -> tuple[int, int]:
+  """(B, M): a mask of ``shape`` viewed as ``[B, 4, M]``, where activation ``(b, q, j)`` takes 16-bit half ``q``
+  of Threefry call ``b M + j``. B is the leading axis (the batch, so each example's bits come from calls of
+  its own) where the rest of the shape is a multiple of 4; else 1 (M = ⌈size / 4⌉, the last call used in part)."""
+  size = math.prod(shape)
+  if len(shape) >= 2 and shape[0] and (size // shape[0]) % 4 == 0:
+    return shape[0], size // shape[0] // 4
+  return 1, -(-size // 4)
 
 
 def traced_mask(k0: jax.Array, k1: jax.Array, shape: tuple, threshold: int) -> jax.Array:
   """:func:`keep_mask` as XLA ops (off GPUs, and for any shape): the Threefry words, then their halves."""
   size = math.prod(shape)
-  calls = -(-size // 4)
-  counters = lax.iota(jnp.uint32, calls)
+  examples, calls = quarters(shape)
+  # The calls laid out as the mask's first quarter along axis 1 where that axis divides by 4, so the halves
+  # join along a major axis: no activation's bits are interleaved with another call's within the minor
+  # dimension, which a TPU's tiled layouts would pad to 128 lanes and copy (4 × 32 × the mask's bytes).
+  split = len(shape) >= 2 and examples == shape[0] and shape[1] % 4 == 0
+  layout = (shape[0], shape[1] // 4) + tuple(shape[2:]) if split else (examples, calls)
+  counters = lax.iota(jnp.uint32, examples * calls).reshape(layout)
   words = jex_random.threefry2x32_p.bind(k0, k1, counters, jnp.zeros_like(counters))
   # Materialised, so each call runs once: fused into the mask's consumer, XLA would run it again for
   # each of its four activations. The rest is elementwise and fuses there.
   w0, w1 = lax.optimization_barrier(words)
-  # Activation 4c + 2w + h: bits 16h … 16h + 15 of word w. Stacked rather than picked with iotas over
-  # [calls, 2, 2], which XLA hoists out of a scanned block's loop as 84 MB of constants read at every draw.
-  halves = jnp.stack([w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16], axis=-1)
-  halves = halves.reshape(-1) if size == 4 * calls else halves.reshape(-1)[:size]
+  halves = jnp.concatenate([w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16], axis=1)  # [B, 4 × …]: (b, q, j)
+  halves = halves.reshape(-1) if examples * calls * 4 == size else halves.reshape(-1)[:size]
   return (halves < threshold).reshape(shape)
 
 
@@ -125,21 +146,21 @@ _checked: list[Optional[str]] = []  # check_kernel's finding in this process, on
 
 def check_kernel(interpret: bool = False) -> Optional[str]:
   """Runs :func:`mask_kernel` once against :func:`traced_mask` where :func:`keep_bytes` would use it (one
-  GPU, the kernel not turned off; ``interpret``: here too, in Pallas's interpreter, for tests): two
-  programs' bits compared byte for byte. None if they agree, or where the kernel is not used; else why,
-  and from then on :func:`kernel_enabled` is False in this process (the traced mask: the same bits, the
-  step XLA's as before the kernel). :func:`vdm.training.setup` runs it for configs with packed masks, so
-  a GPU whose Triton does not take the kernel still trains.
+  GPU, the kernel not turned off; ``interpret``: here too, in Pallas's interpreter, for tests): four
+  programs' bits (two examples of two) compared byte for byte. None if they agree, or where the kernel is
+  not used; else why, and from then on :func:`kernel_enabled` is False in this process (the traced mask:
+  the same bits, the step XLA's as before the kernel). :func:`vdm.training.setup` runs it for configs with
+  packed masks, so a GPU whose Triton does not take the kernel still trains.
   """
   if _checked:
     return _checked[0]
   if not kernel_enabled() or not interpret and (jax.default_backend() != "gpu" or jax.device_count() > 1):
     return None
   k0, k1 = jnp.uint32(0x12345678), jnp.uint32(0x9ABCDEF0)
-  calls, threshold = 2 * KERNEL_CALLS, keep_threshold(0.9)
+  examples, calls, threshold = 2, 2 * KERNEL_CALLS, keep_threshold(0.9)  # four programs
   try:
-    got = np.asarray(mask_kernel(k0, k1, calls, threshold, interpret=interpret))
-    want = np.asarray(traced_mask(k0, k1, (calls, 4), threshold)).astype(np.int8)
+    got = np.asarray(mask_kernel(k0, k1, examples, calls, threshold, interpret=interpret))
+    want = np.asarray(traced_mask(k0, k1, (examples, 4, calls), threshold)).astype(np.int8)
     wrong = int(np.sum(got != want))
     why = None if wrong == 0 else f"{wrong} of its {want.size} mask bytes differ from the traced mask"
   except Exception as e:  # a lowering or launch failure: this GPU's Triton does not take it
@@ -168,30 +189,33 @@ def _threefry(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> tup
   return x0, x1
 
 
-def _mask_program(k0_ref, k1_ref, out_ref, *, threshold: int):
-  counters = (pl.program_id(0) * KERNEL_CALLS).astype(jnp.uint32) + lax.iota(jnp.uint32, KERNEL_CALLS)
+def _mask_program(k0_ref, k1_ref, out_ref, *, calls: int, threshold: int):
+  first = pl.program_id(0) * calls + pl.program_id(1) * KERNEL_CALLS  # example b's calls start at b × calls
+  counters = first.astype(jnp.uint32) + lax.iota(jnp.uint32, KERNEL_CALLS)
   w0, w1 = _threefry(k0_ref[...], k1_ref[...], counters, jnp.zeros_like(counters))
-  column = lax.broadcasted_iota(jnp.int32, (KERNEL_CALLS, 4), 1)  # activation 4c + column
-  word = jnp.where(column < 2, w0[:, None], w1[:, None])
-  half = jnp.where(column % 2 == 0, word & jnp.uint32(0xFFFF), word >> jnp.uint32(16))
+  quarter = lax.broadcasted_iota(jnp.int32, (4, KERNEL_CALLS), 0)  # half q of each call: row q
+  word = jnp.where(quarter < 2, w0[None, :], w1[None, :])
+  half = jnp.where(quarter % 2 == 0, word & jnp.uint32(0xFFFF), word >> jnp.uint32(16))
   out_ref[...] = (half < jnp.uint32(threshold)).astype(jnp.int8)
 
 
-def mask_kernel(k0: jax.Array, k1: jax.Array, calls: int, threshold: int, interpret: bool = False) -> jax.Array:
-  """:func:`keep_mask`'s bits as one GPU kernel: int8 ``[calls, 4]``, 1 where activation ``4c + j`` is kept.
+def mask_kernel(k0: jax.Array, k1: jax.Array, examples: int, calls: int, threshold: int,
+                interpret: bool = False) -> jax.Array:
+  """:func:`keep_mask`'s bits as one GPU kernel: int8 ``[examples, 4, calls]``, 1 where activation ``(b, q, j)``
+  (:func:`quarters`) is kept.
 
   Each program runs :data:`KERNEL_CALLS` Threefry calls and writes their 4,096 mask bytes: nothing is read,
   and the generator's words never reach memory (the traced form writes them, 8 bytes per call, and reads
   them back to compare). Compiling it is one kernel where the traced form is ~130 integer instructions per
-  draw, for XLA to fuse. ``calls`` a multiple of :data:`KERNEL_CALLS`. Triton on GPUs; ``interpret``: Pallas's
-  interpreter (for tests).
+  draw, for XLA to fuse. ``calls`` (per example) a multiple of :data:`KERNEL_CALLS`. Triton on GPUs;
+  ``interpret``: Pallas's interpreter (for tests).
   """
   words = lambda k: jnp.reshape(k, (1,)).astype(jnp.uint32)  # noqa: E731
   return pl.pallas_call(
-      functools.partial(_mask_program, threshold=threshold),
-      out_shape=jax.ShapeDtypeStruct((calls, 4), jnp.int8), grid=(calls // KERNEL_CALLS,),
-      in_specs=[pl.BlockSpec((1,), lambda i: (0,))] * 2,
-      out_specs=pl.BlockSpec((KERNEL_CALLS, 4), lambda i: (i, 0)), interpret=interpret,
+      functools.partial(_mask_program, calls=calls, threshold=threshold),
+      out_shape=jax.ShapeDtypeStruct((examples, 4, calls), jnp.int8), grid=(examples, calls // KERNEL_CALLS),
+      in_specs=[pl.BlockSpec((1,), lambda b, i: (0,))] * 2,
+      out_specs=pl.BlockSpec((None, 4, KERNEL_CALLS), lambda b, i: (b, 0, i)), interpret=interpret,
       compiler_params=None if interpret else pallas_triton.CompilerParams(num_warps=4))(words(k0), words(k1))
 
 
