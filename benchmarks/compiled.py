@@ -170,7 +170,7 @@ def as_on_tpu(config) -> None:
     if ex[field] == "auto":
       ex[field] = on_tpu
   if ex.scan_unroll == 0:
-    ex.scan_unroll = 1
+    ex.scan_unroll = config.model.network.num_blocks + 1
 
 
 GIB = 2 ** 30

@@ -21,8 +21,8 @@ count). The cycles are the compiler's estimate, not a timing: compare
 variants by them (the last line's ratios), not devices.
 
 The ``"auto"`` execution fields resolve as on a TPU (bf16 blocks, XLA's
-norms, attention and convolution gradient, matmul skip projections, one
-block a loop iteration). One JSON record per variant and batch.
+norms, attention and convolution gradient, matmul skip projections;
+``scan_unroll=0``: no loops). One JSON record per variant and batch.
 """
 
 import copy

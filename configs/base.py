@@ -87,8 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.execution.dropout_rng = "threefry"
   # Identical blocks per loop iteration of a scanned stack (nn.scan's unroll): fewer, larger
   # iterations; 1 compiles fastest; at least a stack's length (e.g. 64): no loop, straight-line code
-  # (for a GPU 0.6-0.7x the bytes moved and 2-4.6x the compilation; README, Performance); 0 = automatic:
-  # no loop on GPUs, one block an iteration elsewhere.
+  # (for a GPU 0.5-0.7x the bytes moved and 2-4.6x the compilation, for a TPU v5e 0.5x the cost model's
+  # cycles and 3x the compilation; README, Performance); 0 = automatic: no loop on GPUs and TPUs, one block
+  # an iteration on CPUs.
   config.execution.scan_unroll = 1
   # Where the up path's skips join: "before_norm" (concatenate the inputs, as the paper's code) or
   # "after_norm" (normalise input and skip apart, concatenate the normalised: the same function and

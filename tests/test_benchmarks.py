@@ -303,7 +303,7 @@ def test_tpu_compile_resolves_the_auto_fields_as_a_tpu_would_and_reads_the_cost_
   compiled.as_on_tpu(config)
   ex = config.execution
   assert (ex.dtype, ex.conv_grad, ex.skip_projection, ex.attention, ex.group_norm, ex.scan_unroll) == (
-      "bfloat16", "xla", "dense", "xla", "xla", 1)
+      "bfloat16", "xla", "dense", "xla", "xla", config.model.network.num_blocks + 1)
   config = cifar10.get_config()
   config.execution.update(dtype="float32", scan_unroll=4)  # set ones stay
   compiled.as_on_tpu(config)

@@ -271,13 +271,14 @@ def test_skip_projection_auto_is_convolutions_on_gpus_only(monkeypatch):
     config_lib.validate(config)
 
 
-def test_scan_unroll_zero_unrolls_every_stack_on_gpus_only(monkeypatch):
+@pytest.mark.parametrize("accelerator", ["gpu", "tpu"])
+def test_scan_unroll_zero_unrolls_every_stack_on_accelerators_only(monkeypatch, accelerator):
   config = cifar10.get_config()
   config.execution.scan_unroll = 0
   config_lib.validate(config)
   assert config_lib.resolve_scan_unroll(config) == 1  # on this CPU
   assert config_lib.build_model(config).network.scan_unroll == 1
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "default_backend", lambda: accelerator)
   assert config_lib.resolve_scan_unroll(config) == config.model.network.num_blocks + 1  # the up stacks' length
   config.execution.scan_unroll = 2
   assert config_lib.resolve_scan_unroll(config) == 2

@@ -286,14 +286,14 @@ def resolve_attention(attention: str) -> str:
 
 
 def resolve_scan_unroll(config: ml_collections.ConfigDict) -> int:
-  """``execution.scan_unroll=0`` (automatic): every block of a stack in one iteration (no loop) on GPUs,
-  where compiled for an H200 that moves 0.6-0.7x the bytes a step (README, Performance), at the price of
-  a longer compilation; one block an iteration elsewhere (on CPUs the unrolled step compiles slower and
-  runs no faster)."""
+  """``execution.scan_unroll=0`` (automatic): every block of a stack in one iteration (no loop) on GPUs
+  and TPUs, at the price of a longer compilation (README, Performance: compiled for an H200 the step moves
+  0.5-0.7x the bytes; for TPU v5e chips, 0.5x the cycles by XLA's cost model); one block an iteration on
+  CPUs, where the unrolled step compiles slower and runs no faster."""
   unroll = config.execution.scan_unroll
   if unroll:
     return unroll
-  return config.model.network.num_blocks + 1 if jax.default_backend() == "gpu" else 1
+  return config.model.network.num_blocks + 1 if jax.default_backend() in ("gpu", "tpu") else 1
 
 
 def resolve_gamma_path(config: ml_collections.ConfigDict) -> str:
