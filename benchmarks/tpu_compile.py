@@ -62,6 +62,7 @@ _SHAPE = flags.DEFINE_string("image_shape", "32,32,3", "H,W,C of the images.")
 _SWEEP = flags.DEFINE_string("sweep", "", "FIELD=V1,V2,…: each value of one config field, side by side.")
 _VARIANT = flags.DEFINE_multi_string("variant", [], "FIELD=V[,FIELD=V…]: one variant (repeat the flag).")
 _TOP = flags.DEFINE_integer("top", 8, "Kernel families listed per variant (by estimated cycles).")
+_SAVE = flags.DEFINE_string("save_hlo", "", "DIR: write each compiled step's HLO text there.")
 flags.mark_flag_as_required("config")
 
 def target_mesh(target: str) -> jax.sharding.Mesh:
@@ -104,7 +105,12 @@ def main(argv):
         result.update(error=f"{type(error).__name__}: {str(error).splitlines()[0][:500]}")
         common.emit(result)
         continue
-      found = compiled_lib.kernels(compiled.as_text())
+      hlo = compiled.as_text()
+      if _SAVE.value:
+        os.makedirs(_SAVE.value, exist_ok=True)
+        with open(os.path.join(_SAVE.value, f"tpu_compile_{_TARGET.value}_{len(results)}.hlo.txt"), "w") as f:
+          f.write(hlo)
+      found = compiled_lib.kernels(hlo)
       result.update(compile_s=seconds, **compiled_lib.memory(compiled.memory_analysis(), hbm_gib),
                     **compiled_lib.cost(found, _TOP.value))
       results.append(result)
