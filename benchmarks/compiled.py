@@ -150,25 +150,20 @@ def compile_train_step(config, mesh, batch_size: int, image_shape) -> tuple[jax.
   return compiled, time.perf_counter() - start
 
 
-def as_on_gpu(config) -> None:
-  """The ``"auto"`` execution fields as one GPU resolves them (vdm.config's resolve_* and group_norm_launch;
-  the Pallas kernels as if they passed the check that "auto" runs on the device first)."""
-  ex = config.execution
-  for field, on_gpu in (("dtype", "bfloat16"), ("conv_grad", "xla"), ("skip_projection", "conv"),
-                        ("attention", "cudnn"), ("group_norm", "pallas")):
-    if ex[field] == "auto":
-      ex[field] = on_gpu
-  if ex.scan_unroll == 0:
-    ex.scan_unroll = config.model.network.num_blocks + 1
+# What each "auto" execution field resolves to on one GPU (the Pallas norms as if they passed the check that
+# "auto" runs on the device first) and on a TPU: vdm.config's resolve_* and group_norm_launch.
+ON_GPU = {"dtype": "bfloat16", "conv_grad": "xla", "skip_projection": "conv", "attention": "cudnn",
+          "group_norm": "pallas"}
+ON_TPU = {"dtype": "bfloat16", "conv_grad": "xla", "skip_projection": "dense", "attention": "xla", "group_norm": "xla"}
 
 
-def as_on_tpu(config) -> None:
-  """The ``"auto"`` execution fields as a TPU resolves them (vdm.config's resolve_* and group_norm_launch)."""
+def as_on(config, resolved: dict) -> None:
+  """Sets each ``"auto"`` execution field to its value in ``resolved`` (:data:`ON_GPU`, :data:`ON_TPU`), and
+  ``scan_unroll=0`` to no loops (as on both); fields set otherwise stay."""
   ex = config.execution
-  for field, on_tpu in (("dtype", "bfloat16"), ("conv_grad", "xla"), ("skip_projection", "dense"),
-                        ("attention", "xla"), ("group_norm", "xla")):
+  for field, value in resolved.items():
     if ex[field] == "auto":
-      ex[field] = on_tpu
+      ex[field] = value
   if ex.scan_unroll == 0:
     ex.scan_unroll = config.model.network.num_blocks + 1
 

@@ -166,7 +166,7 @@ def main(argv):
     config = copy.deepcopy(_CONFIG.value)
     for field, value in fields.items():
       common.set_field(config, field, value)
-    compiled_lib.as_on_gpu(config)
+    compiled_lib.as_on(config, compiled_lib.ON_GPU)
     before = set(glob.glob(os.path.join(dump, "*.ptx"))) if dump else set()
     hlo, seconds, temp_bytes = compile_step(config, mesh, _BATCH.value, shape)
     if _SAVE.value:

@@ -94,7 +94,7 @@ def main(argv):
       config = copy.deepcopy(_CONFIG.value)
       for field, value in fields.items():
         common.set_field(config, field, value)
-      compiled_lib.as_on_tpu(config)
+      compiled_lib.as_on(config, compiled_lib.ON_TPU)
       result = {"benchmark": "tpu_compile", "target": _TARGET.value, "topology": name,
                 "device_kind": mesh.devices.flat[0].device_kind, "devices": devices, "variant": fields,
                 "batch_size": batch, "per_device_batch": batch // devices, "image_shape": list(shape),

@@ -284,13 +284,13 @@ def test_gpu_compile_resolves_the_auto_fields_as_one_gpu_would():
   from configs import cifar10
   config = cifar10.get_config()
   config.execution.update(group_norm="auto", scan_unroll=0)
-  compiled.as_on_gpu(config)
+  compiled.as_on(config, compiled.ON_GPU)
   ex = config.execution
   assert (ex.dtype, ex.conv_grad, ex.skip_projection, ex.attention, ex.group_norm, ex.scan_unroll) == (
       "bfloat16", "xla", "conv", "cudnn", "pallas", config.model.network.num_blocks + 1)
   config = cifar10.get_config()
   config.execution.update(dtype="float32", skip_projection="dense", scan_unroll=2)  # set ones stay
-  compiled.as_on_gpu(config)
+  compiled.as_on(config, compiled.ON_GPU)
   assert (config.execution.dtype, config.execution.skip_projection, config.execution.group_norm,
           config.execution.scan_unroll) == ("float32", "dense", "xla", 2)
 
@@ -300,13 +300,13 @@ def test_tpu_compile_resolves_the_auto_fields_as_a_tpu_would_and_reads_the_cost_
   from configs import cifar10
   config = cifar10.get_config()
   config.execution.update(group_norm="auto", scan_unroll=0, attention="auto", skip_projection="auto")
-  compiled.as_on_tpu(config)
+  compiled.as_on(config, compiled.ON_TPU)
   ex = config.execution
   assert (ex.dtype, ex.conv_grad, ex.skip_projection, ex.attention, ex.group_norm, ex.scan_unroll) == (
       "bfloat16", "xla", "dense", "xla", "xla", config.model.network.num_blocks + 1)
   config = cifar10.get_config()
   config.execution.update(dtype="float32", scan_unroll=4)  # set ones stay
-  compiled.as_on_tpu(config)
+  compiled.as_on(config, compiled.ON_TPU)
   assert (config.execution.dtype, config.execution.scan_unroll) == ("float32", 4)
 
   # Each kernel's estimated cycles times its launches; families ranked by them.
