@@ -393,7 +393,7 @@ def test_attention_with_the_cudnn_kernel_is_flaxs_where_cudnn_does_not_apply(cap
     params = perturbed(blocks[0].init(jax.random.key(1), x))
     assert jax.tree.structure(blocks[1].init(jax.random.key(1), x)) == jax.tree.structure(params)
     caplog.clear()
-    networks._warn_once.cache_clear()
+    networks.warn_once.cache_clear()
     want, got = (block.apply(params, x) for block in blocks)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     warned = "attention: flax's, not cuDNN's fused kernel: RuntimeError: cuDNN is not detected" in caplog.text

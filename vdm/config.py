@@ -6,7 +6,6 @@ compilation.
 
 import functools
 import importlib.util
-import logging
 import os
 import sys
 
@@ -255,13 +254,8 @@ def group_norm_launch(config: ml_collections.ConfigDict) -> networks.GroupNormKe
   if why is None:
     return launch
   if jax.default_backend() == "gpu":
-    _warn_once(f"execution.group_norm='auto': XLA's GroupNorm, not the Pallas kernels: {why}")
+    networks.warn_once(f"execution.group_norm='auto': XLA's GroupNorm, not the Pallas kernels: {why}")
   return "xla"
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-  logging.warning(message)
 
 
 def resolve_skip_projection(projection: str) -> str:

@@ -295,12 +295,14 @@ def _cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: 
     try:
       return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
     except (RuntimeError, ValueError, NotImplementedError) as e:  # e.g. no cuDNN, or one too old
-      _warn_once(f"attention: flax's, not cuDNN's fused kernel: {type(e).__name__}: {e}")
+      warn_once(f"attention: flax's, not cuDNN's fused kernel: {type(e).__name__}: {e}")
   return nn.dot_product_attention(query, key, value, dtype=dtype, precision=precision)
 
 
 @functools.cache
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
+  """Logs ``message`` as a warning the first time it is given in this process (a fallback said once, not at
+  every trace)."""
   logging.warning(message)
 
 
