@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from benchmarks import profile
-from vdm import sharding, train_step, training
+from vdm import config as config_lib
+from vdm import sampling, sharding, train_step, training
 
 _SHAPES = re.compile(r"\b(pred|[su](?:8|16|32|64)|bf16|f16|f32|f64)\[([0-9,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -148,6 +149,36 @@ def compile_train_step(config, mesh, batch_size: int, image_shape) -> tuple[jax.
   start = time.perf_counter()
   compiled = train_step.make_train_fn(config, model, optimizer, mesh).lower(state, batch).compile()
   return compiled, time.perf_counter() - start
+
+
+def compile_sample_step(config, mesh, batch_size: int, image_shape,
+                        sampler: str = "ancestral") -> tuple[jax.stages.Compiled, float]:
+  """The sampler's loop as :func:`vdm.sampling.generate` compiles it for the devices of ``mesh`` (the
+  parameters replicated, ``batch_size`` latents split over the devices), and the seconds it took.
+
+  The loop's bounds are arguments of that program, so its body, one sampling step (a network forward
+  pass and the update), is in the HLO once: :func:`kernels` counts it once.
+  """
+  model = config_lib.build_model(config)
+  shape = tuple(image_shape)
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  params = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1,) + shape, np.int32),
+                          jax.random.key(1))["params"]
+  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=rep), params)
+  arrays = (((batch_size,) + shape, np.float32), ((batch_size, 2), np.uint32), ((batch_size,), np.int32))
+  z, key_data, labels = (jax.ShapeDtypeStruct(s, t, sharding=data) for s, t in arrays)
+  first = jax.ShapeDtypeStruct((), np.int32, sharding=rep)
+  _, denoise, _ = sampling._programs(model, shape, 1000, 1000, sampler, 1.0, False, False, mesh)
+  start = time.perf_counter()
+  compiled = denoise.lower(params, z, key_data, labels, first).compile()
+  return compiled, time.perf_counter() - start
+
+
+def compile_step(step: str, config, mesh, batch_size: int, image_shape) -> tuple[jax.stages.Compiled, float]:
+  """:func:`compile_train_step` (``step="train"``) or :func:`compile_sample_step` (``"sample"``)."""
+  if step == "sample":
+    return compile_sample_step(config, mesh, batch_size, image_shape)
+  return compile_train_step(config, mesh, batch_size, image_shape)
 
 
 # What each "auto" execution field resolves to on one GPU (the Pallas norms as if they passed the check that

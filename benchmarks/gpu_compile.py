@@ -4,6 +4,7 @@
     python benchmarks/gpu_compile.py --config=configs/cifar10.py
     python benchmarks/gpu_compile.py --config=configs/cifar10.py --target=h100 \
         --variant=execution.dropout_rng=threefry --variant=execution.dropout_rng=philox --save_hlo=out/
+    python benchmarks/gpu_compile.py --config=configs/cifar10.py --step=sample   # one step of the sampler
     python benchmarks/gpu_compile.py --config=configs/cifar10.py --registers \
         --variant=execution.group_norm=pallas --variant=execution.group_norm=pallas,execution.pallas_programs=4
 
@@ -74,6 +75,8 @@ TARGETS = {"h200": dict(name="NVIDIA H200", bandwidth=4_800_000_000_000, memory=
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _TARGET = flags.DEFINE_enum("target", "h200", sorted(TARGETS), "The GPU compiled for.")
+_STEP = flags.DEFINE_enum("step", "train", ["train", "sample"], "The train step, or one step of the ancestral "
+                          "sampler's loop (a forward pass and the update; the figures are per sampling step).")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch.")
 _SHAPE = flags.DEFINE_string("image_shape", "32,32,3", "H,W,C of the images.")
 _SWEEP = flags.DEFINE_string("sweep", "", "FIELD=V1,V2,…: each value of one config field, side by side.")
@@ -87,10 +90,10 @@ _REGISTERS = flags.DEFINE_bool("registers", False, "Also each Pallas (Triton) ke
 flags.mark_flag_as_required("config")
 
 
-def compile_step(config, mesh, batch_size: int, image_shape) -> tuple[str, float, Optional[int]]:
-  """The compiled train step's HLO text for the devices of ``mesh``, the seconds it took and XLA's temporary
-  bytes (activations and scratch; None where the memory analysis is missing)."""
-  compiled, seconds = compiled_lib.compile_train_step(config, mesh, batch_size, image_shape)
+def compile_step(config, mesh, batch_size: int, image_shape, step: str = "train") -> tuple[str, float, Optional[int]]:
+  """The compiled train step's (or sampling step's) HLO text for the devices of ``mesh``, the seconds it took
+  and XLA's temporary bytes (activations and scratch; None where the memory analysis is missing)."""
+  compiled, seconds = compiled_lib.compile_step(step, config, mesh, batch_size, image_shape)
   return compiled.as_text(), seconds, getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
 
 
@@ -168,12 +171,13 @@ def main(argv):
       common.set_field(config, field, value)
     compiled_lib.as_on(config, compiled_lib.ON_GPU)
     before = set(glob.glob(os.path.join(dump, "*.ptx"))) if dump else set()
-    hlo, seconds, temp_bytes = compile_step(config, mesh, _BATCH.value, shape)
+    hlo, seconds, temp_bytes = compile_step(config, mesh, _BATCH.value, shape, _STEP.value)
     if _SAVE.value:
       os.makedirs(_SAVE.value, exist_ok=True)
       with open(os.path.join(_SAVE.value, f"gpu_compile_{index}.hlo.txt"), "w") as f:
         f.write(hlo)
-    result = {"benchmark": "gpu_compile", "target": TARGETS[_TARGET.value]["name"], "variant": fields,
+    result = {"benchmark": "gpu_compile", "step": _STEP.value, "target": TARGETS[_TARGET.value]["name"],
+              "variant": fields,
               "batch_size": _BATCH.value, "image_shape": list(shape), "jax": jax.__version__, "compile_s": seconds,
               "temp_gb": temp_bytes / 1e9 if temp_bytes is not None else None, **compiled_lib.summarize(compiled_lib.kernels(hlo), _TOP.value)}
     if dump:

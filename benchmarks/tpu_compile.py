@@ -3,6 +3,7 @@
     pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"   # libtpu; no TPU needed
     python benchmarks/tpu_compile.py --config=configs/cifar10.py --target=v5e-8
     python benchmarks/tpu_compile.py --config=configs/cifar10.py --target=v5e-1 --batch_size=128,256
+    python benchmarks/tpu_compile.py --config=configs/cifar10.py --target=v5e-1 --step=sample
     python benchmarks/tpu_compile.py --config=configs/cifar10.py --target=v6e-8 \
         --variant=execution.dropout_rng=packed --variant=execution.dropout_rng=rbg
 
@@ -57,6 +58,8 @@ TARGETS = {
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _TARGET = flags.DEFINE_enum("target", "v5e-8", sorted(TARGETS), "The TPU slice compiled for.")
+_STEP = flags.DEFINE_enum("step", "train", ["train", "sample"], "The train step, or one step of the ancestral "
+                          "sampler's loop (a forward pass and the update; the figures are per sampling step).")
 _BATCH = flags.DEFINE_list("batch_size", ["128"], "Global batch(es), split over the slice's devices.")
 _SHAPE = flags.DEFINE_string("image_shape", "32,32,3", "H,W,C of the images.")
 _SWEEP = flags.DEFINE_string("sweep", "", "FIELD=V1,V2,…: each value of one config field, side by side.")
@@ -95,12 +98,12 @@ def main(argv):
       for field, value in fields.items():
         common.set_field(config, field, value)
       compiled_lib.as_on(config, compiled_lib.ON_TPU)
-      result = {"benchmark": "tpu_compile", "target": _TARGET.value, "topology": name,
+      result = {"benchmark": "tpu_compile", "step": _STEP.value, "target": _TARGET.value, "topology": name,
                 "device_kind": mesh.devices.flat[0].device_kind, "devices": devices, "variant": fields,
                 "batch_size": batch, "per_device_batch": batch // devices, "image_shape": list(shape),
                 "jax": jax.__version__}
       try:
-        compiled, seconds = compiled_lib.compile_train_step(config, mesh, batch, shape)
+        compiled, seconds = compiled_lib.compile_step(_STEP.value, config, mesh, batch, shape)
       except Exception as error:  # a lowering or compilation error: recorded, the next variant compiled
         result.update(error=f"{type(error).__name__}: {str(error).splitlines()[0][:500]}")
         common.emit(result)

@@ -332,6 +332,24 @@ def test_tpu_compile_resolves_the_auto_fields_as_a_tpu_would_and_reads_the_cost_
                                             "top_families_by_cycles": {"convolution": 3000, "fusion": 105}}
 
 
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_compiled_sample_step_is_one_step_of_the_sampler(scan_blocks):
+  # The sampler's loop bounds are arguments of generate()'s program, so its body is counted once: one
+  # sampling step holds each of the network's convolutions once (conv_in, 2 a block: 2 down, 2 mid, 3 up,
+  # conv_out), whatever the number of steps; the scanned blocks' own loops count their trips.
+  from benchmarks import compiled
+  from configs import mnist
+  config = mnist.get_config()
+  config.model.network.update(channels=8, num_blocks=2, scan_blocks=scan_blocks)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  program, seconds = compiled.compile_step("sample", config, mesh, 4, (8, 8, 1))
+  convs = [k for k in compiled.kernels(program.as_text()) if k["op_name"].endswith("conv_general_dilated")]
+  assert sum(k["launches"] for k in convs) == 1 + 2 * (2 + 2 + 3) + 1 and seconds > 0
+  trained, _ = compiled.compile_step("train", config, mesh, 4, (8, 8, 1))
+  assert sum(k["launches"] for k in compiled.kernels(trained.as_text())
+             if k["op_name"].endswith("conv_general_dilated")) >= 2 * 16  # and their gradients
+
+
 def test_tpu_compile_sums_a_devices_memory_and_says_whether_it_fits():
   from benchmarks import compiled
   gib = 2 ** 30
