@@ -85,6 +85,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   cli.initialize_distributed()
+  cli.enable_compilation_cache()
   with cli.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value
     if not path:

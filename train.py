@@ -49,6 +49,7 @@ def main(argv):
   if _LIKELIHOOD.value != "elbo" and _MODE.value != "eval":
     cli.fail(f"--likelihood={_LIKELIHOOD.value}: only with --mode=eval (training reports the ELBO)")
   cli.initialize_distributed()
+  cli.enable_compilation_cache()
   try:
     with cli.user_errors():
       if _MODE.value == "train":

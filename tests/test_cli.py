@@ -52,10 +52,17 @@ def test_train_resume_and_eval(tmp_path, small_data):
   assert steps == [2, 4, 6]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
 
-  # Run again with fewer steps than the checkpoint has: nothing is trained, and it says so.
-  past = run("--config=configs/smoke.py", f"--workdir={workdir}", data, "--config.training.num_steps=4")
+  # Run again with fewer steps than the checkpoint has: nothing is trained, and it says so. The programs it
+  # compiles (evaluation, sampling) go to --compilation_cache; the same run without it gives the same record.
+  cache = tmp_path / "xla"
+  past = run("--config=configs/smoke.py", f"--workdir={workdir}", data, "--config.training.num_steps=4",
+             f"--compilation_cache={cache}")
   assert "step 6 is not below training.num_steps (4): nothing to train" in past.stderr
   assert _last_json(past.stdout)["step"] == 6
+  assert any(name.endswith("-cache") for name in os.listdir(cache))
+  uncached = run("--config=configs/smoke.py", f"--workdir={workdir}", data, "--config.training.num_steps=4",
+                 "--compilation_cache=none")
+  assert _last_json(uncached.stdout) == _last_json(past.stdout)
 
   evaluated = run("--config=configs/smoke.py", f"--workdir={workdir}", data, "--mode=eval",
                   f"--checkpoint={workdir}/checkpoints/4")
@@ -92,3 +99,17 @@ def test_a_diverging_run_with_on_nonfinite_stop_exits_1_with_one_line(tmp_path):
   assert len(errors) == 1 and "non-finite" in errors[0] and "training.on_nonfinite='stop'" in errors[0]
   assert "Traceback" not in proc.stderr and proc.stdout.strip() == ""
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]  # the last finite state is kept
+
+
+def test_compilation_cache_folder_per_device_kind_and_a_bad_folder_is_one_line(tmp_path):
+  from vdm import cli
+  machine = cli._machine()  # this CPU: architecture and a hash of its instruction-set flags
+  assert machine.startswith(f"cpu-{os.uname().machine}-") and len(machine.split("-")[-1]) == 8
+  assert cli._machine() == machine
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  bad = run("--config=configs/smoke.py", f"--workdir={tmp_path / 'run'}", f"--compilation_cache={blocker}/xla",
+            check=False)
+  assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: --compilation_cache: cannot create "
+                                                               f"'{blocker}/xla'"), bad.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -7,10 +7,14 @@ their traceback.
 
 import contextlib
 import difflib
+import hashlib
 import os
+import platform
 import re
 import sys
+from typing import Optional
 
+import jax
 from absl import flags
 
 from vdm import sharding
@@ -170,3 +174,48 @@ def initialize_distributed() -> None:
     fail("--coordinator_address needs --num_processes and --process_id")
   with user_errors():
     sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "auto", "A folder for XLA's compiled programs, so that a later run of the same programs "
+    "(a resumed run, sampling again) loads them instead of compiling: 'auto' = $JAX_COMPILATION_CACHE_DIR if set, "
+    "else ~/.cache/vdm/xla/<device> ($XDG_CACHE_HOME honoured); 'none': off (JAX's variable too).")
+
+
+def enable_compilation_cache() -> Optional[str]:
+  """JAX's persistent compilation cache in the folder ``--compilation_cache`` names (after
+  :func:`initialize_distributed`, before the first compilation); the folder, or None when off.
+
+  With "auto" and JAX's own ``JAX_COMPILATION_CACHE_DIR`` set, that is left
+  as it is. The default folder has one subfolder per device kind (a CPU's
+  per instruction set: XLA rejects a program compiled for another CPU's).
+  """
+  value = _COMPILATION_CACHE.value
+  if value == "none":
+    jax.config.update("jax_enable_compilation_cache", False)  # also over JAX_COMPILATION_CACHE_DIR
+    return None
+  if value == "auto" and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  path = value if value != "auto" else os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vdm", "xla", _machine())
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    fail(f"--compilation_cache: cannot create {path!r} ({e.strerror}); give another folder, or 'none'")
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
+def _machine() -> str:
+  """The kind of device programs are compiled for, as a folder name: ``gpu-NVIDIA_H200``, or for a CPU
+  its architecture and a hash of its instruction-set flags (``cpu-x86_64-1a2b3c4d``)."""
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    name = f"{device.platform}-{device.device_kind}"
+  else:
+    flags_line = ""
+    if os.path.exists("/proc/cpuinfo"):
+      with open("/proc/cpuinfo") as f:
+        flags_line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    name = f"cpu-{platform.machine()}-{hashlib.sha1(flags_line.encode()).hexdigest()[:8]}"
+  return re.sub(r"[^\w.-]+", "_", name)
