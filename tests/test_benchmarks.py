@@ -135,6 +135,24 @@ def test_dropout_rng_benchmark_times_every_generator_and_draws_the_keep_rate():
     assert abs(row["keep_rate"] - 0.9) < 5 * (0.9 * 0.1 / 16**4) ** 0.5 and row["ms_median"] > 0
 
 
+def test_input_pipeline_benchmark_times_each_epoch_of_whole_batches(tmp_path, small_data):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  results = tmp_path / "results.jsonl"
+  proc = subprocess.run([sys.executable, "benchmarks/input_pipeline.py", f"--dataset={small_data}", "--batch_size=16",
+                         "--epochs=2", "--augment", f"--results={results}"], cwd=root, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  records = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+  assert [r["epoch"] for r in records] == [0, 1] and records == [json.loads(x) for x in results.read_text().splitlines()]
+  for r in records:  # 64 training digits: 4 batches of 16
+    assert (r["train_images"], r["steps"], r["image_shape"], r["augment"]) == (64, 4, [28, 28, 1], True)
+    assert r["images_per_s"] == pytest.approx(64 / r["seconds"])
+  too_big = subprocess.run([sys.executable, "benchmarks/input_pipeline.py", f"--dataset={small_data}",
+                            "--batch_size=65", f"--results={results}"], cwd=root, capture_output=True, text=True,
+                           timeout=300)
+  assert too_big.returncode == 1 and "--batch_size=65: more than the 64 training images" in too_big.stderr
+
+
 def test_variance_optimal_density_removes_a_shared_shape_and_keeps_a_flat_one():
   rng = np.random.default_rng(0)
   t = (np.arange(64) + 0.5) / 64

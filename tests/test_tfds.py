@@ -87,6 +87,25 @@ def test_reading_again_needs_no_preparation_and_indexes_like_an_array(prepared_c
   assert _as_set(seen) == _as_set(expected["test"])  # every example once, padding masked
 
 
+def test_a_small_split_is_decoded_once_and_read_from_memory_after(prepared_cifar10, monkeypatch):
+  data_dir, _, _, _ = prepared_cifar10
+  monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
+  monkeypatch.setattr(input_pipeline, "TFDS_CACHE_BYTES", 0)  # every read decodes
+  uncached = input_pipeline.load_dataset("cifar10")["train"]
+  monkeypatch.setattr(input_pipeline, "TFDS_CACHE_BYTES", 2 ** 30)
+  cached = input_pipeline.load_dataset("cifar10")["train"]
+  records = cached.images._records
+  reads = []
+  original = records.source.__getitems__
+  monkeypatch.setattr(records.source, "__getitems__", lambda keys: reads.append(list(keys)) or original(keys))
+  for idx in (np.array([5, 3, 5]), np.array([[3, 7], [29, 0]]), np.arange(30)[::-1], np.array([7, 29])):
+    np.testing.assert_array_equal(cached.images[idx], uncached.images[idx])  # the same arrays, any index shape
+    np.testing.assert_array_equal(cached.labels[idx], uncached.labels[idx])
+  # Images and labels of a batch are decoded together, each example once: then no more reads.
+  assert reads == [[3, 5], [0, 7, 29], [i for i in range(30) if i not in (0, 3, 5, 7, 29)]]
+  assert uncached.images._values is None and cached.images._values.nbytes == 30 * 32 * 32 * 3
+
+
 def test_two_training_steps_with_the_cifar10_config(prepared_cifar10, tmp_path):
   data_dir, _, _, _ = prepared_cifar10
   config = cifar10.get_config()
