@@ -1,5 +1,6 @@
 # What the scripts for a lent accelerator share (sourced by device_check.sh and recipes_check.sh):
-# the output folder and its log.txt, PYTHONPATH=. (the package need not be installed), ml-collections
+# the output folder and its log.txt, PYTHONPATH=. (the package need not be installed), an empty compilation
+# cache, ml-collections
 # from wheels in .whl/ when missing, and step(), which runs one part within the time BUDGET.
 #
 # Before sourcing: OUT (the output folder) and BUDGET (seconds for the whole script).
@@ -11,6 +12,10 @@ LOG="$OUT/log.txt"
 : >"$LOG"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# train.py and sample.py keep compiled programs in $XDG_CACHE_HOME/vdm/xla: a fresh folder for each run of
+# the script, so its first calls and wall times are a fresh machine's, whatever ran before on this one.
+export XDG_CACHE_HOME=$(mktemp -d)
+unset JAX_COMPILATION_CACHE_DIR
 PY=${PYTHON:-python3}
 
 if ! $PY -c "import ml_collections" 2>/dev/null; then
