@@ -249,6 +249,10 @@ def group_norm_launch(config: ml_collections.ConfigDict) -> networks.GroupNormKe
   launch = group_norm.Launch(num_warps=ex.pallas_num_warps, programs=ex.pallas_programs,
                              accumulate=ex.pallas_accumulate)
   if ex.group_norm == "pallas":
+    if jax.device_count() > 1:
+      networks.warn_once(f"execution.group_norm='pallas' on {jax.device_count()} devices: XLA cannot split the "
+                         f"kernels over the batch, so every device normalises the whole batch; 'auto' or 'xla' "
+                         f"use XLA's norm there")
     return launch
   why = group_norm.unavailable(launch)
   if why is None:
