@@ -101,11 +101,24 @@ def test_a_diverging_run_with_on_nonfinite_stop_exits_1_with_one_line(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]  # the last finite state is kept
 
 
-def test_compilation_cache_folder_per_device_kind_and_a_bad_folder_is_one_line(tmp_path):
-  from vdm import cli
-  machine = cli._machine()  # this CPU: architecture and a hash of its instruction-set flags
-  assert machine.startswith(f"cpu-{os.uname().machine}-") and len(machine.split("-")[-1]) == 8
-  assert cli._machine() == machine
+def test_compilation_cache_folder_per_device_kind_and_a_bad_folder_is_one_line(tmp_path, monkeypatch):
+  import jax
+
+  import vdm
+  from vdm import compilation_cache
+  kind = compilation_cache.device_kind()  # this CPU: architecture and a hash of its instruction-set flags
+  assert kind.startswith(f"cpu-{os.uname().machine}-") and len(kind.split("-")[-1]) == 8
+  updates = []
+  monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_own"))
+  assert vdm.enable_compilation_cache() == str(tmp_path / "jax_own") and updates == []  # JAX's own, left be
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  folder = tmp_path / "cache" / "vdm" / "xla" / kind
+  assert vdm.enable_compilation_cache() == str(folder) and folder.is_dir()
+  assert updates == [("jax_enable_compilation_cache", True), ("jax_compilation_cache_dir", str(folder))]
+  assert vdm.enable_compilation_cache("none") is None and updates[-1] == ("jax_enable_compilation_cache", False)
+
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   bad = run("--config=configs/smoke.py", f"--workdir={tmp_path / 'run'}", f"--compilation_cache={blocker}/xla",

@@ -7,17 +7,14 @@ their traceback.
 
 import contextlib
 import difflib
-import hashlib
 import os
-import platform
 import re
 import sys
 from typing import Optional
 
-import jax
 from absl import flags
 
-from vdm import sharding
+from vdm import compilation_cache, sharding
 from vdm.checkpoints import MOVED_FIELDS, CheckpointError
 from vdm.config import ConfigError
 from vdm.input_pipeline import DataError
@@ -183,39 +180,10 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 
 
 def enable_compilation_cache() -> Optional[str]:
-  """JAX's persistent compilation cache in the folder ``--compilation_cache`` names (after
-  :func:`initialize_distributed`, before the first compilation); the folder, or None when off.
-
-  With "auto" and JAX's own ``JAX_COMPILATION_CACHE_DIR`` set, that is left
-  as it is. The default folder has one subfolder per device kind (a CPU's
-  per instruction set: XLA rejects a program compiled for another CPU's).
-  """
-  value = _COMPILATION_CACHE.value
-  if value == "none":
-    jax.config.update("jax_enable_compilation_cache", False)  # also over JAX_COMPILATION_CACHE_DIR
-    return None
-  if value == "auto" and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    return os.environ["JAX_COMPILATION_CACHE_DIR"]
-  path = value if value != "auto" else os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vdm", "xla", _machine())
+  """:func:`vdm.compilation_cache.enable` with ``--compilation_cache`` (after :func:`initialize_distributed`,
+  before the first compilation); a folder that cannot be made ends the program with one line."""
   try:
-    os.makedirs(path, exist_ok=True)
+    return compilation_cache.enable(_COMPILATION_CACHE.value)
   except OSError as e:
-    fail(f"--compilation_cache: cannot create {path!r} ({e.strerror}); give another folder, or 'none'")
-  jax.config.update("jax_compilation_cache_dir", path)
-  return path
-
-
-def _machine() -> str:
-  """The kind of device programs are compiled for, as a folder name: ``gpu-NVIDIA_H200``, or for a CPU
-  its architecture and a hash of its instruction-set flags (``cpu-x86_64-1a2b3c4d``)."""
-  device = jax.devices()[0]
-  if device.platform != "cpu":
-    name = f"{device.platform}-{device.device_kind}"
-  else:
-    flags_line = ""
-    if os.path.exists("/proc/cpuinfo"):
-      with open("/proc/cpuinfo") as f:
-        flags_line = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    name = f"cpu-{platform.machine()}-{hashlib.sha1(flags_line.encode()).hexdigest()[:8]}"
-  return re.sub(r"[^\w.-]+", "_", name)
+    fail(f"--compilation_cache: cannot create {e.filename or _COMPILATION_CACHE.value!r} ({e.strerror}); "
+         f"give another folder, or 'none'")
