@@ -51,8 +51,8 @@ def main(argv):
       seconds = time.perf_counter() - start
       common.emit({"benchmark": "input_pipeline", "dataset": _DATASET.value, "train_images": len(train),
                    "image_shape": list(train.image_shape), "batch_size": _BATCH.value, "augment": _AUGMENT.value,
-                   "tfds_cache_bytes": input_pipeline.TFDS_CACHE_BYTES, "epoch": epoch, "steps": steps, "seconds": seconds, "images_per_s": steps * _BATCH.value / seconds,
-                   "load_s": load_s})
+                   "tfds_cache_bytes": input_pipeline.TFDS_CACHE_BYTES, "load_s": load_s, "epoch": epoch,
+                   "steps": steps, "seconds": seconds, "images_per_s": steps * _BATCH.value / seconds})
   finally:
     batches.close()
 

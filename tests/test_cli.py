@@ -111,7 +111,9 @@ def test_compilation_cache_folder_per_device_kind_and_a_bad_folder_is_one_line(t
   updates = []
   monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_own"))
-  assert vdm.enable_compilation_cache() == str(tmp_path / "jax_own") and updates == []  # JAX's own, left be
+  assert vdm.enable_compilation_cache() == str(tmp_path / "jax_own")  # JAX's own folder, left as it is
+  assert updates == [("jax_enable_compilation_cache", True)]
+  updates.clear()
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   folder = tmp_path / "cache" / "vdm" / "xla" / kind

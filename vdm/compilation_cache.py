@@ -24,8 +24,8 @@ def enable(path: str = "auto") -> Optional[str]:
   ``"none"``: off, JAX's environment variable too. Raises OSError when the
   folder cannot be made. After ``jax.distributed.initialize``, if used.
   """
+  jax.config.update("jax_enable_compilation_cache", path != "none")
   if path == "none":
-    jax.config.update("jax_enable_compilation_cache", False)
     return None
   if path == "auto" and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
@@ -33,7 +33,6 @@ def enable(path: str = "auto") -> Optional[str]:
     home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     path = os.path.join(home, "vdm", "xla", device_kind())
   os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)
   return path
 
