@@ -106,9 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.execution.float32_residuals = False
   # GroupNorm (and the swish after it): "xla" (flax's nn.GroupNorm, fused by XLA) or "pallas" (one kernel
   # each way, vdm.group_norm: Triton on GPUs, Pallas's interpreter on CPUs, slow; not on TPUs; norms whose
-  # group count or size is not a power of two stay XLA's; on several devices each normalises the whole batch,
-  # with a warning) or "auto" (the kernels on one GPU where they pass a check against the reference when the
-  # model is built, else XLA's). The same function and parameters.
+  # group count or size is not a power of two stay XLA's; on several devices each takes its share of the
+  # batch) or "auto" (the kernels on GPUs where they pass a check against the reference when the model is
+  # built, else XLA's). The same function and parameters.
   config.execution.group_norm = "xla"
   # How the "pallas" kernels run on a GPU (the same function): warps per program, programs per example
   # (a power of two; each normalises its share of the groups; at least one per part of an up block's input)

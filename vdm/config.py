@@ -240,7 +240,7 @@ def group_norm_launch(config: ml_collections.ConfigDict) -> networks.GroupNormKe
   """``execution.group_norm`` as the network takes it: "xla", or the Pallas kernels launched as
   ``execution.pallas_num_warps``, ``pallas_programs`` and ``pallas_accumulate`` say.
 
-  "auto": the kernels where :func:`vdm.group_norm.unavailable` finds nothing against them (one GPU, where
+  "auto": the kernels where :func:`vdm.group_norm.unavailable` finds nothing against them (GPUs, where
   they match the reference; checked once per process), else "xla", saying why on a GPU.
   """
   ex = config.execution
@@ -249,10 +249,6 @@ def group_norm_launch(config: ml_collections.ConfigDict) -> networks.GroupNormKe
   launch = group_norm.Launch(num_warps=ex.pallas_num_warps, programs=ex.pallas_programs,
                              accumulate=ex.pallas_accumulate)
   if ex.group_norm == "pallas":
-    if jax.device_count() > 1:
-      networks.warn_once(f"execution.group_norm='pallas' on {jax.device_count()} devices: XLA cannot split the "
-                         f"kernels over the batch, so every device normalises the whole batch; 'auto' or 'xla' "
-                         f"use XLA's norm there")
     return launch
   why = group_norm.unavailable(launch)
   if why is None:

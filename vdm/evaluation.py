@@ -41,7 +41,8 @@ def make_eval_step(model, mesh=None, labels: bool = False):
   if mesh is None:
     return jax.jit(step)
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(rep, data, rep) + ((data,) if labels else ()), out_shardings=data)
+  return jax.jit(sharding.on_mesh(step, mesh), in_shardings=(rep, data, rep) + ((data,) if labels else ()),
+                 out_shardings=data)
 
 
 def _run_batches(step, params, split: input_pipeline.Split, *, n: int, batch_size: int, draws: int,

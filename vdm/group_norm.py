@@ -47,6 +47,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
+from jax.sharding import PartitionSpec as P
 
 KERNELS = ("xla", "pallas")  # execution.group_norm
 ACCUMULATE = ("elementwise", "rows")  # execution.pallas_accumulate, Launch.accumulate
@@ -288,18 +289,36 @@ def _call(kernel, ins, outs, programs: int, launch: Launch, interpret: bool):
   pairs (:func:`_spec`).
 
   Triton where the program is lowered for a GPU; Pallas's interpreter on other platforms or if ``interpret``.
+  Traced under a mesh whose ``data`` axis has several devices (:func:`vdm.sharding.on_mesh`), each device
+  runs the kernels on its share of the batch (XLA cannot split a custom call itself: every device would
+  normalise the whole batch).
   """
-  batch = outs[0][0].shape[0]
+  batched = [spec.block_shape[0] is None for _, spec in ins]  # per-example arrays; the rest (scale, bias) whole
   outs, out_specs = tuple(o for o, _ in outs), [spec for _, spec in outs]
   ins, in_specs = [x for x, _ in ins], [spec for _, spec in ins]
-  call = functools.partial(pl.pallas_call, kernel, out_shape=outs, grid=(batch, programs), in_specs=in_specs,
+  devices = _data_devices(outs[0].shape[0])
+  batch = outs[0].shape[0] // devices
+  local = tuple(jax.ShapeDtypeStruct((o.shape[0] // devices,) + o.shape[1:], o.dtype) for o in outs)
+  call = functools.partial(pl.pallas_call, kernel, out_shape=local, grid=(batch, programs), in_specs=in_specs,
                            out_specs=out_specs)
   interpreted = lambda *args: call(interpret=True)(*args)  # noqa: E731
   if interpret:
-    return interpreted(*ins)
-  params = pallas_triton.CompilerParams(num_warps=launch.num_warps)
-  triton = lambda *args: call(compiler_params=params)(*args)  # noqa: E731
-  return lax.platform_dependent(*ins, cuda=triton, rocm=triton, default=interpreted)
+    run = interpreted
+  else:
+    params = pallas_triton.CompilerParams(num_warps=launch.num_warps)
+    triton = lambda *args: call(compiler_params=params)(*args)  # noqa: E731
+    run = lambda *args: lax.platform_dependent(*args, cuda=triton, rocm=triton, default=interpreted)  # noqa: E731
+  if devices > 1:
+    run = jax.shard_map(run, mesh=jax.sharding.get_abstract_mesh(), check_vma=False,
+                        in_specs=tuple(P("data") if b else P() for b in batched), out_specs=(P("data"),) * len(outs))
+  return run(*ins)
+
+
+def _data_devices(batch: int) -> int:
+  """Devices of the ``data`` axis of the mesh being traced under, if the batch splits over them; else 1."""
+  mesh = jax.sharding.get_abstract_mesh()
+  devices = 1 if mesh.empty else dict(mesh.shape).get("data", 1)
+  return devices if batch % devices == 0 else 1
 
 
 def group_norm(x: Union[jax.Array, Sequence[jax.Array]], scale: jax.Array, bias: jax.Array, groups: int,
@@ -525,17 +544,16 @@ def _checked(launch: Launch) -> Optional[str]:
 def unavailable(launch: Launch = Launch()) -> Optional[str]:
   """Why ``execution.group_norm="auto"`` uses XLA's norm here, or None where it uses the kernels.
 
-  The kernels are for one GPU: elsewhere they would run in Pallas's
-  interpreter, and with several devices XLA cannot split a custom call
-  over the batch (each device would normalise the whole batch). On a GPU
-  they run once on small inputs against the reference first (:func:`max_error`,
-  a second or two, once per process and launch), so a GPU whose Triton
-  does not take them still trains.
+  The kernels are for GPUs: elsewhere they would run in Pallas's
+  interpreter. With several devices each runs them on its share of the
+  batch (:func:`_call`, in the programs of :mod:`vdm.train_step`,
+  :mod:`vdm.evaluation` and :mod:`vdm.sampling`). On a GPU they run once on
+  small inputs against the reference first (:func:`max_error`, a second or
+  two, once per process and launch, on its first device), so a GPU whose
+  Triton does not take them still trains.
   """
   if jax.default_backend() != "gpu":
     return f"the default backend is {jax.default_backend()!r}, not a GPU"
-  if jax.device_count() > 1:
-    return f"{jax.device_count()} devices (the kernels are not split over the batch)"
   if isinstance(jnp.zeros(()), jax.core.Tracer):
     return "the model is built inside a traced function, where the kernels cannot be checked"
   return _checked(launch)

@@ -269,7 +269,7 @@ def _latent_program(kind, model, num_steps, guidance, mesh):
   if mesh is None:
     return jax.jit(fn)
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(fn, in_shardings=(rep, data, data), out_shardings=data)
+  return jax.jit(sharding.on_mesh(fn, mesh), in_shardings=(rep, data, data), out_shardings=data)
 
 
 def _by_batches(kind, model, params, inputs, num_steps, batch_size, mesh, labels, guidance):
@@ -377,7 +377,8 @@ def _programs(model, image_shape, num_steps, steps_per_call, sampler, eta, clip_
     return jax.jit(start), jax.jit(denoise), jax.jit(finish)
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return (jax.jit(start, in_shardings=(rep, data), out_shardings=(data, data)),
-          jax.jit(denoise, in_shardings=(rep, data, data, data, rep), out_shardings=data),
+          jax.jit(sharding.on_mesh(denoise, mesh), in_shardings=(rep, data, data, data, rep),
+                  out_shardings=data),
           jax.jit(finish, in_shardings=(rep, data, data), out_shardings=data))
 
 
@@ -398,7 +399,8 @@ def _ode_program(model, image_shape, rtol, atol, max_steps, guidance, mesh):
   if mesh is None:
     return jax.jit(fn)
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(fn, in_shardings=(rep, rep, data, data), out_shardings=(data, data, rep, rep))
+  return jax.jit(sharding.on_mesh(fn, mesh), in_shardings=(rep, rep, data, data),
+                 out_shardings=(data, data, rep, rep))
 
 
 def _advance(bar: tqdm.tqdm, latents: jax.Array, steps: int) -> None:

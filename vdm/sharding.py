@@ -7,8 +7,9 @@ for the global batch inside ``jit`` (JAX's partitionable threefry), so the
 numbers do not depend on how the batch is split across devices.
 """
 
+import functools
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -20,6 +21,16 @@ from vdm.config import ConfigError
 
 def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """``fn`` traced with ``mesh`` as JAX's context mesh: what cannot be split by XLA itself (the Pallas
+  GroupNorm kernels, :mod:`vdm.group_norm`) then runs on each device's share of the batch."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -251,5 +251,6 @@ def make_train_fn(config: ml_collections.ConfigDict, model, optimizer, mesh=None
   if mesh is None:
     return jax.jit(steps, donate_argnums=0)
   rep = sharding.replicated(mesh)
-  return jax.jit(steps, donate_argnums=0, in_shardings=(rep, sharding.batch_sharding(mesh, 1)),
+  return jax.jit(sharding.on_mesh(steps, mesh), donate_argnums=0,
+                 in_shardings=(rep, sharding.batch_sharding(mesh, 1)),
                  out_shardings=(rep, rep))
