@@ -78,6 +78,8 @@ _TARGET = flags.DEFINE_enum("target", "h200", sorted(TARGETS), "The GPU compiled
 _STEP = flags.DEFINE_enum("step", "train", ["train", "sample"], "The train step, or one step of the ancestral "
                           "sampler's loop (a forward pass and the update; the figures are per sampling step).")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch.")
+_DEVICES = flags.DEFINE_integer("devices", 1, "GPUs of one host the batch is split over (the figures are "
+                                "one device's).")
 _SHAPE = flags.DEFINE_string("image_shape", "32,32,3", "H,W,C of the images.")
 _SWEEP = flags.DEFINE_string("sweep", "", "FIELD=V1,V2,…: each value of one config field, side by side.")
 _VARIANT = flags.DEFINE_multi_string("variant", [], "FIELD=V[,FIELD=V…]: one variant (repeat the flag); "
@@ -97,12 +99,12 @@ def compile_step(config, mesh, batch_size: int, image_shape, step: str = "train"
   return compiled.as_text(), seconds, getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
 
 
-def target_mesh(target: str) -> jax.sharding.Mesh:
-  """A one-device mesh of a GPU that need not be here."""
+def target_mesh(target: str, devices: int = 1) -> jax.sharding.Mesh:
+  """A mesh of ``devices`` GPUs of one host that need not be here."""
   from jax.experimental import topologies  # noqa: PLC0415
   try:
     topology = topologies.get_topology_desc(platform="cuda", target_config=_DEVICE.format(**TARGETS[target]),
-                                            topology="1x1x1")
+                                            topology=f"1x1x{devices}")
   except (NotImplementedError, RuntimeError) as error:
     raise app.UsageError(f"compiling for a GPU needs JAX's CUDA plugin (no GPU): pip install "
                          f"\"jax[cuda12]=={jax.__version__}\" ({str(error).splitlines()[0]})") from error
@@ -162,7 +164,9 @@ def main(argv):
   if _REGISTERS.value:  # XLA reads its flags when its first backend starts, below
     dump = tempfile.mkdtemp(prefix="gpu_compile_ptx_")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
-  mesh = target_mesh(_TARGET.value)
+  if _DEVICES.value < 1 or _BATCH.value % _DEVICES.value:
+    raise app.UsageError(f"--batch_size={_BATCH.value}: expected a multiple of --devices={_DEVICES.value}")
+  mesh = target_mesh(_TARGET.value, _DEVICES.value)
   shape = tuple(int(s) for s in _SHAPE.value.split(","))
   variants, results = common.variants(_SWEEP.value, _VARIANT.value), []
   for index, fields in enumerate(variants):
@@ -177,7 +181,7 @@ def main(argv):
       with open(os.path.join(_SAVE.value, f"gpu_compile_{index}.hlo.txt"), "w") as f:
         f.write(hlo)
     result = {"benchmark": "gpu_compile", "step": _STEP.value, "target": TARGETS[_TARGET.value]["name"],
-              "variant": fields,
+              "devices": _DEVICES.value, "variant": fields,
               "batch_size": _BATCH.value, "image_shape": list(shape), "jax": jax.__version__, "compile_s": seconds,
               "temp_gb": temp_bytes / 1e9 if temp_bytes is not None else None, **compiled_lib.summarize(compiled_lib.kernels(hlo), _TOP.value)}
     if dump:

@@ -150,22 +150,37 @@ def test_bfloat16_activations_are_divided_by_the_keep_probability_itself(key):
 
 
 def test_a_mask_is_the_same_when_the_batch_is_sharded_over_devices():
-  # XLA partitions the counters' iota: each device draws its own rows of the same mask.
+  # XLA partitions the counters' iota: each device draws its own rows of the same mask. Traced for the mesh
+  # (vdm.sharding.on_mesh, as the train step is), each device draws its own examples from their counters.
   script = (
       "import jax, numpy as np\n"
       "from jax.sharding import Mesh, NamedSharding, PartitionSpec as P\n"
-      "from vdm import dropout\n"
+      "from vdm import dropout, sharding\n"
       "mesh = Mesh(np.asarray(jax.devices()), ('data',))\n"
       "key = dropout.packed_key(jax.random.key(5))\n"
       "draw = lambda k: dropout.keep_mask(k, 0.9, (8, 6, 6, 16))\n"
-      "sharded = jax.jit(draw, out_shardings=NamedSharding(mesh, P('data')))(key)\n"
-      "assert len(sharded.sharding.device_set) == 4\n"
-      "np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jax.jit(draw)(key)))\n"
+      "whole = np.asarray(jax.jit(draw)(key))\n"
+      "for fn in (draw, sharding.on_mesh(draw, mesh)):\n"
+      "  sharded = jax.jit(fn, out_shardings=NamedSharding(mesh, P('data')))(key)\n"
+      "  assert len(sharded.sharding.device_set) == 4\n"
+      "  np.testing.assert_array_equal(np.asarray(sharded), whole)\n"
+      "assert 'shard_map' in str(jax.make_jaxpr(sharding.on_mesh(draw, mesh))(key))\n"
       "print('same')\n")
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4", NPROC="16", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]
+
+
+def test_a_part_of_the_batch_drawn_from_its_first_example_is_that_part_of_the_whole_mask():
+  k0, k1 = jnp.uint32(3), jnp.uint32(9)
+  threshold = dropout.keep_threshold(0.9)
+  for shape in ((8, 4, 6, 16), (6, 3, 4)):  # calls laid out along axis 1, and as [examples, calls]
+    whole = np.asarray(dropout.traced_mask(k0, k1, shape, threshold))
+    part = (shape[0] // 2,) + shape[1:]
+    halves = [np.asarray(dropout.traced_mask(k0, k1, part, threshold, first=first)) for first in (0, shape[0] // 2)]
+    np.testing.assert_array_equal(np.concatenate(halves), whole)
+    assert not np.array_equal(halves[0], halves[1])
 
 
 def test_the_environment_can_turn_the_mask_kernel_off(monkeypatch):

@@ -41,6 +41,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
+from jax.sharding import PartitionSpec as P
 
 BITS = 16  # per activation: four activations per 64-bit call
 
@@ -95,10 +96,21 @@ def keep_bytes(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
     raise ValueError(f"keep_bytes: {size} activations need more than 2³² counters")
   threshold = keep_threshold(keep_prob)
   traced = lambda k0, k1: traced_mask(k0, k1, shape, threshold).astype(jnp.int8)  # noqa: E731
+  mesh = jax.sharding.get_abstract_mesh()
+  devices = 1 if mesh.empty else dict(mesh.shape).get("data", 1)
+  if devices > 1 and examples == shape[0] and examples % devices == 0:
+    # Traced for several devices (vdm.sharding.on_mesh): each draws its own examples' bits, from their
+    # counters. XLA would split the traced form over the batch itself, but not Threefry as one custom call
+    # a draw (JAX's GPU kernel, execution.threefry_gpu_kernel): each device would draw the whole batch's.
+    local = (examples // devices,) + tuple(shape[1:])
+    def draw(k0, k1):
+      first = lax.axis_index("data") * local[0]
+      return traced_mask(k0, k1, local, threshold, first=first).astype(jnp.int8)
+    return jax.shard_map(draw, mesh=mesh, in_specs=(P(), P()), out_specs=P("data"), check_vma=False)(k0, k1)
   # The kernel is one custom call, which XLA cannot split over devices: with several, each would draw the
   # whole batch's mask. The traced form partitions over the batch like any elementwise work.
-  if (size != 4 * examples * calls or calls % KERNEL_CALLS or jax.device_count() > 1
-      or not kernel_enabled()):
+  several = jax.device_count() > 1 or devices > 1
+  if size != 4 * examples * calls or calls % KERNEL_CALLS or several or not kernel_enabled():
     return traced(k0, k1)
   kernel = lambda k0, k1: mask_kernel(k0, k1, examples, calls, threshold).reshape(shape)  # noqa: E731
   return lax.platform_dependent(k0, k1, cuda=kernel, rocm=kernel, default=traced)
@@ -114,8 +126,13 @@ def quarters(shape: tuple) -> tuple[int, int]:
   return 1, -(-size // 4)
 
 
-def traced_mask(k0: jax.Array, k1: jax.Array, shape: tuple, threshold: int) -> jax.Array:
-  """:func:`keep_mask` as XLA ops (off GPUs, and for any shape): the Threefry words, then their halves."""
+def traced_mask(k0: jax.Array, k1: jax.Array, shape: tuple, threshold: int, first=0) -> jax.Array:
+  """:func:`keep_mask` as XLA ops (off GPUs, and for any shape): the Threefry words, then their halves.
+
+  ``first``: the index of ``shape``'s first example in a larger batch (its counters follow the examples
+  before it; with :func:`quarters` splitting off the leading axis): the mask of those examples in the
+  whole batch's.
+  """
   size = math.prod(shape)
   examples, calls = quarters(shape)
   # The calls laid out as the mask's first quarter along axis 1 where that axis divides by 4, so the halves
@@ -123,7 +140,8 @@ def traced_mask(k0: jax.Array, k1: jax.Array, shape: tuple, threshold: int) -> j
   # dimension, which a TPU's tiled layouts would pad to 128 lanes and copy (4 × 32 × the mask's bytes).
   split = len(shape) >= 2 and examples == shape[0] and shape[1] % 4 == 0
   layout = (shape[0], shape[1] // 4) + tuple(shape[2:]) if split else (examples, calls)
-  counters = lax.iota(jnp.uint32, examples * calls).reshape(layout)
+  counters = (lax.iota(jnp.uint32, examples * calls) + jnp.uint32(calls) * jnp.asarray(first, jnp.uint32)
+              ).reshape(layout)
   words = jex_random.threefry2x32_p.bind(k0, k1, counters, jnp.zeros_like(counters))
   # Materialised, so each call runs once: fused into the mask's consumer, XLA would run it again for
   # each of its four activations. The rest is elementwise and fuses there.
