@@ -118,7 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.execution.pallas_accumulate = "elementwise"
   # Threefry (JAX's random bits, the dropout masks' keys) lowered for GPUs as one kernel a call, JAX's own
   # (jax_threefry_gpu_kernel_lowering; a process-wide JAX setting): the same bits, and a compilation that
-  # need not fuse ~130 integer instructions a call (the unrolled CIFAR-10 step: 0.54-0.60x the time).
+  # need not fuse ~130 integer instructions a call (the unrolled CIFAR-10 step: 0.54-0.60x the time). On one
+  # device only: XLA cannot split that kernel over the batch, so with several each would draw all of it.
   config.execution.threefry_gpu_kernel = True
 
   config.training = ml_collections.ConfigDict()

@@ -43,7 +43,7 @@ def main(out: str, num_steps: str, grad_accum: str = "1", dropout_rng: str = "")
     losses.append(float(sharding.to_host(metrics["train/bpd"])))
   flat = {jax.tree_util.keystr(p): sharding.to_host(x) for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
   np.savez(out, losses=np.array(losses), num_devices=jax.device_count(), gathers=np.array(gathers, dtype=str),
-           **flat)
+           threefry_kernel=jax.config.jax_threefry_gpu_kernel_lowering, **flat)
 
 
 def evaluate(workdir: str, out: str, images: str, coordinator: str, num_processes: str, process_id: str) -> None:

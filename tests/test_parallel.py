@@ -43,6 +43,8 @@ def test_eight_devices_equal_one(tmp_path):
   one = _worker(tmp_path, 1, "one")
   eight = _worker(tmp_path, 8, "eight")
   assert int(one["num_devices"]) == 1 and int(eight["num_devices"]) == 8
+  # JAX's Threefry GPU kernel (execution.threefry_gpu_kernel) on one device only: XLA cannot split it.
+  assert bool(one["threefry_kernel"]) and not bool(eight["threefry_kernel"])
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
   _assert_params_close(one, eight)
 

@@ -109,13 +109,16 @@ def setup(config: ml_collections.ConfigDict, image_shape, mesh: Optional[Mesh] =
   """
   config_lib.validate(config)
   config_lib.check_image_shape(config, image_shape)
-  # Read when a program is lowered for a GPU (elsewhere it changes nothing): the same bits either way.
-  jax.config.update("jax_threefry_gpu_kernel_lowering", config.execution.threefry_gpu_kernel)
+  mesh = mesh or sharding.make_mesh()
+  # Read when a program is lowered for a GPU (elsewhere it changes nothing): the same bits either way. One
+  # device only: JAX's kernel is one custom call a draw, which XLA does not split over the batch, so with
+  # several every device would draw the whole batch's bits (compiled for 8 H200s, dropout_rng="threefry":
+  # 1,002 GB a step a device; README, Performance); XLA's own Threefry it splits.
+  jax.config.update("jax_threefry_gpu_kernel_lowering", config.execution.threefry_gpu_kernel and mesh.size == 1)
   if config.execution.dropout_rng == "packed" and config.model.network.dropout > 0:
     failure = dropout.check_kernel()  # on one GPU: the mask kernel against the traced mask, once
     if failure:
       _echo(f"warning: {failure}")
-  mesh = mesh or sharding.make_mesh()
   sharding.check_batch(config.training.batch_size // config.training.grad_accum_steps,
                        "training.batch_size (per micro-batch: batch_size / grad_accum_steps)")
   if config.execution.dropout_rng == "philox" and config.model.network.dropout > 0 and mesh.size > 1:
