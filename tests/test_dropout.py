@@ -76,6 +76,9 @@ def test_the_gpu_kernel_draws_the_same_mask_bit_for_bit():
     np.testing.assert_array_equal(np.asarray(got).reshape(want.shape) != 0, want)
     np.testing.assert_array_equal(np.asarray(got) != 0, _uniforms(key, examples, calls) < threshold)
     assert abs(float(want.mean()) - threshold / 65536) < 0.02
+    # A device's share of a larger batch: its examples' bits, from the first one's counters (traced_mask's).
+    part = dropout.mask_kernel(k0, k1, 2, calls, threshold, interpret=True, first=jnp.int32(1))
+    np.testing.assert_array_equal(np.asarray(part), np.asarray(got)[1:])
 
 
 def test_masks_keep_the_rounded_rate_and_neighbours_are_independent():

@@ -85,9 +85,10 @@ def keep_bytes(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
   contiguous run of the words' halves, which every backend lays out as it
   lays out the activations (side by side, a TPU's tiled layout padded the
   calls' 4 halves to 128 lanes and copied them: XLA's TPU cost model put
-  that at half the CIFAR-10 step on one v5e chip). On one GPU, where each
-  example's activations fill whole programs, :func:`mask_kernel` draws it;
-  elsewhere :func:`traced_mask`: the same bits.
+  that at half the CIFAR-10 step on one v5e chip). On GPUs, where each
+  example's activations fill whole programs, :func:`mask_kernel` draws it
+  (traced for several devices, each device its own examples); elsewhere
+  :func:`traced_mask`: the same bits.
   """
   k0, k1 = jax.random.key_data(key).astype(jnp.uint32)
   size = math.prod(shape)
@@ -100,20 +101,28 @@ def keep_bytes(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
   devices = 1 if mesh.empty else dict(mesh.shape).get("data", 1)
   if devices > 1 and examples == shape[0] and examples % devices == 0:
     # Traced for several devices (vdm.sharding.on_mesh): each draws its own examples' bits, from their
-    # counters. XLA would split the traced form over the batch itself, but not Threefry as one custom call
-    # a draw (JAX's GPU kernel, execution.threefry_gpu_kernel): each device would draw the whole batch's.
+    # counters. XLA would split the traced form over the batch itself, but not a custom call (the mask
+    # kernel; Threefry as JAX's GPU kernel): each device would draw the whole batch's mask.
     local = (examples // devices,) + tuple(shape[1:])
     def draw(k0, k1):
       first = lax.axis_index("data") * local[0]
-      return traced_mask(k0, k1, local, threshold, first=first).astype(jnp.int8)
+      return _draw(k0, k1, local, threshold, first)
     return jax.shard_map(draw, mesh=mesh, in_specs=(P(), P()), out_specs=P("data"), check_vma=False)(k0, k1)
-  # The kernel is one custom call, which XLA cannot split over devices: with several, each would draw the
-  # whole batch's mask. The traced form partitions over the batch like any elementwise work.
-  several = jax.device_count() > 1 or devices > 1
-  if size != 4 * examples * calls or calls % KERNEL_CALLS or several or not kernel_enabled():
+  if jax.device_count() > 1 or devices > 1:  # a custom call XLA cannot split: the traced form, which it can
     return traced(k0, k1)
-  kernel = lambda k0, k1: mask_kernel(k0, k1, examples, calls, threshold).reshape(shape)  # noqa: E731
-  return lax.platform_dependent(k0, k1, cuda=kernel, rocm=kernel, default=traced)
+  return _draw(k0, k1, shape, threshold)
+
+
+def _draw(k0, k1, shape: tuple, threshold: int, first=0) -> jax.Array:
+  """The int8 mask of ``shape`` (examples from ``first`` on, :func:`traced_mask`): by :func:`mask_kernel` on a
+  GPU where each example fills whole programs and the kernel is on, else traced."""
+  examples, calls = quarters(shape)
+  traced = lambda k0, k1, first: traced_mask(k0, k1, shape, threshold, first=first).astype(jnp.int8)  # noqa: E731
+  if math.prod(shape) != 4 * examples * calls or calls % KERNEL_CALLS or not kernel_enabled():
+    return traced(k0, k1, first)
+  kernel = lambda k0, k1, first: mask_kernel(k0, k1, examples, calls, threshold,  # noqa: E731
+                                             first=first).reshape(shape)
+  return lax.platform_dependent(k0, k1, jnp.asarray(first, jnp.int32), cuda=kernel, rocm=kernel, default=traced)
 
 
 def quarters(shape: tuple) -> tuple[int, int]:
@@ -162,8 +171,8 @@ _checked: list[Optional[str]] = []  # check_kernel's finding in this process, on
 
 
 def check_kernel(interpret: bool = False) -> Optional[str]:
-  """Runs :func:`mask_kernel` once against :func:`traced_mask` where :func:`keep_bytes` would use it (one
-  GPU, the kernel not turned off; ``interpret``: here too, in Pallas's interpreter, for tests): four
+  """Runs :func:`mask_kernel` once against :func:`traced_mask` where :func:`keep_bytes` would use it (a
+  GPU, the kernel not turned off; on the first device; ``interpret``: here too, in Pallas's interpreter, for tests): four
   programs' bits (two examples of two) compared byte for byte. None if they agree, or where the kernel is
   not used; else why, and from then on :func:`kernel_enabled` is False in this process (the traced mask:
   the same bits, the step XLA's as before the kernel). :func:`vdm.training.setup` runs it for configs with
@@ -171,7 +180,7 @@ def check_kernel(interpret: bool = False) -> Optional[str]:
   """
   if _checked:
     return _checked[0]
-  if not kernel_enabled() or not interpret and (jax.default_backend() != "gpu" or jax.device_count() > 1):
+  if not kernel_enabled() or not interpret and jax.default_backend() != "gpu":
     return None
   k0, k1 = jnp.uint32(0x12345678), jnp.uint32(0x9ABCDEF0)
   examples, calls, threshold = 2, 2 * KERNEL_CALLS, keep_threshold(0.9)  # four programs
@@ -206,8 +215,9 @@ def _threefry(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> tup
   return x0, x1
 
 
-def _mask_program(k0_ref, k1_ref, out_ref, *, calls: int, threshold: int):
-  first = pl.program_id(0) * calls + pl.program_id(1) * KERNEL_CALLS  # example b's calls start at b × calls
+def _mask_program(k0_ref, k1_ref, first_ref, out_ref, *, calls: int, threshold: int):
+  example = first_ref[0] + pl.program_id(0)  # in the whole batch
+  first = example * calls + pl.program_id(1) * KERNEL_CALLS  # example b's calls start at b × calls
   counters = first.astype(jnp.uint32) + lax.iota(jnp.uint32, KERNEL_CALLS)
   w0, w1 = _threefry(k0_ref[...], k1_ref[...], counters, jnp.zeros_like(counters))
   quarter = lax.broadcasted_iota(jnp.int32, (4, KERNEL_CALLS), 0)  # half q of each call: row q
@@ -217,7 +227,7 @@ def _mask_program(k0_ref, k1_ref, out_ref, *, calls: int, threshold: int):
 
 
 def mask_kernel(k0: jax.Array, k1: jax.Array, examples: int, calls: int, threshold: int,
-                interpret: bool = False) -> jax.Array:
+                interpret: bool = False, first=0) -> jax.Array:
   """:func:`keep_mask`'s bits as one GPU kernel: int8 ``[examples, 4, calls]``, 1 where activation ``(b, q, j)``
   (:func:`quarters`) is kept.
 
@@ -225,15 +235,17 @@ def mask_kernel(k0: jax.Array, k1: jax.Array, examples: int, calls: int, thresho
   and the generator's words never reach memory (the traced form writes them, 8 bytes per call, and reads
   them back to compare). Compiling it is one kernel where the traced form is ~130 integer instructions per
   draw, for XLA to fuse. ``calls`` (per example) a multiple of :data:`KERNEL_CALLS`. Triton on GPUs;
-  ``interpret``: Pallas's interpreter (for tests).
+  ``interpret``: Pallas's interpreter (for tests). ``first``: the first example's index in the whole batch
+  (its counters follow those before it), as :func:`traced_mask`'s.
   """
   words = lambda k: jnp.reshape(k, (1,)).astype(jnp.uint32)  # noqa: E731
   return pl.pallas_call(
       functools.partial(_mask_program, calls=calls, threshold=threshold),
       out_shape=jax.ShapeDtypeStruct((examples, 4, calls), jnp.int8), grid=(examples, calls // KERNEL_CALLS),
-      in_specs=[pl.BlockSpec((1,), lambda b, i: (0,))] * 2,
+      in_specs=[pl.BlockSpec((1,), lambda b, i: (0,))] * 3,
       out_specs=pl.BlockSpec((None, 4, KERNEL_CALLS), lambda b, i: (b, 0, i)), interpret=interpret,
-      compiler_params=None if interpret else pallas_triton.CompilerParams(num_warps=4))(words(k0), words(k1))
+      compiler_params=None if interpret else pallas_triton.CompilerParams(num_warps=4))(
+          words(k0), words(k1), jnp.reshape(jnp.asarray(first, jnp.int32), (1,)))
 
 
 def draw_keep(key: jax.Array, keep_prob: float, shape: tuple) -> tuple[jax.Array, float]:

@@ -116,7 +116,7 @@ def setup(config: ml_collections.ConfigDict, image_shape, mesh: Optional[Mesh] =
   # 1,002 GB a step a device; README, Performance); XLA's own Threefry it splits.
   jax.config.update("jax_threefry_gpu_kernel_lowering", config.execution.threefry_gpu_kernel and mesh.size == 1)
   if config.execution.dropout_rng == "packed" and config.model.network.dropout > 0:
-    failure = dropout.check_kernel()  # on one GPU: the mask kernel against the traced mask, once
+    failure = dropout.check_kernel()  # on a GPU: the mask kernel against the traced mask, once
     if failure:
       _echo(f"warning: {failure}")
   sharding.check_batch(config.training.batch_size // config.training.grad_accum_steps,
