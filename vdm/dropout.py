@@ -172,10 +172,10 @@ _checked: list[Optional[str]] = []  # check_kernel's finding in this process, on
 
 def check_kernel(interpret: bool = False) -> Optional[str]:
   """Runs :func:`mask_kernel` once against :func:`traced_mask` where :func:`keep_bytes` would use it (a
-  GPU, the kernel not turned off; on the first device; ``interpret``: here too, in Pallas's interpreter, for tests): four
-  programs' bits (two examples of two) compared byte for byte. None if they agree, or where the kernel is
-  not used; else why, and from then on :func:`kernel_enabled` is False in this process (the traced mask:
-  the same bits, the step XLA's as before the kernel). :func:`vdm.training.setup` runs it for configs with
+  GPU, the kernel not turned off: on the first device; ``interpret``: here too, in Pallas's interpreter,
+  for tests): four programs' bits (two examples of two) compared byte for byte. None if they agree, or
+  where the kernel is not used; else why, and from then on :func:`kernel_enabled` is False in this process
+  (the traced mask: the same bits, the step XLA's as before the kernel). :func:`vdm.training.setup` runs it for configs with
   packed masks, so a GPU whose Triton does not take the kernel still trains.
   """
   if _checked:
