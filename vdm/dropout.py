@@ -175,8 +175,8 @@ def check_kernel(interpret: bool = False) -> Optional[str]:
   GPU, the kernel not turned off: on the first device; ``interpret``: here too, in Pallas's interpreter,
   for tests): four programs' bits (two examples of two) compared byte for byte. None if they agree, or
   where the kernel is not used; else why, and from then on :func:`kernel_enabled` is False in this process
-  (the traced mask: the same bits, the step XLA's as before the kernel). :func:`vdm.training.setup` runs it for configs with
-  packed masks, so a GPU whose Triton does not take the kernel still trains.
+  (the traced mask: the same bits, the step XLA's as before the kernel). :func:`vdm.training.setup` runs it
+  for configs with packed masks, so a GPU whose Triton does not take the kernel still trains.
   """
   if _checked:
     return _checked[0]
