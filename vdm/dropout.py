@@ -96,9 +96,8 @@ def keep_bytes(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
   if examples * calls >= 1 << 32:
     raise ValueError(f"keep_bytes: {size} activations need more than 2³² counters")
   threshold = keep_threshold(keep_prob)
-  traced = lambda k0, k1: traced_mask(k0, k1, shape, threshold).astype(jnp.int8)  # noqa: E731
-  mesh = jax.sharding.get_abstract_mesh()
-  devices = 1 if mesh.empty else dict(mesh.shape).get("data", 1)
+  mesh = jax.sharding.get_abstract_mesh()  # the one the program is traced for (vdm.sharding.on_mesh), if any
+  devices = dict(mesh.shape).get("data", 1)
   if devices > 1 and examples == shape[0] and examples % devices == 0:
     # Traced for several devices (vdm.sharding.on_mesh): each draws its own examples' bits, from their
     # counters. XLA would split the traced form over the batch itself, but not a custom call (the mask
@@ -109,7 +108,7 @@ def keep_bytes(key: jax.Array, keep_prob: float, shape: tuple) -> jax.Array:
       return _draw(k0, k1, local, threshold, first)
     return jax.shard_map(draw, mesh=mesh, in_specs=(P(), P()), out_specs=P("data"), check_vma=False)(k0, k1)
   if jax.device_count() > 1 or devices > 1:  # a custom call XLA cannot split: the traced form, which it can
-    return traced(k0, k1)
+    return traced_mask(k0, k1, shape, threshold).astype(jnp.int8)
   return _draw(k0, k1, shape, threshold)
 
 

@@ -316,8 +316,7 @@ def _call(kernel, ins, outs, programs: int, launch: Launch, interpret: bool):
 
 def _data_devices(batch: int) -> int:
   """Devices of the ``data`` axis of the mesh being traced under, if the batch splits over them; else 1."""
-  mesh = jax.sharding.get_abstract_mesh()
-  devices = 1 if mesh.empty else dict(mesh.shape).get("data", 1)
+  devices = dict(jax.sharding.get_abstract_mesh().shape).get("data", 1)
   return devices if batch % devices == 0 else 1
 
 
