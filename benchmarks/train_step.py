@@ -19,6 +19,10 @@ and its spread, images/s, XLA's memory analysis of the compiled step
 batch) and, on GPUs, the device's peak bytes in use. With several variants a last
 line gives each variant's figures as ratios to the first. Prints one JSON
 object per line and appends them to benchmarks/results.jsonl.
+
+With ``--compilation_cache=DIR`` (as ``train.py`` keeps its compiled programs)
+each record says whether its step was compiled (``"miss"``, and kept) or
+loaded (``"hit"``): run the same command twice for a warm first call.
 """
 
 import copy
@@ -40,7 +44,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common, flops, profile  # noqa: E402
 from vdm import config as config_lib  # noqa: E402
-from vdm import dropout, sharding, train_step, training  # noqa: E402
+from vdm import compilation_cache, dropout, sharding, train_step, training  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (default: the config's).")
@@ -55,7 +59,34 @@ _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s for th
 _PROFILE = flags.DEFINE_string("profile", "", "DIR: after the timings, trace 3 steps of each variant and report "
                                 "where the device time goes (by XLA op, kernel, JAX source, kind); the raw "
                                 "traces and the compiled HLO text saved in DIR.")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "DIR: keep compiled steps there and load them when there "
+                             "(JAX's persistent compilation cache, as train.py's --compilation_cache); "
+                             "default: JAX's settings as they are.")
 flags.mark_flag_as_required("config")
+
+
+class _CacheUse:
+  """Whether the compilations in its ``with`` block used the persistent compilation cache: ``result`` is
+  None (not used), "hit" (a program loaded) or "miss" (compiled)."""
+  _EVENTS = {"/jax/compilation_cache/compile_requests_use_cache": "requests",
+             "/jax/compilation_cache/cache_hits": "hits"}
+
+  def __enter__(self):
+    self.counts = {"requests": 0, "hits": 0}
+    jax.monitoring.register_event_listener(self._listen)
+    return self
+
+  def _listen(self, event: str, **kwargs) -> None:
+    if event in self._EVENTS:
+      self.counts[self._EVENTS[event]] += 1
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_listener(self._listen)
+
+  @property
+  def result(self):
+    kept = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir  # JAX asks anyway
+    return None if not (kept and self.counts["requests"]) else "hit" if self.counts["hits"] else "miss"
 
 
 def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bool = False,
@@ -69,7 +100,8 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
   t0 = time.perf_counter()
   lowered = train_fn.lower(state, batch)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  with _CacheUse() as cache:
+    compiled = lowered.compile()
   t2 = time.perf_counter()
   memory = compiled.memory_analysis()
   base = {"benchmark": "train_step", "batch_size": batch_size, "image_shape": list(image_shape),
@@ -77,7 +109,8 @@ def measure(config, batch_size: int, image_shape, repeats: int, compile_only: bo
           "scan_blocks": config.model.network.scan_blocks, "remat": config.execution.remat,
           "remat_policy": config.execution.remat_policy, "dtype": config_lib.resolve_dtype(config.execution.dtype),
           "conv_grad": config_lib.resolve_conv_grad(config.execution.conv_grad, config.model.network.scan_blocks), "matmul_precision": config.execution.matmul_precision,
-          "trace_s": t1 - t0, "compile_s": t2 - t1, "device": jax.devices()[0].device_kind,
+          "trace_s": t1 - t0, "compile_s": t2 - t1, "compilation_cache": cache.result,
+          "device": jax.devices()[0].device_kind,
           "num_devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
           "dropout_mask_kernel": dropout.kernel_enabled(),
           # "auto" fields as resolved here: the norms' kernels and the blocks per loop iteration
@@ -139,6 +172,8 @@ def model_flops(config, batch) -> float:
 
 def main(argv):
   del argv
+  if _CACHE.value:
+    compilation_cache.enable(_CACHE.value)
   config = _CONFIG.value
   shape = tuple(int(s) for s in _SHAPE.value.split(","))
   batch = _BATCH.value or config.training.batch_size

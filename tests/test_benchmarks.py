@@ -460,6 +460,30 @@ def test_train_step_records_a_variant_that_fails_and_measures_the_next(tmp_path)
   assert run("execution.group_norm=bogus").returncode == 1  # nothing measured: a failure
 
 
+def test_train_step_says_whether_its_step_was_compiled_or_loaded_from_the_compilation_cache(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  results, cache = tmp_path / "train_step.jsonl", tmp_path / "cache"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the tests' own cache
+  for flag in (f"--compilation_cache={cache}", f"--compilation_cache={cache}", "--compile_only"):
+    proc = subprocess.run([sys.executable, "benchmarks/train_step.py", "--config=configs/smoke.py", "--compile_only",
+                           "--image_shape=8,8,1", "--batch_size=2", f"--results={results}", flag],
+                          cwd=root, capture_output=True, text=True, timeout=300, env=dict(env, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  compiled, loaded, uncached = [json.loads(x) for x in results.read_text().splitlines()]
+  # Without a folder JAX still asks for a cache key: that is no cache.
+  assert [r["compilation_cache"] for r in (compiled, loaded, uncached)] == ["miss", "hit", None]
+  assert os.listdir(cache) and compiled["flops_per_step"] == loaded["flops_per_step"]
+  (tmp_path / "reference.jsonl").write_text("")
+  with open(results, "w") as f:  # the warm row is kept, but is not the variant to ship
+    for cache_use, step_ms in (("miss", 50.0), ("hit", 40.0)):
+      f.write(json.dumps({"benchmark": "train_step", "batch_size": 8, "step_ms_median": step_ms,
+                          "images_per_s": 8000 / step_ms, "first_call_s": 5.0 if cache_use == "miss" else 1.0,
+                          "compilation_cache": cache_use, "variant": {}}) + "\n")
+  summary = device_summary.summarize(str(tmp_path))
+  assert [r["compilation_cache"] for r in summary["train_step"]] == ["miss", "hit"]
+  assert summary["fastest_train_step"]["first_call_s"] == 5.0
+
+
 def test_pallas_check_passes_the_kernels_and_fails_a_wrong_one(monkeypatch):
   from benchmarks import pallas_check
   from vdm import group_norm
