@@ -24,6 +24,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+) .*\{\s*$")
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')  # a TPU kernel's cost, as XLA's cost model estimates it
 # Instructions that launch nothing: bookkeeping, control flow (its bodies are walked), in-place views.
+_SLICES = {"slice", "dynamic-slice"}  # read only the part of their operand they write
 _NO_KERNEL = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call", "conditional",
               "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "copy-start",
               "copy-done", "async-start", "async-done", "get-dimension-size"}
@@ -44,11 +45,12 @@ def kernels(hlo_text: str) -> list[dict]:
   condition, as on TPUs), ``out_bytes`` and ``operand_bytes`` (each
   operand's array; in a loop, a stacked array's slice,
   :func:`_per_iteration`, and so is the stacked output of an update in
-  place), ``target`` (a custom call's, e.g. ``__cudnn$convForward``), the
+  place; a slice, or a fusion that is one, reads its output's bytes of each
+  operand), ``target`` (a custom call's, e.g. ``__cudnn$convForward``), the
   instruction's ``op_name`` and ``cycles``, a TPU kernel's estimate of its
   own (XLA's cost model, ``estimated_cycles``; 0 elsewhere).
   """
-  computations, entry, current = {}, None, None
+  computations, roots, entry, current = {}, {}, None, None
   for line in hlo_text.splitlines():
     match = _COMPUTATION.match(line)
     if match:
@@ -59,6 +61,8 @@ def kernels(hlo_text: str) -> list[dict]:
       current = None
     elif current and (match := _INSTRUCTION.match(line)):
       computations[current].append(match.groups())
+      if line.lstrip().startswith("ROOT"):
+        roots[current] = match.group(3)
   types = {name: text for body in computations.values() for name, text, _, _ in body}
   found = []
 
@@ -76,10 +80,13 @@ def kernels(hlo_text: str) -> list[dict]:
         operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
         target = re.search(r'custom_call_target="([^"]+)"', rest)
         source = re.search(r'op_name="([^"]+)"', rest)
+        fused = re.search(r"calls=%([\w.\-]+)", rest) if op == "fusion" else None
+        out_bytes = _per_iteration(type_text, trips) if re.search("update.slice", name) else nbytes(type_text)
+        operand_bytes = [_per_iteration(types.get(o, ""), trips) for o in operands]
+        if (roots.get(fused.group(1)) if fused else op) in _SLICES:  # e.g. the parts of an all-reduced buffer
+          operand_bytes = [min(b, out_bytes) for b in operand_bytes]
         found.append({"name": name, "family": re.sub(r"[._]\d+$", "", name), "launches": launches,
-                      "out_bytes": (_per_iteration(type_text, trips) if re.search("update.slice", name)
-                                    else nbytes(type_text)),
-                      "operand_bytes": [_per_iteration(types.get(o, ""), trips) for o in operands],
+                      "out_bytes": out_bytes, "operand_bytes": operand_bytes,
                       "target": target.group(1) if target else "", "op_name": source.group(1) if source else "",
                       "cycles": int(cycles.group(1)) if (cycles := _CYCLES.search(rest)) else 0})
 

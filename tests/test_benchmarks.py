@@ -259,6 +259,25 @@ def test_compiled_counts_each_launch_and_the_bytes_of_a_loops_slice():
   assert compiled._trip_count(condition[:2] + [("ne", "pred[]", "compare", "%i, %c), direction=NE")]) == 1
   assert compiled._trip_count(condition + [("d", "s32[]", "constant", "3)")]) == 1  # which bound: not known
 
+  # A slice, fused or not, reads its part of the operand (the parts of an all-reduced buffer of gradients).
+  hlo = """ENTRY %main (p: f32[1000]) -> f32[1000] {
+  %p = f32[1000]{0} parameter(0)
+  %wrapped_slice.1 = f32[10]{0} fusion(%p), kind=kLoop, calls=%wrapped_slice_computation.1
+  %slice.2 = f32[10]{0} slice(%p), slice={[0:10]}
+  ROOT %fusion.3 = f32[1000]{0} fusion(%p), kind=kLoop, calls=%negate_fusion
+}
+%wrapped_slice_computation.1 (param_0: f32[1000]) -> f32[10] {
+  %param_0 = f32[1000]{0} parameter(0)
+  ROOT %slice.0 = f32[10]{0} slice(%param_0), slice={[0:10]}
+}
+%negate_fusion (q: f32[1000]) -> f32[1000] {
+  %q = f32[1000]{0} parameter(0)
+  ROOT %n = f32[1000]{0} negate(%q)
+}
+"""
+  assert {k["name"]: k["operand_bytes"] for k in compiled.kernels(hlo)} == {
+      "wrapped_slice.1": [40], "slice.2": [40], "fusion.3": [4000]}
+
 
 def test_recipes_summary_averages_each_training_seeds_mean_over_sample_seeds(tmp_path):
   def line(seed, ratio, num_steps=100):
