@@ -332,6 +332,32 @@ def test_gpu_compile_resolves_the_auto_fields_as_one_gpu_would():
           config.execution.scan_unroll) == ("float32", "dense", "xla", 2)
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_the_auto_fields_compiled_for_a_device_are_what_vdm_resolves_on_it(monkeypatch, backend):
+  # gpu_compile/tpu_compile run on a CPU, so they set the "auto" fields as the device would: the same values
+  # as vdm.config's resolvers give on that backend (an H200; the Pallas norms passing their on-device check).
+  import types
+  from benchmarks import compiled
+  from configs import cifar10
+  from vdm import config as config_lib, group_norm
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(compute_capability="9.0", device_kind="x")])
+  monkeypatch.setattr(group_norm, "_checked", lambda launch: None)
+  config = cifar10.get_config()
+  config.execution.update(dtype="auto", conv_grad="auto", skip_projection="auto", attention="auto",
+                          group_norm="auto", scan_unroll=0)
+  ex = config.execution
+  resolved = {"dtype": config_lib.resolve_dtype(ex.dtype),
+              "conv_grad": config_lib.resolve_conv_grad(ex.conv_grad, config.model.network.scan_blocks),
+              "skip_projection": config_lib.resolve_skip_projection(ex.skip_projection),
+              "attention": config_lib.resolve_attention(ex.attention),
+              "group_norm": "xla" if config_lib.group_norm_launch(config) == "xla" else "pallas"}
+  unroll = config_lib.resolve_scan_unroll(config)
+  assert resolved == (compiled.ON_GPU if backend == "gpu" else compiled.ON_TPU)
+  compiled.as_on(config, resolved)
+  assert config.execution.scan_unroll == unroll == config.model.network.num_blocks + 1
+
+
 def test_tpu_compile_resolves_the_auto_fields_as_a_tpu_would_and_reads_the_cost_model():
   from benchmarks import compiled
   from configs import cifar10
