@@ -85,7 +85,8 @@ class _CacheUse:
 
   @property
   def result(self):
-    kept = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir  # JAX asks anyway
+    kept = (getattr(jax.config, "jax_enable_compilation_cache", True)  # without a folder JAX asks anyway
+            and getattr(jax.config, "jax_compilation_cache_dir", None))
     return None if not (kept and self.counts["requests"]) else "hit" if self.counts["hits"] else "miss"
 
 
