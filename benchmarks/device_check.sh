@@ -34,7 +34,8 @@
 #                     (benchmarks/dropout_rng.py);
 #                     configs/cifar10.py: the sampler (128 images, as shipped and in float32) and the
 #                     evaluation step (at full precision, as evaluation runs)
-#   summary.json      the figures against the targets of the accelerator issue
+#   summary.json      the figures against the targets of the accelerator issue, and whether configs/cifar10.py
+#                     should ship the candidate default ("candidate_default")
 #   traces.tar        the raw profiler traces (*.xplane.pb.gz; XProf/TensorBoard read them)
 #   log.txt           everything the steps printed
 #

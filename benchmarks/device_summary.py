@@ -3,7 +3,8 @@
     python benchmarks/device_summary.py OUT_DIR      # OUT_DIR as written by benchmarks/device_check.sh
 
 Ratios are to the 2022 reference measured in the same run (reference.jsonl),
-when there is one.
+when there is one. ``candidate_default`` says whether configs/cifar10.py
+should ship the candidate default (:func:`candidate_verdict`).
 """
 
 import json
@@ -24,6 +25,32 @@ def _records(out: str, name: str) -> list:
     return [json.loads(line) for line in f if line.strip().startswith("{")]
 
 
+SHIPPED = {"execution.dtype": "auto"}  # the device check's first row: configs/cifar10.py as shipped
+CANDIDATE = {"execution.dtype": "auto", "execution.group_norm": "auto", "execution.scan_unroll": 0}
+FIRST_CALL_LIMIT = 0.3  # of the reference's first call (the accelerator issue's target)
+
+
+def candidate_verdict(rows: list, reference: dict = None) -> dict:
+  """Whether configs/cifar10.py should ship the candidate default (the Pallas norms, loops unrolled): its
+  compiled row (no XLA flags, not loaded from the cache) faster than the shipped one, with the same first
+  step (bpd within 1e-3 relative), its first call within the target (0.3× the reference's, else 22 s), and
+  the Pallas kernels really in it (the row's record names them). ``ship`` is None when a row is missing."""
+  def row(variant):
+    return next((r for r in rows if r.get("variant") == variant and "images_per_s" in r and not r.get("xla_flags")
+                 and r.get("compilation_cache") != "hit"), None)
+  shipped, candidate = row(SHIPPED), row(CANDIDATE)
+  if not (shipped and candidate):
+    return {"ship": None, "why": "no compiled, timed row of the shipped step or of the candidate (missing, failed, or loaded from the cache)"}
+  limit = FIRST_CALL_LIMIT * reference["first_call_s"] if reference else 22.0
+  checks = {"faster": candidate["images_per_s"] > shipped["images_per_s"],
+            "first_call_within_target": candidate["first_call_s"] <= limit,
+            "same_first_step": abs(candidate["first_step_bpd"] - shipped["first_step_bpd"])
+                               <= 1e-3 * abs(shipped["first_step_bpd"]),
+            "pallas_kernels_used": candidate.get("group_norm_kernel") == "pallas"}
+  return {"ship": all(checks.values()), **checks, "speedup": candidate["images_per_s"] / shipped["images_per_s"],
+          "first_call_s": candidate["first_call_s"], "first_call_limit_s": limit}
+
+
 def summarize(out: str) -> dict:
   env = (_records(out, "env.json") or [{}])[0]
   reference = next((r for r in _records(out, "reference.jsonl") if r.get("benchmark") == "reference_train_step"), None)
@@ -40,7 +67,7 @@ def summarize(out: str) -> dict:
            "images_per_s": r["images_per_s"], "first_call_s": r["first_call_s"], "mfu": r.get("mfu"),
            "xla_temp_gb": (r.get("temp_bytes") or 0) / 1e9 or None,
            "process_peak_device_gb": (r.get("peak_device_bytes") or 0) / 1e9 or None,
-           "first_step_bpd": r.get("first_step_bpd")}
+           "first_step_bpd": r.get("first_step_bpd"), "group_norm_kernel": r.get("group_norm_kernel")}
     for key in ("xla_flags", "compilation_cache"):  # the compiled step loaded ("hit"): a warm first call
       if r.get(key):
         row[key] = r[key]
@@ -58,6 +85,7 @@ def summarize(out: str) -> dict:
     summary["fastest_train_step"] = {k: fastest[k] for k in ("variant", "xla_flags", "step_ms", "images_per_s",
                                                               "images_per_s_vs_reference", "first_call_s")
                                      if k in fastest}
+  summary["candidate_default"] = candidate_verdict(summary["train_step"], summary.get("reference"))
   summary["sampler"] = [
       {"dtype": r.get("dtype"), "batch_size": r["batch_size"], "num_steps": r["num_steps"],
        "loop_s": r["loop_s"], "seconds_per_1000_steps": 1000 * r["loop_s"] / r["num_steps"],

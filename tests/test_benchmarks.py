@@ -481,6 +481,28 @@ def test_records_note_their_xla_flags_and_the_device_summary_keeps_them(tmp_path
                                            "first_call_s": 6.0}
 
 
+def test_the_device_summary_says_whether_to_ship_the_candidate_default():
+  def row(variant, images_per_s, first_call_s=10.0, bpd=8.0, kernel="pallas", **extra):
+    return {"variant": variant, "images_per_s": images_per_s, "first_call_s": first_call_s,
+            "first_step_bpd": bpd, "group_norm_kernel": kernel, **extra}
+  shipped = row(device_summary.SHIPPED, 1300.0, kernel="xla")
+  candidate = dict(device_summary.CANDIDATE)
+  reference = {"first_call_s": 80.0}
+  verdict = device_summary.candidate_verdict([shipped, row(candidate, 2100.0)], reference)
+  assert verdict["ship"] and verdict["speedup"] == pytest.approx(2100 / 1300)
+  assert verdict["first_call_limit_s"] == pytest.approx(24.0)
+  for bad, failed in ((row(candidate, 1200.0), "faster"), (row(candidate, 2100.0, first_call_s=30.0),
+                                                           "first_call_within_target"),
+                      (row(candidate, 2100.0, bpd=8.1), "same_first_step"),
+                      (row(candidate, 2100.0, kernel="xla"), "pallas_kernels_used")):
+    verdict = device_summary.candidate_verdict([shipped, bad], reference)
+    assert verdict["ship"] is False and not verdict[failed], (failed, verdict)
+  # Without the reference: 22 s. A warm row or one under other XLA flags is not the candidate's row.
+  assert device_summary.candidate_verdict([shipped, row(candidate, 2100.0, first_call_s=23.0)])["ship"] is False
+  others = [row(candidate, 2100.0, compilation_cache="hit"), row(candidate, 2100.0, xla_flags="--x")]
+  assert device_summary.candidate_verdict([shipped, *others])["ship"] is None
+
+
 def test_train_step_records_a_variant_that_fails_and_measures_the_next(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   results = tmp_path / "train_step.jsonl"
