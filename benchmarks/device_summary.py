@@ -10,6 +10,7 @@ should ship the candidate default (:func:`candidate_verdict`).
 import json
 import os
 import sys
+from typing import Optional
 
 
 TARGETS = ["train images/s >= 2.5x the reference, first call <= 0.3x (configs/cifar10.py, batch 128)",
@@ -30,22 +31,24 @@ CANDIDATE = {"execution.dtype": "auto", "execution.group_norm": "auto", "executi
 FIRST_CALL_LIMIT = 0.3  # of the reference's first call (the accelerator issue's target)
 
 
-def candidate_verdict(rows: list, reference: dict = None) -> dict:
+def candidate_verdict(rows: list, reference: Optional[dict] = None) -> dict:
   """Whether configs/cifar10.py should ship the candidate default (the Pallas norms, loops unrolled): its
   compiled row (no XLA flags, not loaded from the cache) faster than the shipped one, with the same first
-  step (bpd within 1e-3 relative), its first call within the target (0.3× the reference's, else 22 s), and
+  step (bpd within 1 %: bf16 rounds each norm's output its own way; a wrong kernel is far off, and
+  pallas_check.py checks them exactly), its first call within the target (0.3× the reference's, else 22 s), and
   the Pallas kernels really in it (the row's record names them). ``ship`` is None when a row is missing."""
   def row(variant):
     return next((r for r in rows if r.get("variant") == variant and "images_per_s" in r and not r.get("xla_flags")
                  and r.get("compilation_cache") != "hit"), None)
   shipped, candidate = row(SHIPPED), row(CANDIDATE)
   if not (shipped and candidate):
-    return {"ship": None, "why": "no compiled, timed row of the shipped step or of the candidate (missing, failed, or loaded from the cache)"}
+    return {"ship": None, "why": "no compiled, timed row of the shipped step or of the candidate (missing, failed "
+                                 "or loaded from the cache)"}
   limit = FIRST_CALL_LIMIT * reference["first_call_s"] if reference else 22.0
   checks = {"faster": candidate["images_per_s"] > shipped["images_per_s"],
             "first_call_within_target": candidate["first_call_s"] <= limit,
             "same_first_step": abs(candidate["first_step_bpd"] - shipped["first_step_bpd"])
-                               <= 1e-3 * abs(shipped["first_step_bpd"]),
+                               <= 1e-2 * abs(shipped["first_step_bpd"]),
             "pallas_kernels_used": candidate.get("group_norm_kernel") == "pallas"}
   return {"ship": all(checks.values()), **checks, "speedup": candidate["images_per_s"] / shipped["images_per_s"],
           "first_call_s": candidate["first_call_s"], "first_call_limit_s": limit}
