@@ -531,9 +531,9 @@ def test_train_step_says_whether_its_step_was_compiled_or_loaded_from_the_compil
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   results, cache = tmp_path / "train_step.jsonl", tmp_path / "cache"
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the tests' own cache
-  for flag in (f"--compilation_cache={cache}", f"--compilation_cache={cache}", "--compile_only"):
+  for cache_flag in ([f"--compilation_cache={cache}"], [f"--compilation_cache={cache}"], []):  # then no folder
     proc = subprocess.run([sys.executable, "benchmarks/train_step.py", "--config=configs/smoke.py", "--compile_only",
-                           "--image_shape=8,8,1", "--batch_size=2", f"--results={results}", flag],
+                           "--image_shape=8,8,1", "--batch_size=2", f"--results={results}", *cache_flag],
                           cwd=root, capture_output=True, text=True, timeout=300, env=dict(env, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-2000:]
   compiled, loaded, uncached = [json.loads(x) for x in results.read_text().splitlines()]
