@@ -58,11 +58,11 @@ from benchmarks import compiled as compiled_lib  # noqa: E402
 # XLA's GpuTargetConfig for the devices compiled for (their published figures; dnn/runtime versions of CUDA 12).
 _DEVICE = """gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  shared_memory_per_core: {smem_per_core} threads_per_core_limit: 2048 core_count: {cores} fpus_per_core: {fpus}
   block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: {bandwidth} l2_cache_size: 52428800 clock_rate_ghz: 1.98
-  device_memory_size: {memory} shared_memory_per_block_optin: 232448
-  cuda_compute_capability {{ major: 9 minor: 0 }}
+  memory_bandwidth: {bandwidth} l2_cache_size: {l2} clock_rate_ghz: {clock}
+  device_memory_size: {memory} shared_memory_per_block_optin: {smem_optin}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
   registers_per_core_limit: 65536 registers_per_block_limit: 65536
 }}
 platform_name: "CUDA"
@@ -70,8 +70,21 @@ dnn_version_info {{ major: 9 minor: 8 }}
 runtime_version {{ major: 12 minor: 8 }}
 device_description_str: "{name}"
 """
-TARGETS = {"h200": dict(name="NVIDIA H200", bandwidth=4_800_000_000_000, memory=150_000_000_000),
-           "h100": dict(name="NVIDIA H100 80GB HBM3", bandwidth=3_352_320_000_000, memory=84_929_347_584)}
+_HOPPER = dict(cores=132, fpus=128, smem_per_core=233472, smem_optin=232448, l2=52428800, clock=1.98, major=9,
+               minor=0)
+TARGETS = {"h200": dict(_HOPPER, name="NVIDIA H200", bandwidth=4_800_000_000_000, memory=150_000_000_000),
+           "h100": dict(_HOPPER, name="NVIDIA H100 80GB HBM3", bandwidth=3_352_320_000_000, memory=84_929_347_584),
+           "a100": dict(name="NVIDIA A100-SXM4-80GB", cores=108, fpus=64, smem_per_core=167936, smem_optin=166912,
+                        l2=41943040, clock=1.41, major=8, minor=0, bandwidth=2_039_000_000_000,
+                        memory=85_089_976_320)}
+
+
+
+def ptx_arch(target: str) -> str:
+  """ptxas's name for a target's architecture: "sm_80", or "sm_90a" for Hopper (what XLA compiles for)."""
+  t = TARGETS[target]
+  return f"sm_{t['major']}{t['minor']}{'a' if t['major'] == 9 else ''}"
+
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _TARGET = flags.DEFINE_enum("target", "h200", sorted(TARGETS), "The GPU compiled for.")
@@ -186,7 +199,7 @@ def main(argv):
               "temp_gb": temp_bytes / 1e9 if temp_bytes is not None else None, **compiled_lib.summarize(compiled_lib.kernels(hlo), _TOP.value)}
     if dump:
       ptx = sorted(set(glob.glob(os.path.join(dump, "*.ptx"))) - before)
-      result["pallas_registers"] = registers_of([p for p in ptx if _holds_pallas_kernels(p)])
+      result["pallas_registers"] = registers_of([p for p in ptx if _holds_pallas_kernels(p)], ptx_arch(_TARGET.value))
     results.append(result)
     common.emit(result)
   if len(results) > 1:

@@ -433,6 +433,13 @@ def test_tpu_compile_without_libtpu_says_what_to_install():
 
 def test_gpu_compile_reads_the_pallas_kernels_registers_and_spills_from_ptxas():
   from benchmarks import gpu_compile
+  # Each target's description is complete (every field of the template filled) and names its architecture.
+  for target, (cores, major, arch) in {"h200": (132, 9, "sm_90a"), "h100": (132, 9, "sm_90a"),
+                                       "a100": (108, 8, "sm_80")}.items():
+    text = gpu_compile._DEVICE.format(**gpu_compile.TARGETS[target])
+    assert f"core_count: {cores} " in text and f"cuda_compute_capability {{ major: {major} minor: 0 }}" in text
+    assert f'device_description_str: "{gpu_compile.TARGETS[target]["name"]}"' in text
+    assert gpu_compile.ptx_arch(target) == arch
   output = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'loop_add_fusion_3' for 'sm_90a'
 ptxas info    : Function properties for loop_add_fusion_3
