@@ -5,12 +5,13 @@
     python benchmarks/gpu_compile.py --config=configs/cifar10.py --target=h100 \
         --variant=execution.dropout_rng=threefry --variant=execution.dropout_rng=philox --save_hlo=out/
     python benchmarks/gpu_compile.py --config=configs/cifar10.py --step=sample   # one step of the sampler
+    python benchmarks/gpu_compile.py --config=configs/cifar10.py --target=a100   # Ampere (sm_80)
     python benchmarks/gpu_compile.py --config=configs/cifar10.py --registers \
         --variant=execution.group_norm=pallas --variant=execution.group_norm=pallas,execution.pallas_programs=4
 
 XLA compiles for a GPU it is only told about (deviceless ahead-of-time
 compilation: ``jax.experimental.topologies`` with a target description of
-an H200 or H100), so the program's structure can be studied where no GPU
+an H200, H100 or A100), so the program's structure can be studied where no GPU
 is lent: how many kernels one step launches, of which kinds, moving how
 many bytes. These are the figures a step's memory-bound time follows (on
 an H200 a small kernel costs about 2 µs however little it does, and moving
