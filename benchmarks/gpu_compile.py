@@ -17,7 +17,7 @@ many bytes. These are the figures a step's memory-bound time follows (on
 an H200 a small kernel costs about 2 µs however little it does, and moving
 a byte costs 1/4.8 TB/s); compute-bound kernels (convolutions, random
 bits) and the device's own copies of loop carries are not timed by it.
-Measured on an H200 (README, Performance), JAX 0.11.2 launched the same
+Measured on an H200 (docs/performance.md), JAX 0.11.2 launched the same
 kernel families in the same numbers as this script finds with JAX 0.10.2
 (``input_reduce_fusion``: 2,074 there, 2,110 here; 1,072 and 1,072 of
 ``loop_multiply_fusion``). Autotuning needs the device, so gemm and

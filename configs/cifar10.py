@@ -14,7 +14,7 @@ convolutions' outputs are kept, norms and activations recomputed: no extra
 convolution, same gradients): a batch-8 step needs 1.5 GB of activations
 instead of 5.3 GB on CPU; at batch 128 on an H100, 16.1 GB of XLA
 temporaries, while without remat the step does not fit in 80 GB, and in
-bf16 remat is also the faster step (110 vs 151 ms; README, Performance).
+bf16 remat is also the faster step (110 vs 151 ms; docs/performance.md).
 
 On GPUs and TPUs the blocks compute in bfloat16 (``execution.dtype="auto"``;
 parameters, optimiser state, γ, the likelihood and the loss stay float32,

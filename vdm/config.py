@@ -260,7 +260,7 @@ def group_norm_launch(config: ml_collections.ConfigDict) -> networks.GroupNormKe
 
 def resolve_skip_projection(projection: str) -> str:
   """``auto``: the up blocks' projections as 1×1 convolutions on GPUs (compiled for an H200, with the
-  additions cuDNN then fuses, the CIFAR-10 step moves 2–4 GB fewer; README, Performance), as matmuls
+  additions cuDNN then fuses, the CIFAR-10 step moves 2–4 GB fewer; docs/performance.md), as matmuls
   elsewhere (on CPUs XLA's 1×1 convolutions and their gradients are the slower)."""
   if projection != "auto":
     return projection
@@ -269,8 +269,8 @@ def resolve_skip_projection(projection: str) -> str:
 
 def resolve_attention(attention: str) -> str:
   """``auto``: cuDNN's fused attention on GPUs of compute capability 8 or more (Ampere on, as it needs;
-  compiled for an H200, the paper's attention block's training traffic falls from 5.6 to 0.5 GB; README,
-  Performance), XLA's elsewhere."""
+  compiled for an H200, the paper's attention block's training traffic falls from 5.6 to 0.5 GB;
+  docs/performance.md), XLA's elsewhere."""
   if attention != "auto":
     return attention
   if jax.default_backend() != "gpu":

@@ -8,7 +8,7 @@ down to 32). A dropout mask of the paper's CIFAR-10 network (128 × 32 × 32
 On an H200 the kernels that draw and apply the masks took 12 ms of a 96 ms
 step with Philox keys, as remat draws each mask three times (forward,
 recomputed forward, backward); kept from the forward pass, the masks still
-cost 5.9 ms to draw (README, Performance).
+cost 5.9 ms to draw (the profiles in benchmarks/device_runs/2026-11-27-h200-b/).
 
 :func:`keep_mask` uses every bit: each Threefry-2x32-20 call's two 32-bit
 words are split into four 16-bit uniforms, one per activation, so a mask

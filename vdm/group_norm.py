@@ -18,7 +18,7 @@ its gradient split. The backward pass likewise takes one kernel: sums of
 the incoming gradient per channel, then ``∂/∂x`` (per part) and ``∂/∂c``.
 ``scale`` and ``bias`` get per-example sums the caller adds up. Compiled
 for an H200, the paper's CIFAR-10 step launches 0.76× the kernels and
-moves 0.86× the bytes of XLA's norms (README, Performance); not yet timed
+moves 0.86× the bytes of XLA's norms (docs/performance.md); not yet timed
 on a GPU.
 
 Written in Pallas for Triton (GPUs). Elsewhere the same kernels run in

@@ -97,7 +97,7 @@ class _ConvBiasApart(nn.Module):
   output without the bias, and the bias: for a block that adds the bias to its conditioning inside the
   next norm. The bias's gradient is then the norm's per-example shift gradient summed over the batch, not
   a reduction over every activation's gradient (compiled for an H200: 130 kernels and 2.4 GB a step fewer
-  with the Pallas norms; README, Performance)."""
+  with the Pallas norms; docs/performance.md)."""
   features: int
   dtype: Dtype
   conv_grad: str
@@ -182,8 +182,8 @@ class _PartsDense(nn.Module):
   Parameters are float32 and initialised as ``nn.Dense``'s, whatever the computation dtype. With
   ``as_convs`` each matmul is a 1×1 convolution of the ``[B, H, W, C]`` part: on a GPU cuDNN then adds
   the other part's projection in as a side input, and in the backward pass the part's other gradients,
-  where matmuls each write their result for an addition to read (``execution.skip_projection``; README,
-  Performance). The same function.
+  where matmuls each write their result for an addition to read (``execution.skip_projection``;
+  docs/performance.md). The same function.
   """
   features: int
   dtype: Dtype = jnp.float32
@@ -522,7 +522,7 @@ class ScoreUNet(nn.Module):
     length = self.num_blocks if skips is None else self.num_blocks + 1
     # Inside a scan no CSE can merge the recomputation with the forward pass, so the remat needs no barrier
     # (JAX's advice); without one XLA reads the stacked residuals in place instead of copying each out
-    # (compiled for an H200: 652 fewer kernels a step, README, Performance). Unrolled, the barrier stays.
+    # (compiled for an H200: 652 fewer kernels a step, docs/performance.md). Unrolled, the barrier stays.
     layer = (nn.remat(_Layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_blocks)
              if self.remat else _Layer)
     args = (channels, self.dropout, self.attention_everywhere, deterministic, self.dtype,
@@ -550,7 +550,7 @@ class ScoreUNet(nn.Module):
 
     Inside the loop each block would project ``cond`` with its slice of the stacked ``resnet/Dense_0``
     kernel: on a GPU a small split matmul and its reduction, recomputed under remat, and a gradient of
-    its own, ~570 of a step's ~7,650 kernels for the paper's CIFAR-10 network (README, Performance).
+    its own, ~570 of a step's ~7,650 kernels for the paper's CIFAR-10 network (docs/performance.md).
     The same parameters (read here from the stack), the same function and gradient (tested).
     """
     if self.is_initializing():

@@ -74,8 +74,8 @@ class NonFiniteError(RuntimeError):
 def make_dropout_key(key: jax.Array, impl: str) -> jax.Array:
   """The key the dropout masks of a step are drawn from, seeded from ``key`` (a threefry key).
 
-  Threefry's 20 rounds cost several ms a step on a GPU (README,
-  Performance), drawn as ``jax.random.bernoulli`` draws them: one call per
+  Threefry's 20 rounds cost several ms a step on a GPU
+  (docs/performance.md), drawn as ``jax.random.bernoulli`` draws them: one call per
   activation. "packed": a :data:`vdm.dropout.PACKED` key, whose masks
   :mod:`vdm.dropout` draws with one Threefry call per four activations (on
   this project's CPU a mask takes 0.13× threefry's time,

@@ -113,7 +113,7 @@ def setup(config: ml_collections.ConfigDict, image_shape, mesh: Optional[Mesh] =
   # Read when a program is lowered for a GPU (elsewhere it changes nothing): the same bits either way. One
   # device only: JAX's kernel is one custom call a draw, which XLA does not split over the batch, so with
   # several every device would draw the whole batch's bits (compiled for 8 H200s, dropout_rng="threefry":
-  # 1,002 GB a step a device; README, Performance); XLA's own Threefry it splits.
+  # 1,002 GB a step a device; docs/performance.md); XLA's own Threefry it splits.
   jax.config.update("jax_threefry_gpu_kernel_lowering", config.execution.threefry_gpu_kernel and mesh.size == 1)
   if config.execution.dropout_rng == "packed" and config.model.network.dropout > 0:
     failure = dropout.check_kernel()  # on a GPU: the mask kernel against the traced mask, once
