@@ -35,7 +35,8 @@ def candidate_verdict(rows: list, reference: Optional[dict] = None) -> dict:
   """Whether configs/cifar10.py should ship the candidate default (the Pallas norms, loops unrolled): its
   compiled row (no XLA flags, not loaded from the cache) faster than the shipped one, with the same first
   step (bpd within 1 %: bf16 rounds each norm's output its own way; a wrong kernel is far off, and
-  pallas_check.py checks them exactly), its first call within the target (0.3× the reference's, else 22 s), and
+  pallas_check.py checks them exactly), its first call within the target (0.3× the reference's, else 22 s) with
+  the check "auto" runs on the kernels first (``group_norm_check_s``: a user's first step waits for both), and
   the Pallas kernels really in it (the row's record names them). ``ship`` is None when a row is missing."""
   def row(variant):
     return next((r for r in rows if r.get("variant") == variant and "images_per_s" in r and not r.get("xla_flags")
@@ -45,13 +46,14 @@ def candidate_verdict(rows: list, reference: Optional[dict] = None) -> dict:
     return {"ship": None, "why": "no compiled, timed row of the shipped step or of the candidate (missing, failed "
                                  "or loaded from the cache)"}
   limit = FIRST_CALL_LIMIT * reference["first_call_s"] if reference else 22.0
+  first_call = candidate["first_call_s"] + (candidate.get("group_norm_check_s") or 0.0)
   checks = {"faster": candidate["images_per_s"] > shipped["images_per_s"],
-            "first_call_within_target": candidate["first_call_s"] <= limit,
+            "first_call_within_target": first_call <= limit,
             "same_first_step": abs(candidate["first_step_bpd"] - shipped["first_step_bpd"])
                                <= 1e-2 * abs(shipped["first_step_bpd"]),
             "pallas_kernels_used": candidate.get("group_norm_kernel") == "pallas"}
   return {"ship": all(checks.values()), **checks, "speedup": candidate["images_per_s"] / shipped["images_per_s"],
-          "first_call_s": candidate["first_call_s"], "first_call_limit_s": limit}
+          "first_call_s": first_call, "first_call_limit_s": limit}
 
 
 def summarize(out: str) -> dict:
@@ -70,7 +72,8 @@ def summarize(out: str) -> dict:
            "images_per_s": r["images_per_s"], "first_call_s": r["first_call_s"], "mfu": r.get("mfu"),
            "xla_temp_gb": (r.get("temp_bytes") or 0) / 1e9 or None,
            "process_peak_device_gb": (r.get("peak_device_bytes") or 0) / 1e9 or None,
-           "first_step_bpd": r.get("first_step_bpd"), "group_norm_kernel": r.get("group_norm_kernel")}
+           "first_step_bpd": r.get("first_step_bpd"), "group_norm_kernel": r.get("group_norm_kernel"),
+           "group_norm_check_s": r.get("group_norm_check_s")}
     for key in ("xla_flags", "compilation_cache"):  # the compiled step loaded ("hit"): a warm first call
       if r.get(key):
         row[key] = r[key]

@@ -504,6 +504,10 @@ def test_the_device_summary_says_whether_to_ship_the_candidate_default():
                       (row(candidate, 2100.0, kernel="xla"), "pallas_kernels_used")):
     verdict = device_summary.candidate_verdict([shipped, bad], reference)
     assert verdict["ship"] is False and not verdict[failed], (failed, verdict)
+  # The kernels' check counts with the first call: a user's first step waits for both.
+  verdict = device_summary.candidate_verdict([shipped, row(candidate, 2100.0, first_call_s=20.0,
+                                                           group_norm_check_s=5.0)], reference)
+  assert verdict["ship"] is False and verdict["first_call_s"] == pytest.approx(25.0)
   # Without the reference: 22 s. A warm row or one under other XLA flags is not the candidate's row.
   assert device_summary.candidate_verdict([shipped, row(candidate, 2100.0, first_call_s=23.0)])["ship"] is False
   others = [row(candidate, 2100.0, compilation_cache="hit"), row(candidate, 2100.0, xla_flags="--x")]
@@ -529,6 +533,7 @@ def test_train_step_records_a_variant_that_fails_and_measures_the_next(tmp_path)
   assert measured["step_ms_median"] > 0 and "error" not in measured
   # The "auto" fields as they resolved on this CPU.
   assert measured["group_norm_kernel"] == "xla" and measured["blocks_per_iteration"] == 1
+  assert 0 <= measured["group_norm_check_s"] < 1  # off GPUs "auto" runs no check
   assert measured["skip_projection"] == "dense" and measured["attention"] == "xla"
   assert np.isfinite(measured["first_step_bpd"]) and measured["first_step_grad_norm"] > 0
   assert run("execution.group_norm=bogus").returncode == 1  # nothing measured: a failure
