@@ -18,7 +18,7 @@ import pytest
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from benchmarks import device_summary, estimator_variance, flops, profile
+from benchmarks import common, device_summary, estimator_variance, flops, profile
 from configs import cifar10
 from vdm import config as config_lib
 from vdm import train_step, training
@@ -508,10 +508,32 @@ def test_the_device_summary_says_whether_to_ship_the_candidate_default():
   verdict = device_summary.candidate_verdict([shipped, row(candidate, 2100.0, first_call_s=20.0,
                                                            group_norm_check_s=5.0)], reference)
   assert verdict["ship"] is False and verdict["first_call_s"] == pytest.approx(25.0)
+  # A candidate too slow to compile: the kernels with the loops kept are judged as the fallback.
+  scanned = row(device_summary.PALLAS_SCANNED, 1500.0, first_call_s=17.0)
+  verdict = device_summary.candidate_verdict([shipped, row(candidate, 2100.0, first_call_s=30.0), scanned],
+                                             reference)
+  assert verdict["ship"] is False and verdict["group_norm_auto_alone"]["ship"] is True
+  assert verdict["group_norm_auto_alone"]["speedup"] == pytest.approx(1500 / 1300)
+  assert "group_norm_auto_alone" not in device_summary.candidate_verdict([shipped, row(candidate, 2100.0),
+                                                                          scanned], reference)
   # Without the reference: 22 s. A warm row or one under other XLA flags is not the candidate's row.
   assert device_summary.candidate_verdict([shipped, row(candidate, 2100.0, first_call_s=23.0)])["ship"] is False
   others = [row(candidate, 2100.0, compilation_cache="hit"), row(candidate, 2100.0, xla_flags="--x")]
   assert device_summary.candidate_verdict([shipped, *others])["ship"] is None
+
+
+def test_the_device_summary_judges_the_rows_the_device_check_measures():
+  # device_summary.py names the device check's train-step rows by their variants; they must be the ones
+  # device_check.sh passes to train_step.py (bash and Python cannot share the strings).
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "benchmarks", "device_check.sh")) as f:
+    script = f.read()
+  assigned = dict(re.findall(r"^(PALLAS|AUTO)=(\S+)$", script, re.M))
+  default = re.search(r'VARIANTS:-([^}]*)}', script).group(1).split()
+  rows = common.variants("", [assigned.get(v.lstrip("$"), v) for v in default])
+  assert rows == [device_summary.SHIPPED, device_summary.PALLAS_SCANNED, device_summary.CANDIDATE]
+  warm = re.search(r"step train_step_warm .*?--variant=(\S+) --variant=\$AUTO", script, re.S)
+  assert common.variants("", [warm.group(1), assigned["AUTO"]]) == [device_summary.SHIPPED, device_summary.CANDIDATE]
 
 
 def test_train_step_records_a_variant_that_fails_and_measures_the_next(tmp_path):
