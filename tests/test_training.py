@@ -261,6 +261,20 @@ def test_setup_sets_jaxs_threefry_lowering_from_the_config():
     assert jax.config.jax_threefry_gpu_kernel_lowering is value
 
 
+def test_setup_runs_on_a_jax_without_the_threefry_lowering_option(monkeypatch):
+  # JAX's changelog (0.4.27) meant to remove the option; a JAX without it rejects the name.
+  update = jax.config.update
+
+  def without_the_option(name, value):
+    if name == "jax_threefry_gpu_kernel_lowering":
+      raise AttributeError(f"Unrecognized config option: {name}")
+    update(name, value)
+
+  monkeypatch.setattr(jax.config, "update", without_the_option)
+  model, _, _, init = training.setup(smoke.get_config(), (8, 8, 1))
+  assert jax.tree.leaves(jax.eval_shape(init))
+
+
 def _pattern(n=8):
   """Learnable data: one smooth 8×8 image, shifted in brightness per example."""
   ramp = np.add.outer(np.arange(8), np.arange(8)) * 12

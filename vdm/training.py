@@ -114,7 +114,10 @@ def setup(config: ml_collections.ConfigDict, image_shape, mesh: Optional[Mesh] =
   # device only: JAX's kernel is one custom call a draw, which XLA does not split over the batch, so with
   # several every device would draw the whole batch's bits (compiled for 8 H200s, dropout_rng="threefry":
   # 1,002 GB a step a device; docs/performance.md); XLA's own Threefry it splits.
-  jax.config.update("jax_threefry_gpu_kernel_lowering", config.execution.threefry_gpu_kernel and mesh.size == 1)
+  try:
+    jax.config.update("jax_threefry_gpu_kernel_lowering", config.execution.threefry_gpu_kernel and mesh.size == 1)
+  except AttributeError:  # a JAX without the option (its changelog meant to remove it): XLA's Threefry, same bits
+    pass
   if config.execution.dropout_rng == "packed" and config.model.network.dropout > 0:
     failure = dropout.check_kernel()  # on a GPU: the mask kernel against the traced mask, once
     if failure:
