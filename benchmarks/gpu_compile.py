@@ -80,7 +80,6 @@ TARGETS = {"h200": dict(_HOPPER, name="NVIDIA H200", bandwidth=4_800_000_000_000
                         memory=85_089_976_320)}
 
 
-
 def ptx_arch(target: str) -> str:
   """ptxas's name for a target's architecture: "sm_80", or "sm_90a" for Hopper (what XLA compiles for)."""
   t = TARGETS[target]
