@@ -168,10 +168,10 @@ def test_the_network_with_the_kernel_is_the_same_function_of_the_same_parameters
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
   rngs = {"dropout": dropout.packed_key(jax.random.key(3))}
   loss = lambda net: lambda p: jnp.sum(net.apply(p, z, gamma, train=True, rngs=rngs) ** 2)  # noqa: E731
-  deterministic = [net.apply(params, z, gamma) for net in (xla, pallas)]
+  deterministic = [jax.jit(net.apply)(params, z, gamma) for net in (xla, pallas)]
   np.testing.assert_allclose(deterministic[1], deterministic[0], rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(xla.apply(params, z, gamma, train=True, rngs=rngs) - deterministic[0])).max() > 1e-3
-  (want, want_grad), (got, got_grad) = (jax.value_and_grad(loss(n))(params) for n in (xla, pallas))
+  (want, want_grad), (got, got_grad) = (jax.jit(jax.value_and_grad(loss(n)))(params) for n in (xla, pallas))
   np.testing.assert_allclose(got, want, rtol=1e-5)
   flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])  # noqa: E731
   assert np.linalg.norm(flat(got_grad) - flat(want_grad)) < 1e-5 * np.linalg.norm(flat(want_grad))
