@@ -32,6 +32,12 @@ PALLAS_SCANNED = {"execution.dtype": "auto", "execution.group_norm": "pallas"}  
 FIRST_CALL_LIMIT = 0.3  # of the reference's first call (the accelerator issue's target)
 
 
+def _compiled_and_timed(row: dict) -> bool:
+  """A row whose step was timed and compiled in its run (not loaded from the compilation cache: a warm first
+  call)."""
+  return "images_per_s" in row and row.get("compilation_cache") != "hit"
+
+
 def candidate_verdict(rows: list, reference: Optional[dict] = None) -> dict:
   """Whether configs/cifar10.py should ship the candidate default (the Pallas norms, loops unrolled): its
   compiled row (no XLA flags, not loaded from the cache) faster than the shipped one, with the same first
@@ -44,8 +50,8 @@ def candidate_verdict(rows: list, reference: Optional[dict] = None) -> dict:
   (``group_norm="auto"`` alone; the device check's second row, charged the candidate's check): the
   fallback a slow compilation leaves."""
   def row(variant):
-    return next((r for r in rows if r.get("variant") == variant and "images_per_s" in r and not r.get("xla_flags")
-                 and r.get("compilation_cache") != "hit"), None)
+    return next((r for r in rows if r.get("variant") == variant and _compiled_and_timed(r) and not r.get("xla_flags")),
+                None)
   shipped, candidate = row(SHIPPED), row(CANDIDATE)
   if not (shipped and candidate):
     return {"ship": None, "why": "no compiled, timed row of the shipped step or of the candidate (missing, failed "
@@ -99,7 +105,7 @@ def summarize(out: str) -> dict:
       row["images_per_s_vs_reference"] = r["images_per_s"] / reference["images_per_s"]
       row["first_call_vs_reference"] = r["first_call_s"] / reference["first_call_s"]
     summary["train_step"].append(row)
-  timed = [row for row in summary["train_step"] if "images_per_s" in row and row.get("compilation_cache") != "hit"]
+  timed = [row for row in summary["train_step"] if _compiled_and_timed(row)]
   if timed:  # which variant (and XLA flags) the configs should ship, at a glance, its first call compiled
     fastest = max(timed, key=lambda row: row["images_per_s"])
     summary["fastest_train_step"] = {k: fastest[k] for k in ("variant", "xla_flags", "step_ms", "images_per_s",

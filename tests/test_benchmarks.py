@@ -338,8 +338,7 @@ def test_the_auto_fields_compiled_for_a_device_are_what_vdm_resolves_on_it(monke
   # as vdm.config's resolvers give on that backend (an H200; the Pallas norms passing their on-device check).
   import types
   from benchmarks import compiled
-  from configs import cifar10
-  from vdm import config as config_lib, group_norm
+  from vdm import group_norm
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(compute_capability="9.0", device_kind="x")])
   monkeypatch.setattr(group_norm, "_checked", lambda launch: None)
